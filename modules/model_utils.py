@@ -1,0 +1,79 @@
+"""How the pipeline sees a causal LM: its compressible linears and its decoder blocks.
+
+`find_linears` is the one walker every stage uses. `decoder_parts` knows the two layouts this
+tool supports natively (LLaMA-style `model.model.layers`, OPT-style `model.model.decoder.layers`)
+so sensitivity can run only the blocks after a replaced layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass
+class LinearInfo:
+    name: str          # full dotted name, e.g. "model.layers.3.self_attn.q_proj"
+    parent: nn.Module  # module that owns it
+    attr: str          # attribute name on the parent
+    module: nn.Module  # the nn.Linear (or its replacement)
+    block: int         # index of the decoder block it sits in (-1 for lm_head)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks (LLaMA-, Mistral-, Qwen-style or OPT-style)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return inner.layers
+    dec = getattr(inner, "decoder", None) if inner is not None else None
+    if dec is not None and isinstance(getattr(dec, "layers", None), nn.ModuleList):
+        return dec.layers
+    raise ValueError(f"{type(model).__name__}: cannot find decoder layers "
+                     "(expected model.model.layers or model.model.decoder.layers)")
+
+
+def find_linears(model: nn.Module, include_lm_head: bool = False,
+                 types: tuple[type, ...] = (nn.Linear,)) -> list[LinearInfo]:
+    """Every linear inside the decoder blocks, in execution order; lm_head only on request."""
+    out: list[LinearInfo] = []
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    for i, block in enumerate(layers):
+        for sub_name, sub in block.named_modules():
+            if isinstance(sub, types):
+                parent_name, _, attr = sub_name.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                out.append(LinearInfo(f"{prefix}.{i}.{sub_name}", parent, attr, sub, i))
+    if include_lm_head:
+        head = getattr(model, "lm_head", None)
+        if isinstance(head, types):
+            out.append(LinearInfo("lm_head", model, "lm_head", head, -1))
+    return out
+
+
+def replace_module(info: LinearInfo, new: nn.Module) -> None:
+    setattr(info.parent, info.attr, new)
+    info.module = new
+
+
+@dataclass
+class DecoderParts:
+    """What runs after the decoder blocks: final norm (+ OPT's project_out) and lm_head."""
+    layers: nn.ModuleList
+    head_modules: list[nn.Module]  # applied in order to the last hidden state, lm_head last
+
+
+def decoder_parts(model: nn.Module) -> DecoderParts | None:
+    """Head modules for the two supported layouts; None when unknown (callers use full forwards)."""
+    inner = getattr(model, "model", None)
+    lm_head = getattr(model, "lm_head", None)
+    if inner is None or lm_head is None:
+        return None
+    if isinstance(getattr(inner, "layers", None), nn.ModuleList) and hasattr(inner, "norm"):
+        return DecoderParts(inner.layers, [inner.norm, lm_head])
+    dec = getattr(inner, "decoder", None)
+    if dec is not None and isinstance(getattr(dec, "layers", None), nn.ModuleList):
+        mods = [m for m in (getattr(dec, "final_layer_norm", None), getattr(dec, "project_out", None))
+                if m is not None]
+        return DecoderParts(dec.layers, mods + [lm_head])
+    return None
