@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 import binary_search
 import datautils
+import quantization
 import sensitivity as sens
 from act_aware_utils import SCALING_METHODS, calib_scales
 from evaluate_utils import evaluate_perplexity, perplexity_of_windows
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pinv: U = C+ W R+; act_weighted: U = C+ (WS)(RS)+")
     g.add_argument("--rank_align", type=int, default=1, help="round ranks down to a multiple of this")
     g.add_argument("--compress_lm_head", action="store_true", help="also compress lm_head (tied on many models)")
+    g.add_argument("--layer_filter", default=None,
+                   help="regex: compress only linears whose full name matches (e.g. 'mlp|layers\\.[0-9]\\.')")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib_dataset", default="wikitext2",
                    help=f"one of {', '.join(datautils.DATASETS)} or text:PATH")
@@ -85,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="straightforward full-model loop instead of the exact cached-block path")
     g.add_argument("--use_cache", action="store_true", help="reuse/write caches under --cache_dir")
     g.add_argument("--cache_dir", default=str(datautils.CACHE_DIR))
+    g = p.add_argument_group("quantization (simulated: quantize-dequantize, after CUR)")
+    g.add_argument("--weight_quant", default="none", choices=quantization.METHODS,
+                   help="round-to-nearest (rtn_) or activation-aware scale search (awq_, needs --act_aware) "
+                        "of C, U, R and the uncompressed decoder linears, asymmetric, b bits")
+    g.add_argument("--quant_group_size", type=int, default=0,
+                   help="input columns per quantization group; 0 = one group per output channel")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_ppl", default="wikitext2,ptb",
                    help="comma list of datasets for perplexity; empty or 'none' to skip")
@@ -132,6 +141,12 @@ def validate_args(args) -> None:
     if args.eval_max_windows < 0:
         raise UsageError(f"--eval_max_windows must be >= 0, got {args.eval_max_windows}")
     parse_ratios(args.sensitivity_ratios)
+    validate_quant_args(args)
+    if args.layer_filter is not None:
+        try:
+            re.compile(args.layer_filter)
+        except re.error as exc:
+            raise UsageError(f"--layer_filter is not a valid regex: {exc}") from None
     for name in [args.calib_dataset] + eval_datasets(args):
         try:
             datautils.check_dataset_name(name)
@@ -143,6 +158,22 @@ def validate_args(args) -> None:
         if looks_like_path or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", model_id):
             raise UsageError(f"model not found: {model_id!r} is neither a local directory, an offline "
                              f"alias ({', '.join(datautils.OFFLINE_MODELS)}) nor a hub id")
+
+
+def validate_quant_args(args) -> None:
+    try:
+        spec = quantization.parse_method(args.weight_quant, args.quant_group_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if spec is None:
+        if args.quant_group_size:
+            raise UsageError("--quant_group_size needs --weight_quant other than none")
+        return
+    if args.raw_model:
+        raise UsageError("--weight_quant quantizes a CUR-compressed model; it is not supported with --raw_model")
+    if spec.kind == "awq" and not (args.act_aware and args.scaling_method in quantization.AWQ_SCALINGS):
+        raise UsageError(f"--weight_quant {args.weight_quant} needs --act_aware with --scaling_method "
+                         f"{' or '.join(quantization.AWQ_SCALINGS)} (activation magnitudes)")
 
 
 # ---------------------------------------------------------------- model
@@ -188,6 +219,8 @@ def load_model(args):
     for flag in ("calib_seqlen", "eval_seqlen"):
         if max_pos and getattr(args, flag) > max_pos:
             raise UsageError(f"--{flag} {getattr(args, flag)} exceeds the model's context of {max_pos} tokens")
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
+    check_user_texts(args, tokenizer)
     device, dtype = pick_device_dtype(args)
     model = AutoModelForCausalLM.from_pretrained(path, revision=args.revision, dtype=dtype,
                                                  device_map=str(device) if device.type == "cuda" else None)
@@ -195,11 +228,29 @@ def load_model(args):
     model.config.use_cache = False
     fp["commit"] = getattr(config, "_commit_hash", None)
     fp["dtype"] = str(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
     return model, tokenizer, fp
 
 
+def check_user_texts(args, tokenizer) -> None:
+    """A user's text file must hold at least one window (checked before the weights load)."""
+    for name, seqlen in [(args.calib_dataset, args.calib_seqlen)] + [(d, args.eval_seqlen) for d in eval_datasets(args)]:
+        if name.startswith("text:"):
+            n = datautils.tokenize_text(tokenizer, datautils.get_text(name, "test")).numel()
+            if n <= seqlen:
+                raise UsageError(f"{name} has {n} tokens, fewer than one window of {seqlen}")
+
+
 # ---------------------------------------------------------------- stages
+def select_linears(model, args) -> list[LinearInfo]:
+    """The linears this run compresses: decoder-block linears (lm_head on request), optionally filtered."""
+    linears = find_linears(model, include_lm_head=args.compress_lm_head)
+    if args.layer_filter:
+        linears = [i for i in linears if re.search(args.layer_filter, i.name)]
+        if not linears:
+            raise UsageError(f"--layer_filter {args.layer_filter!r} matches no linear layer")
+    return linears
+
+
 def cur_settings(args) -> dict:
     return dict(rank_align=args.rank_align, selection=args.selection, u_mode=args.u_mode)
 
@@ -357,7 +408,7 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
     model, tokenizer, fp = timed("load_model", load_model, args)
     results["model"] = {**fp, "class": type(model).__name__,
                         "params_total": sum(p.numel() for p in model.parameters())}
-    linears = find_linears(model, include_lm_head=args.compress_lm_head)
+    linears = select_linears(model, args)
     if args.eval_dense or args.raw_model:
         results.setdefault("ppl", {})["dense"] = timed("eval_dense", stage_eval, model, tokenizer, args, "dense")
     if args.raw_model:
@@ -379,6 +430,8 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
                               **summarize_params(report)}
     results["model"]["params_compressed"] = sum(p.numel() for p in model.parameters())
     results["fallbacks"] = {k: v["fallback"] for k, v in report.items() if v["fallback"]}
+    results["quantization"] = timed("quantize", quantization.quantize_model, model, args.weight_quant,
+                                    args.quant_group_size, scales, include_lm_head=args.compress_lm_head)
     results.setdefault("ppl", {})["compressed"] = timed("eval", stage_eval, model, tokenizer, args, "compressed")
     results["output_file"] = str(write_results(results, args))
     return model, tokenizer, results

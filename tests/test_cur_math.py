@@ -1,0 +1,129 @@
+"""CUR math on small matrices against known answers."""
+import math
+
+import pytest
+import torch
+
+from modules.cur_linear import CURLinear, GradCURLinear
+from modules.cur_math import (cur_decompose, cur_param_count, leverage_scores, rank_for_ratio,
+                              safe_svd, scaled_weight, select_indices, uniform_indices)
+
+
+def low_rank(m, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=g, dtype=torch.float64) @ torch.randn(k, n, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("u_mode", ["pinv", "act_weighted"])
+@pytest.mark.parametrize("act_aware", [False, True])
+def test_exact_rank_k_matrix_is_reproduced(u_mode, act_aware):
+    W = low_rank(40, 30, 5)
+    scale = torch.rand(30, dtype=torch.float64) + 0.1 if act_aware else None
+    f = cur_decompose(W, 5, scale=scale, u_mode=u_mode)
+    assert f.rank == 5 and f.fallback == ""
+    assert torch.allclose(f.C, W[:, f.cols]) and torch.allclose(f.R, W[f.rows, :])  # actual columns/rows
+    err = (f.C @ f.U @ f.R - W).norm() / W.norm()
+    assert err < 1e-10
+
+
+def test_lower_rank_than_matrix_is_not_exact_but_better_with_more_rank():
+    W = low_rank(40, 30, 12)
+    errs = [(lambda f: ((f.C @ f.U @ f.R) - W).norm() / W.norm())(cur_decompose(W, k)) for k in (4, 8, 12)]
+    assert errs[0] > 1e-3 and errs[2] < 1e-9
+
+
+def test_leverage_scores_sum_to_one_and_match_definition():
+    W = torch.randn(20, 15, dtype=torch.float64)
+    svd = safe_svd(W)
+    for k in (1, 3, 15):
+        pi = leverage_scores(svd.Vh.T, k)
+        assert math.isclose(pi.sum().item(), 1.0, rel_tol=1e-12)
+        j = 4
+        assert math.isclose(pi[j].item(), sum(svd.Vh[x, j].item() ** 2 for x in range(k)) / k, rel_tol=1e-12)
+    assert math.isclose(leverage_scores(svd.U, 5).sum().item(), 1.0, rel_tol=1e-12)
+
+
+def test_topk_selection_takes_highest_scores_sorted():
+    scores = torch.tensor([0.1, 0.5, 0.05, 0.3, 0.05])
+    assert select_indices(scores, 2).tolist() == [1, 3]
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = select_indices(scores, 3, "sample", g1)
+    assert a.tolist() == select_indices(scores, 3, "sample", g2).tolist()
+    assert len(set(a.tolist())) == 3
+
+
+@pytest.mark.parametrize("m,n", [(64, 64), (128, 48), (48, 128), (576, 1536), (7, 5)])
+@pytest.mark.parametrize("align", [1, 8, 32])
+def test_rank_for_ratio_respects_budget_and_alignment(m, n, align):
+    for ratio in (0.05, 0.3, 0.5, 0.8, 0.9, 1.0):
+        k = rank_for_ratio(m, n, ratio, align)
+        assert 1 <= k <= min(m, n)
+        if k > 1 or cur_param_count(m, n, 1) <= ratio * m * n:
+            assert cur_param_count(m, n, k) <= ratio * m * n  # C + U + R counted
+        aligned_possible = cur_param_count(m, n, align) <= ratio * m * n and align <= min(m, n)
+        if aligned_possible:
+            assert k % align == 0
+            nxt = k + align  # maximal: the next aligned rank would break the budget
+            assert nxt > min(m, n) or cur_param_count(m, n, nxt) > ratio * m * n
+
+
+def test_rank_for_ratio_rejects_bad_ratio():
+    for bad in (0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            rank_for_ratio(10, 10, bad)
+
+
+def test_nan_scale_takes_uniform_fallback_and_records_it():
+    W = low_rank(30, 20, 4)
+    scale = torch.ones(20, dtype=torch.float64)
+    scale[3] = float("nan")
+    f = cur_decompose(W, 4, scale=scale)
+    assert "uniform" in f.fallback
+    assert f.cols.tolist() == uniform_indices(20, 4).tolist()
+    assert f.rows.tolist() == uniform_indices(30, 4).tolist()
+    assert torch.isfinite(f.U).all()
+
+
+def test_nan_weight_is_an_error_not_a_silent_result():
+    W = low_rank(10, 8, 2)
+    W[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        cur_decompose(W, 2)
+
+
+def test_scaled_weight_applies_alpha():
+    W = torch.ones(2, 3)
+    s = torch.tensor([1.0, 4.0, 9.0])
+    out = scaled_weight(W, s, 0.5)
+    assert torch.allclose(out[0], torch.tensor([1.0, 2.0, 3.0]), atol=1e-5)
+
+
+def test_curlinear_forward_equals_cur_product_plus_bias():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 16)
+    cur = CURLinear.from_linear(lin, 0.6, act_scale=torch.rand(24) + 0.1)
+    x = torch.randn(3, 5, 24)
+    expected = x @ (cur.C @ cur.U @ cur.R).T + cur.bias
+    assert torch.allclose(cur(x), expected, atol=1e-5)
+    assert cur.param_count() == cur_param_count(16, 24, cur.rank) <= 0.6 * 16 * 24
+    assert cur.col_indices.numel() == cur.rank and cur.row_indices.numel() == cur.rank
+    assert torch.equal(cur.C.data, lin.weight.data[:, cur.col_indices])  # actual columns kept
+
+
+def test_curlinear_on_exact_low_rank_layer_reproduces_outputs():
+    lin = torch.nn.Linear(30, 40, bias=False)
+    lin.weight.data = low_rank(40, 30, 3).float()
+    cur = CURLinear.from_linear(lin, 0.5)
+    x = torch.randn(8, 30)
+    assert torch.allclose(cur(x), lin(x), atol=1e-3 * lin(x).abs().max().item())
+
+
+def test_gradcurlinear_matches_curlinear_and_passes_gradients():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(20, 12)
+    g = GradCURLinear.from_linear(lin, 0.7)
+    c = CURLinear.from_linear(lin, 0.7)
+    x = torch.randn(4, 20)
+    assert torch.allclose(g(x), c(x), atol=1e-4)
+    g(x).pow(2).sum().backward()
+    assert g.weight.grad is not None and torch.isfinite(g.weight.grad).all() and g.weight.grad.abs().sum() > 0
