@@ -98,3 +98,61 @@ def calib_scales(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.T
         print(f"WARNING: non-finite activation statistics in {len(bad)} layers (e.g. {bad[0]}); "
               "their CUR selection will fall back to uniform and the results will record it")
     return scales
+
+
+@torch.no_grad()
+def input_covariances(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
+                      batch_size: int = 1) -> dict[str, torch.Tensor]:
+    """Sigma = E[x x^T] (fp32, n x n) of every linear's input, in one pass over the calibration data.
+
+    Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator and one result
+    tensor, which cuts time and memory (and cache size: torch.save stores a shared tensor once)."""
+    device = next(model.parameters()).device
+    acc: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    owner: dict[str, str] = {}        # linear -> linear whose accumulator it shares
+    seen: list[tuple[torch.Tensor, str]] = []  # inputs of the current forward pass
+    first_pass = [True]
+
+    def make_hook(name):
+        def hook(_mod, inputs, _out):
+            x = inputs[0]
+            src = next((o for t, o in seen if t is x), None)
+            if first_pass[0]:
+                if src is not None:
+                    owner[name] = src
+                    return
+                owner[name] = name
+            elif owner.get(name, name) != name:
+                if src != owner[name]:
+                    raise RuntimeError(f"{name}: input sharing changed between calibration batches; "
+                                       "cannot reuse the shared covariance")
+                return
+            seen.append((x, name))
+            del seen[:-4]  # sharing happens between consecutive calls; keep memory small
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            cov = (flat.T @ flat).double()
+            if name in acc:
+                acc[name] += cov
+                counts[name] += flat.shape[0]
+            else:
+                acc[name], counts[name] = cov, flat.shape[0]
+        return hook
+
+    hooks = [info.module.register_forward_hook(make_hook(info.name)) for info in linears]
+    try:
+        for batch in tqdm(list(_batches(calib_ids, batch_size)), desc="input covariances"):
+            seen.clear()
+            model(batch.to(device), use_cache=False)
+            first_pass[0] = False
+    finally:
+        seen.clear()
+        for h in hooks:
+            h.remove()
+    result = {name: (acc[name] / counts[name]).float().cpu() for name in acc}
+    out = {info.name: result[owner[info.name]] for info in linears if info.name in owner}
+    bad = [k for k, v in result.items() if not torch.isfinite(v).all()]
+    if bad:
+        print(f"WARNING: non-finite input covariance in {len(bad)} layers (e.g. {bad[0]}); their "
+              "data-aware fits fall back to Frobenius and the results will record it")
+    return out

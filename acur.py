@@ -26,12 +26,16 @@ from tqdm.auto import tqdm
 
 import binary_search
 import datautils
+import evaluate_utils
 import quantization
 import sensitivity as sens
-from act_aware_utils import SCALING_METHODS, calib_scales
+from act_aware_utils import SCALING_METHODS, calib_scales, input_covariances
 from evaluate_utils import evaluate_perplexity, perplexity_of_windows
 from modules.cur_linear import CURLinear
+from modules import kv_cache
 from modules.cur_math import SELECTIONS, U_MODES, cur_param_count
+from modules import decompositions
+from modules.low_rank_linear import compress_linear
 from modules.model_utils import LinearInfo, find_linears, replace_module
 
 RESULT_SCHEMA = "cur4llm.result/1"
@@ -60,14 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ppl_target", type=float, default=-1,
                    help="smallest model whose calibration perplexity stays at or below this")
     g.add_argument("--raw_model", action="store_true", help="no compression: evaluate the dense model")
+    g.add_argument("--compress_kv_cache", action="store_true",
+                   help="KV-cache mode: compress only k_proj/v_proj and cache their low-rank latents")
+    g.add_argument("--kv_cache_ratio_target", type=float, default=-1,
+                   help="with --compress_kv_cache: cached K/V dims / original K/V dims, 0 < r <= 1")
+    g.add_argument("--kv_rank_fractions", default=",".join(map(str, kv_cache.KV_RANK_FRACTIONS)),
+                   help="with --compress_kv_cache: candidate per-layer ranks as fractions of the K/V width")
     g = p.add_argument_group("ACUR")
     g.add_argument("--act_aware", action="store_true", help="choose columns/rows on W diag(s^alpha)")
     g.add_argument("--alpha", type=float, default=0.5, help="exponent of the activation statistic")
     g.add_argument("--scaling_method", default="abs_mean", choices=SCALING_METHODS)
-    g.add_argument("--selection", default="topk", choices=SELECTIONS,
-                   help="topk: deterministic top leverage; sample: Mahoney-Drineas sampling (seeded)")
-    g.add_argument("--u_mode", default="pinv", choices=U_MODES,
-                   help="pinv: U = C+ W R+; act_weighted: U = C+ (WS)(RS)+")
+    g.add_argument("--method", default="acur", choices=list(decompositions.METHODS),
+                   help="acur: three-factor CUR (activation-aware with --act_aware); cur: plain CUR; svd / asvd "
+                        "(needs --act_aware) / wsvd (whitened by the input covariance): truncated SVD; rowid / "
+                        "colid: one-sided interpolative decompositions keeping actual rows / columns")
+    g.add_argument("--selection", default="topk", choices=decompositions.CUR_SELECTIONS,
+                   help="CUR picks: topk: deterministic top leverage; sample: Mahoney-Drineas sampling (seeded); "
+                        "deim: DEIM on the singular vectors")
+    g.add_argument("--u_mode", default="pinv", choices=decompositions.CUR_U_MODES,
+                   help="pinv: U = C+ W R+; act_weighted: U = C+ (WS)(RS)+; data_aware: U minimising the "
+                        "layer's output error on calibration inputs (input covariance)")
+    g.add_argument("--cov_damp", type=float, default=decompositions.DEFAULT_COV_DAMP,
+                   help="data-aware fits use Sigma + cov_damp * mean(diag Sigma) * I")
     g.add_argument("--rank_align", type=int, default=1, help="round ranks down to a multiple of this")
     g.add_argument("--compress_lm_head", action="store_true", help="also compress lm_head (tied on many models)")
     g.add_argument("--layer_filter", default=None,
@@ -101,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_max_windows", type=int, default=0, help="cap on windows per dataset (0 = all)")
     g.add_argument("--eval_batch_size", type=int, default=1)
     g.add_argument("--eval_dense", action="store_true", help="also evaluate the model before compression")
+    g = p.add_argument_group("accuracy (lm-eval 0.4 on the in-memory model; dense numbers: --raw_model)")
+    g.add_argument("--eval_mmlu", action="store_true",
+                   help="MMLU: the 57 subjects, 0-shot; results lm_eval.mmlu_mean = unweighted subject mean (ASVD)")
+    g.add_argument("--eval_tasks", default="",
+                   help="comma list of lm-eval tasks/groups (arc_easy,hellaswag,...); offline: bigbench_mc")
+    g.add_argument("--eval_limit", type=float, default=None,
+                   help="cap on examples per task (a fraction if < 1); for quick checks, not for reported numbers")
+    g.add_argument("--mc_task", default=None,
+                   help="BIG-bench JSON task behind the offline task bigbench_mc (default general_knowledge); "
+                        "giving it adds bigbench_mc to the tasks")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="output")
     g.add_argument("--run_name", default=None, help="results file name (default: time, model, target)")
@@ -128,7 +156,8 @@ def validate_args(args) -> None:
         raise UsageError(f"--param_ratio_target must be in (0, 1], got {args.param_ratio_target}")
     if has_ppl and not args.ppl_target > 0:
         raise UsageError(f"--ppl_target must be > 0, got {args.ppl_target}")
-    if not args.raw_model and has_ratio == has_ppl:
+    validate_kv_args(args)
+    if not args.raw_model and not args.compress_kv_cache and has_ratio == has_ppl:
         raise UsageError("give exactly one of --param_ratio_target and --ppl_target (or --raw_model)")
     if not args.alpha >= 0:
         raise UsageError(f"--alpha must be >= 0, got {args.alpha}")
@@ -141,6 +170,7 @@ def validate_args(args) -> None:
     if args.eval_max_windows < 0:
         raise UsageError(f"--eval_max_windows must be >= 0, got {args.eval_max_windows}")
     parse_ratios(args.sensitivity_ratios)
+    validate_method_args(args)
     validate_quant_args(args)
     if args.layer_filter is not None:
         try:
@@ -152,12 +182,60 @@ def validate_args(args) -> None:
             datautils.check_dataset_name(name)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    validate_lm_eval_args(args)
     model_id = args.model_id
     if model_id not in datautils.OFFLINE_MODELS and not os.path.isdir(model_id):
         looks_like_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
         if looks_like_path or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", model_id):
             raise UsageError(f"model not found: {model_id!r} is neither a local directory, an offline "
                              f"alias ({', '.join(datautils.OFFLINE_MODELS)}) nor a hub id")
+
+
+def parse_kv_fractions(text: str) -> list[float]:
+    try:
+        fr = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"--kv_rank_fractions must be numbers, got {text!r}") from None
+    if not fr or any(not 0 < f < 1 for f in fr):
+        raise UsageError(f"--kv_rank_fractions must be in (0, 1), got {text!r}")
+    return fr
+
+
+def validate_kv_args(args) -> None:
+    """KV-cache mode has its own target and candidates; a ppl target is refused, as in ASVD4LLM."""
+    if not args.compress_kv_cache:
+        if args.kv_cache_ratio_target != -1:
+            raise UsageError("--kv_cache_ratio_target needs --compress_kv_cache")
+        return
+    if args.ppl_target != -1:
+        raise UsageError("--ppl_target is not supported with --compress_kv_cache (as in ASVD4LLM); "
+                         "give --kv_cache_ratio_target")
+    if args.param_ratio_target != -1 or args.raw_model:
+        raise UsageError("--compress_kv_cache searches on --kv_cache_ratio_target; drop "
+                         + ("--raw_model" if args.raw_model else "--param_ratio_target"))
+    t = args.kv_cache_ratio_target
+    if t == -1:
+        raise UsageError("--compress_kv_cache needs --kv_cache_ratio_target (cached K/V dims / original, 0 < r <= 1)")
+    if not 0 < t <= 1:  # NaN fails too
+        raise UsageError(f"--kv_cache_ratio_target must be in (0, 1], got {t}")
+    if args.compress_lm_head:
+        raise UsageError("--compress_lm_head does not apply with --compress_kv_cache (only k_proj/v_proj are compressed)")
+    parse_kv_fractions(args.kv_rank_fractions)
+
+
+def validate_method_args(args) -> None:
+    if decompositions.needs_scale(args.method) and not args.act_aware:
+        raise UsageError(f"--method {args.method} scales by activations: add --act_aware")
+    if not args.cov_damp >= 0:
+        raise UsageError(f"--cov_damp must be >= 0, got {args.cov_damp}")
+    if args.method != "acur":
+        if args.compress_kv_cache:
+            raise UsageError(f"--compress_kv_cache builds CUR latents: it needs --method acur, not {args.method}")
+        if args.weight_quant != "none" and decompositions.method_form(args.method) != "cur":
+            raise UsageError(f"--weight_quant quantizes CUR factors: not supported with --method {args.method}")
+    if args.compress_kv_cache and (args.selection not in SELECTIONS or args.u_mode not in U_MODES):
+        raise UsageError(f"--compress_kv_cache supports --selection {'/'.join(SELECTIONS)} and "
+                         f"--u_mode {'/'.join(U_MODES)}")
 
 
 def validate_quant_args(args) -> None:
@@ -196,9 +274,25 @@ def resolve_model(args) -> tuple[str, dict]:
     return path, fp
 
 
+def init_distributed(args) -> int:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1) join the process group (nccl on GPU, gloo
+    on CPU) so the ppl sensitivity is split over the ranks. Returns this process's rank (0 alone)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        on_gpu = torch.cuda.is_available() and (args.device == "auto" or args.device.startswith("cuda"))
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    return dist.get_rank()
+
+
 def pick_device_dtype(args) -> tuple[torch.device, torch.dtype]:
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
+    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
     if args.dtype == "auto":
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
     else:
@@ -231,6 +325,19 @@ def load_model(args):
     return model, tokenizer, fp
 
 
+def fetch_texts(args) -> None:
+    """Fetch every dataset the run needs before any heavy work, so a missing dataset (no hub access)
+    fails in seconds instead of after a long compression."""
+    needed = [] if args.raw_model or args.calib_dataset in datautils.GENERATED_DATASETS else \
+        [(args.calib_dataset, "train")]  # selfgen text is written by the model later
+    for name, split in needed + [(d, "test") for d in eval_datasets(args)]:
+        try:
+            datautils.get_text(name, split)
+        except Exception as exc:  # any failure to fetch: hub down, file unreadable, bad format
+            raise UsageError(f"dataset {name} ({split}) unavailable: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+
+
 def check_user_texts(args, tokenizer) -> None:
     """A user's text file must hold at least one window (checked before the weights load)."""
     for name, seqlen in [(args.calib_dataset, args.calib_seqlen)] + [(d, args.eval_seqlen) for d in eval_datasets(args)]:
@@ -244,6 +351,12 @@ def check_user_texts(args, tokenizer) -> None:
 def select_linears(model, args) -> list[LinearInfo]:
     """The linears this run compresses: decoder-block linears (lm_head on request), optionally filtered."""
     linears = find_linears(model, include_lm_head=args.compress_lm_head)
+    if getattr(args, "compress_kv_cache", False):  # KV-cache mode: k_proj / v_proj only
+        try:
+            kv_cache.check_kv_support(model)
+        except ValueError as exc:
+            raise UsageError(f"--compress_kv_cache: {exc}") from None
+        linears = [i for i in linears if kv_cache.is_kv_linear(i.name)]
     if args.layer_filter:
         linears = [i for i in linears if re.search(args.layer_filter, i.name)]
         if not linears:
@@ -255,13 +368,23 @@ def cur_settings(args) -> dict:
     return dict(rank_align=args.rank_align, selection=args.selection, u_mode=args.u_mode)
 
 
+def method_settings(args) -> dict:
+    """What modules.low_rank_linear.compress_linear needs besides the layer, its ratio, scale and covariance."""
+    return dict(method=getattr(args, "method", "acur"), cov_damp=getattr(args, "cov_damp", 0.01),
+                **cur_settings(args))
+
+
 def layer_scale(scales: dict | None, name: str):
     return scales.get(name) if scales else None
 
 
 def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: dict | None,
-                   args, desc: str | None = "CUR replacement") -> dict[str, dict]:
-    """Replace every linear whose ratio is below 1 by its CURLinear. Returns a per-layer report."""
+                   args, desc: str | None = "CUR replacement", covs: dict | None = None) -> dict[str, dict]:
+    """Replace every linear whose ratio is below 1 by its low-rank module (--method; CURLinear for acur).
+    covs: input covariances, for the data-aware methods. Returns a per-layer report."""
+    if getattr(args, "compress_kv_cache", False):  # ratios are rank fractions of the K/V width
+        return kv_cache.compress_kv_linears(linears, ratios, scales, args.alpha, cur_settings(args), args.seed,
+                                            desc=desc and desc + " (KV)")
     report = {}
     gen = torch.Generator().manual_seed(args.seed)
     for info in tqdm(linears, desc=desc, disable=desc is None):
@@ -270,8 +393,8 @@ def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: 
         row = {"ratio": r, "shape": [m, n], "params_dense": m * n, "rank": None,
                "params": m * n, "fallback": ""}
         if r < 1:
-            cur = CURLinear.from_linear(info.module, r, layer_scale(scales, info.name), args.alpha,
-                                        generator=gen, **cur_settings(args))
+            cur = compress_linear(info.module, r, scale=layer_scale(scales, info.name), alpha=args.alpha,
+                                  cov=layer_scale(covs, info.name), generator=gen, **method_settings(args))
             row.update(rank=cur.rank, params=cur.param_count(), fallback=cur.fallback)
             if cur.fallback:
                 print(f"WARNING: {info.name}: {cur.fallback}")
@@ -293,6 +416,12 @@ def cache_key(args, fp: dict, kind: str, linears: list[LinearInfo]) -> dict:
         key.update(metric=args.sensitivity_metric, alpha=args.alpha if args.act_aware else None,
                    ratios=parse_ratios(args.sensitivity_ratios), layers=[i.name for i in linears],
                    **cur_settings(args))
+        if getattr(args, "method", "acur") != "acur":  # acur keys stay as before: existing caches stay valid
+            key.update(method=args.method)
+        if decompositions.needs_covariance(getattr(args, "method", "acur"), args.u_mode):
+            key.update(cov_damp=args.cov_damp)
+        if getattr(args, "compress_kv_cache", False):
+            key.update(kv_cache=True, ratios=parse_kv_fractions(args.kv_rank_fractions))
     return key
 
 
@@ -312,10 +441,29 @@ def stage_scales(model, linears, calib_ids, args, fp) -> dict | None:
     return scales
 
 
-def stage_sensitivity(model, linears, calib_ids, scales, args, fp) -> tuple[dict, dict]:
+def stage_covariance(model, linears, calib_ids, args, fp) -> dict | None:
+    """Input covariance E[x x^T] of every linear, only when --method/--u_mode fits to it (cached)."""
+    if not decompositions.needs_covariance(args.method, args.u_mode):
+        return None
+    key = {**cache_key(args, fp, "covariance", linears), "scaling": None}
+    path = datautils.cache_path("covariance", key, args.cache_dir)
+    if args.use_cache:
+        cached = datautils.load_tensor_cache(path, key)
+        if cached is not None and set(cached) >= {i.name for i in linears}:
+            print(f"[acur] input covariances from cache {path}")
+            return cached
+    covs = input_covariances(model, linears, calib_ids, args.calib_batch_size)
+    if args.use_cache:
+        datautils.save_tensor_cache(path, key, covs)
+    return covs
+
+
+def stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs: dict | None = None) -> tuple[dict, dict]:
     """(table, info). With --use_cache the table is saved after every layer and resumed."""
     key = cache_key(args, fp, "sensitivity", linears)
-    path = datautils.cache_path(f"sensitivity_{args.sensitivity_metric}", key, args.cache_dir, ".json")
+    kv_mode = getattr(args, "compress_kv_cache", False)
+    path = datautils.cache_path(f"sensitivity_{'kv_' if kv_mode else ''}{args.sensitivity_metric}", key,
+                                args.cache_dir, ".json")
     done, info = {}, {"cache": str(path), "from_cache": 0, "computed": 0}
     if args.use_cache:
         blob = datautils.load_json_cache(path, key)
@@ -329,27 +477,43 @@ def stage_sensitivity(model, linears, calib_ids, scales, args, fp) -> tuple[dict
             datautils.save_json_cache(path, key, {"table": table, "complete": len(table) == len(linears)})
 
     ratios = parse_ratios(args.sensitivity_ratios)
-    if args.sensitivity_metric == "ppl":
+    if kv_mode:  # candidates are rank fractions of the K/V width
+        fractions = parse_kv_fractions(args.kv_rank_fractions)
+        if args.sensitivity_metric == "ppl":
+            table = kv_cache.kv_sensitivity_ppl(model, linears, calib_ids, fractions, scales, args.alpha,
+                                                cur_settings(args), args.calib_batch_size, done, save)
+        else:
+            table = kv_cache.kv_sensitivity_stable_rank(linears, fractions, scales, args.alpha, done, save)
+    elif args.sensitivity_metric == "ppl":
         table = sens.sensitivity_ppl(model, linears, calib_ids, ratios, scales, args.alpha,
-                                     cur_settings(args), args.calib_batch_size,
-                                     fast=not args.no_fast_sensitivity, done=done, on_progress=save)
+                                     method_settings(args), args.calib_batch_size,
+                                     fast=not args.no_fast_sensitivity, done=done, on_progress=save, covs=covs)
+    elif args.sensitivity_metric == "spectral":
+        table = sens.sensitivity_spectral(linears, ratios, scales, args.alpha, args.rank_align, done=done,
+                                          on_progress=save)
     else:
         table = sens.sensitivity_stable_rank(linears, ratios, scales, args.alpha, done=done, on_progress=save)
     info["computed"] = len(table) - info["from_cache"]
     return table, info
 
 
-def stage_search(model, linears, calib_ids, scales, table, args) -> tuple[dict, list]:
+def stage_search(model, linears, calib_ids, scales, table, args, covs: dict | None = None) -> tuple[dict, list]:
     shapes = {i.name: tuple(i.module.weight.shape) for i in linears}
+    if getattr(args, "compress_kv_cache", False):
+        try:
+            return binary_search.search_kv_ratio(table, shapes, args.kv_cache_ratio_target, args.rank_align), []
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if args.param_ratio_target != -1:
         try:
-            return binary_search.search_param_ratio(table, shapes, args.param_ratio_target, args.rank_align), []
+            return binary_search.search_param_ratio(table, shapes, args.param_ratio_target, args.rank_align,
+                                                    method=args.method), []
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     originals = {i.name: i.module for i in linears}
 
     def evaluate(ratios):
-        compress_model(linears, ratios, scales, args, desc=None)
+        compress_model(linears, ratios, scales, args, desc=None, covs=covs)
         try:
             return perplexity_of_windows(model, calib_ids, args.calib_batch_size, desc="ppl search")
         finally:
@@ -369,6 +533,58 @@ def stage_eval(model, tokenizer, args, label: str) -> dict[str, float]:
     return out
 
 
+def lm_eval_tasks(args) -> list[str]:
+    """lm-eval tasks of this run: --eval_tasks, plus mmlu (--eval_mmlu) and bigbench_mc (--mc_task)."""
+    tasks = [t.strip() for t in (getattr(args, "eval_tasks", "") or "").split(",") if t.strip()]
+    extra = ([evaluate_utils.MMLU_GROUP] if getattr(args, "eval_mmlu", False) else []) + \
+        (["bigbench_mc"] if getattr(args, "mc_task", None) else [])
+    return list(dict.fromkeys(tasks + extra))
+
+
+def validate_lm_eval_args(args) -> None:
+    """Unknown task names, a bad --eval_limit or a non-multiple-choice --mc_task fail before any heavy work."""
+    if "selfgen" in eval_datasets(args):
+        raise UsageError("selfgen is calibration data only; evaluate perplexity on another text")
+    limit = getattr(args, "eval_limit", None)
+    if limit is not None and not limit > 0:
+        raise UsageError(f"--eval_limit must be > 0, got {limit}")
+    tasks = lm_eval_tasks(args)
+    if not tasks:
+        return
+    if getattr(args, "mc_task", None):
+        from tools.bigbench_mc.utils import bigbench_mc_docs
+        if not re.fullmatch(r"\w+", args.mc_task):
+            raise UsageError(f"--mc_task must be a BIG-bench task name, got {args.mc_task!r}")
+        try:
+            bigbench_mc_docs(args.mc_task)
+        except (ValueError, FileNotFoundError, KeyError) as exc:
+            raise UsageError(f"--mc_task {args.mc_task}: {exc}") from None
+    try:
+        evaluate_utils.check_lm_tasks(tasks, lm_task_metadata(args))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def lm_task_metadata(args) -> dict:
+    return evaluate_utils.lm_task_metadata(getattr(args, "mc_task", None), args.seed)
+
+
+def stage_eval_lm(model, tokenizer, args) -> tuple[dict, dict]:
+    """({task: acc, ..., "<group>_mean": ..}, details) of the in-memory model through lm-eval's HFLM."""
+    out = evaluate_utils.evaluate_lm_tasks(model, tokenizer, lm_eval_tasks(args), limit=args.eval_limit,
+                                           batch_size=args.eval_batch_size, metadata=lm_task_metadata(args))
+    info = {k: v for k, v in out.items() if k != "acc"}
+    info.update(tasks=lm_eval_tasks(args), limit=args.eval_limit, num_fewshot=0,
+                mc_task=(args.mc_task or "general_knowledge") if "bigbench_mc" in lm_eval_tasks(args) else None)
+    return out["acc"], info
+
+
+def prepare_selfgen(model, tokenizer, args, fp) -> dict:
+    from tools import selfgen
+    return selfgen.prepare(model, tokenizer, args.n_calib_samples, args.calib_seqlen, args.seed,
+                           args.calib_batch_size, args.cache_dir if args.use_cache else None, fp)
+
+
 def summarize_params(report: dict) -> dict:
     dense = sum(r["params_dense"] for r in report.values())
     kept = sum(r["params"] for r in report.values())
@@ -376,12 +592,23 @@ def summarize_params(report: dict) -> dict:
             "reached": kept / dense if dense else 1.0}
 
 
+def stage_kv_cache(model, args) -> dict:
+    """KV-cache mode: switch attention to the low-rank cache; report what it holds per token."""
+    blocks = kv_cache.enable_lowrank_kv_cache(model)
+    b = kv_cache.kv_bytes_per_token(model)
+    return {"ratio_target": args.kv_cache_ratio_target, "reached": b["ratio"], "dims_dense": b["dims_dense"],
+            "dims_cached": b["dims_cached"], "bytes_per_token_dense": b["dense"],
+            "bytes_per_token_compressed": b["compressed"], "bytes_per_token_positions": b["positions"],
+            "dtype": b["dtype"], "lowrank_blocks": len(blocks), "format": kv_cache.LOWRANK_KV_FORMAT}
+
+
 def write_results(results: dict, args) -> Path:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = args.run_name or "{}_{}_{}".format(
         dt.datetime.now().strftime("%Y%m%d-%H%M%S"), re.sub(r"[^\w.\-]", "_", args.model_id),
-        "raw" if args.raw_model else (f"r{args.param_ratio_target}" if args.param_ratio_target != -1
+        "raw" if args.raw_model else f"kv{args.kv_cache_ratio_target}" if args.compress_kv_cache else
+        (f"r{args.param_ratio_target}" if args.param_ratio_target != -1
                                       else f"ppl{args.ppl_target}"))
     path = out_dir / f"{name}.json"
     datautils.atomic_write_bytes(path, json.dumps(results, indent=1, default=str).encode())
@@ -391,6 +618,7 @@ def write_results(results: dict, args) -> Path:
 def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
     """Every stage of acur.py on parsed arguments; returns (compressed model, tokenizer, results)."""
     validate_args(args)
+    rank = init_distributed(args)
     datautils.set_seed(args.seed)
     timings: dict[str, float] = {}
     results: dict = {"schema": RESULT_SCHEMA, "args": vars(args).copy(),
@@ -405,6 +633,7 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
         print(f"[acur] stage {stage}: {timings[stage]:.1f} s")
         return out
 
+    timed("fetch_data", fetch_texts, args)
     model, tokenizer, fp = timed("load_model", load_model, args)
     results["model"] = {**fp, "class": type(model).__name__,
                         "params_total": sum(p.numel() for p in model.parameters())}
@@ -413,15 +642,25 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
         results.setdefault("ppl", {})["dense"] = timed("eval_dense", stage_eval, model, tokenizer, args, "dense")
     if args.raw_model:
         results["param_ratio"] = {"target": 1.0, "reached": 1.0}
-        results["output_file"] = str(write_results(results, args))
+        if lm_eval_tasks(args):
+            results["lm_eval"], results["lm_eval_info"] = timed("eval_lm", stage_eval_lm, model, tokenizer, args)
+        if rank == 0:
+            results["output_file"] = str(write_results(results, args))
         return model, tokenizer, results
 
+    if args.calib_dataset in datautils.GENERATED_DATASETS:  # the dense model writes its own calibration text
+        results["selfgen"] = timed("selfgen", prepare_selfgen, model, tokenizer, args, fp)
     calib_ids = timed("calib_data", datautils.get_calib_data, args.calib_dataset, tokenizer,
                       args.n_calib_samples, args.calib_seqlen, args.seed, args.use_bos)
     scales = timed("calibration", stage_scales, model, linears, calib_ids, args, fp)
-    table, sens_info = timed("sensitivity", stage_sensitivity, model, linears, calib_ids, scales, args, fp)
-    ratios, trace = timed("search", stage_search, model, linears, calib_ids, scales, table, args)
-    report = timed("compress", compress_model, linears, ratios, scales, args)
+    covs = (timed("covariance", stage_covariance, model, linears, calib_ids, args, fp)
+            if decompositions.needs_covariance(args.method, args.u_mode) else None)
+    table, sens_info = timed("sensitivity", stage_sensitivity, model, linears, calib_ids, scales, args, fp, covs)
+    if rank != 0:  # the other ranks only shared the sensitivity; rank 0 finishes and writes the run
+        return model, tokenizer, results
+    ratios, trace = timed("search", stage_search, model, linears, calib_ids, scales, table, args, covs)
+    report = timed("compress", compress_model, linears, ratios, scales, args, covs=covs)
+    results["method"] = args.method
     results["sensitivity"] = sens_info
     if trace:
         results["ppl_search_trace"] = trace
@@ -430,9 +669,13 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
                               **summarize_params(report)}
     results["model"]["params_compressed"] = sum(p.numel() for p in model.parameters())
     results["fallbacks"] = {k: v["fallback"] for k, v in report.items() if v["fallback"]}
+    if args.compress_kv_cache:
+        results["kv_cache"] = stage_kv_cache(model, args)
     results["quantization"] = timed("quantize", quantization.quantize_model, model, args.weight_quant,
                                     args.quant_group_size, scales, include_lm_head=args.compress_lm_head)
     results.setdefault("ppl", {})["compressed"] = timed("eval", stage_eval, model, tokenizer, args, "compressed")
+    if lm_eval_tasks(args):
+        results["lm_eval"], results["lm_eval_info"] = timed("eval_lm", stage_eval_lm, model, tokenizer, args)
     results["output_file"] = str(write_results(results, args))
     return model, tokenizer, results
 
@@ -443,9 +686,16 @@ def print_summary(results: dict) -> None:
           + (f" -> {results['model']['params_compressed']:,}" if "params_compressed" in results["model"] else ""))
     pr = results.get("param_ratio", {})
     print(f"param ratio of compressed linears: target {pr.get('target')}  reached {pr.get('reached', 1.0):.4f}")
+    if results.get("kv_cache"):
+        kv = results["kv_cache"]
+        print(f"KV cache dims (cached / original): target {kv['ratio_target']}  reached {kv['reached']:.4f}; "
+              f"bytes/token {kv['bytes_per_token_dense']:,} -> {kv['bytes_per_token_compressed']:,} ({kv['dtype']})")
     for label, vals in results.get("ppl", {}).items():
         for ds, v in vals.items():
             print(f"perplexity {label:10s} {ds:12s} {v:.4f}")
+    for task, acc in results.get("lm_eval", {}).items():
+        if not task.startswith(evaluate_utils.MMLU_GROUP + "_") or task == "mmlu_mean":  # subjects: see JSON
+            print(f"accuracy   {task:23s} {acc:.4f}")
     if results.get("fallbacks"):
         print(f"FALLBACKS TAKEN in {len(results['fallbacks'])} layers (see results JSON)")
     print("stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items()))
@@ -459,7 +709,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"acur.py: error: {exc}", file=sys.stderr)
         return 2
-    print_summary(results)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if "output_file" in results:  # rank 0 (or the only process)
+        print_summary(results)
     return 0
 
 

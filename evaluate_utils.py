@@ -2,7 +2,9 @@
 non-overlapping windows of `seqlen` tokens, perplexity = exp(mean token NLL over the windows)."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,3 +62,134 @@ def evaluate_perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 2048,
                         desc: str = "perplexity") -> float:
     """Perplexity of a model on one tokenised test text (1-D ids)."""
     return perplexity_of_windows(model, windows(ids, seqlen, max_windows, bos_token_id), batch_size, desc)
+
+
+# ================================================================ lm-eval tasks (MMLU, offline BIG-bench MC, any task)
+# Accuracy of the in-memory (compressed) model through lm-eval 0.4: HFLM wraps the model object itself, so
+# what is scored is exactly what acur.py built (no save/reload round trip). ASVD4LLM reported MMLU as the
+# unweighted mean of the 57 hendrycksTest subject accuracies, 0-shot; lm-eval 0.4's "mmlu" group weights
+# subjects by size, so both are kept: `<group>_mean` (ASVD's number) and the group's own acc in the info.
+LM_TASK_DIR = Path(__file__).resolve().parent / "tools" / "bigbench_mc"  # offline task `bigbench_mc`
+MMLU_GROUP = "mmlu"
+MMLU_N_SUBJECTS = 57
+_TASK_MANAGERS: dict[str, object] = {}
+
+
+def lm_task_metadata(mc_task: str | None = None, seed: int | None = None) -> dict:
+    """lm-eval metadata read by the offline `bigbench_mc` task (BIG-bench task name, shuffle seed)."""
+    meta = {}
+    if mc_task:
+        meta["bigbench_task"] = mc_task
+    if seed is not None:
+        meta["bigbench_seed"] = int(seed)
+    return meta
+
+
+def lm_task_manager(metadata: dict | None = None, tasks: list[str] | None = None):
+    """lm-eval TaskManager over tools/bigbench_mc plus, unless every task is local, lm-eval's built-in
+    tasks. Built once per (metadata, scope): indexing lm-eval's ~15k task YAMLs takes 10-60 s on a CPU box."""
+    from lm_eval.tasks import TaskManager
+    local_key = json.dumps([metadata or {}, "local"], sort_keys=True)
+    if local_key not in _TASK_MANAGERS:
+        _TASK_MANAGERS[local_key] = TaskManager(include_path=str(LM_TASK_DIR), include_defaults=False,
+                                                metadata=metadata or None)
+    local = _TASK_MANAGERS[local_key]
+    if tasks is not None and set(tasks) <= set(local.all_tasks):
+        return local
+    if tasks is not None and not set(tasks) & set(local.all_tasks):
+        metadata = None  # only the local task reads metadata: share one index (e.g. with check_lm_tasks)
+    key = json.dumps([metadata or {}, "all"], sort_keys=True)
+    if key not in _TASK_MANAGERS:
+        _TASK_MANAGERS[key] = TaskManager(include_path=str(LM_TASK_DIR), metadata=metadata or None)
+    return _TASK_MANAGERS[key]
+
+
+def check_lm_tasks(tasks: list[str], metadata: dict | None = None) -> None:
+    """Raise ValueError naming every task/group lm-eval does not know (cheap next to evaluating).
+    Names do not depend on metadata: one index serves every check."""
+    known = set(lm_task_manager(None, tasks).all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm_eval ls tasks`; the offline "
+                         f"BIG-bench multiple-choice task is 'bigbench_mc')")
+
+
+def leaf_tasks(name: str, group_subtasks: dict[str, list[str]]) -> list[str]:
+    """The scored tasks under a task or (nested) group name, in lm-eval's order."""
+    if name not in group_subtasks or not group_subtasks[name]:
+        return [name]
+    out = []
+    for child in group_subtasks[name]:
+        out.extend(leaf_tasks(child, group_subtasks))
+    return out
+
+
+def _numeric_metrics(row: dict) -> dict[str, float]:
+    """{"acc": .., "acc_stderr": ..} from lm-eval's {"acc,none": .., "acc_stderr,none": ..}."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and "," in k:
+            metric, filt = k.split(",", 1)
+            out[metric if filt == "none" else f"{metric},{filt}"] = float(v)
+    return out
+
+
+def summarize_lm_results(raw: dict, requested: list[str]) -> dict:
+    """Flat accuracies from simple_evaluate's output: {"acc": {leaf: acc, "<group>_mean": unweighted mean},
+    "metrics": all numeric metrics per task/group, "n_samples", "leaves" per requested name, "warnings"}."""
+    results, subtasks = raw.get("results", {}), raw.get("group_subtasks", {}) or {}
+    acc, metrics, warnings, leaves_of = {}, {}, [], {}
+    for name, row in results.items():
+        metrics[name] = _numeric_metrics(row)
+    for req in requested:
+        leaves = leaf_tasks(req, subtasks)
+        leaves_of[req] = leaves
+        for leaf in leaves:
+            m = metrics.get(leaf, {})
+            if "acc" in m:
+                acc[leaf] = m["acc"]
+            elif leaf not in acc:
+                warnings.append(f"{leaf}: no acc metric (has {', '.join(m) or 'nothing'}); see metrics")
+        if len(leaves) > 1 or leaves[0] != req:
+            vals = [acc[x] for x in leaves if x in acc]
+            if len(vals) != len(leaves):
+                warnings.append(f"{req}: only {len(vals)}/{len(leaves)} subtasks report acc")
+            if vals:
+                acc[f"{req}_mean"] = sum(vals) / len(vals)
+    n_samples = {k: v.get("effective", v.get("original")) for k, v in (raw.get("n-samples") or {}).items()}
+    return {"acc": acc, "metrics": metrics, "n_samples": n_samples, "leaves": leaves_of, "warnings": warnings}
+
+
+def evaluate_lm_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: float | None = None,
+                      batch_size: int = 1, num_fewshot: int = 0, metadata: dict | None = None) -> dict:
+    """Score an in-memory model on lm-eval 0.4 tasks/groups through HFLM(pretrained=model, tokenizer=...).
+
+    Returns summarize_lm_results(...) plus "seconds". MMLU: tasks=["mmlu"] gives the 57 subjects and
+    acc["mmlu_mean"] (a loud warning if lm-eval resolves a different number of subjects)."""
+    import time
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    if not tasks:
+        raise ValueError("no lm-eval tasks given")
+    tm = lm_task_manager(metadata, list(tasks))
+    unknown = [t for t in tasks if t not in set(tm.all_tasks)]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    was_training = model.training
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    t0 = time.perf_counter()
+    try:
+        raw = simple_evaluate(lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                              bootstrap_iters=1000, log_samples=False)
+    finally:
+        model.train(was_training)
+    out = summarize_lm_results(raw, list(tasks))
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    if MMLU_GROUP in tasks and len(out["leaves"][MMLU_GROUP]) != MMLU_N_SUBJECTS:
+        out["warnings"].append(f"mmlu resolved to {len(out['leaves'][MMLU_GROUP])} subjects, "
+                               f"not {MMLU_N_SUBJECTS}: mmlu_mean is not comparable to ASVD's")
+    for w in out["warnings"]:
+        print(f"WARNING: lm-eval: {w}")
+    return out

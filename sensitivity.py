@@ -3,27 +3,37 @@
 ppl:         calibration perplexity with that one layer replaced by its CUR at that ratio (the ASVD
              protocol). The fast path is exact: block inputs are cached and advanced block by block, only
              the blocks at and after the replaced layer run, samples are batched, and one SVD per layer
-             serves every candidate ratio. `fast=False` runs the straightforward full-model loop.
+             serves every candidate ratio; on a GPU the next layer's decompositions run on a side stream
+             while this layer's forwards run. `fast=False` runs the straightforward full-model loop.
 stable_rank: no forward passes; score = (1 - ratio) * stable_rank(W S) / min(m, n), a cheap heuristic
              (layers whose scaled spectrum is concentrated are compressed first).
 Results are plain dicts {layer: {ratio (str): score}}; lower score = safer to compress. Progress is
 saved after every layer so an interrupted run resumes where it stopped.
+
+Distributed: when torch.distributed is initialised (torchrun / accelerate launch; gloo on CPU, nccl on
+GPU) the ppl loop is split over the ranks (balanced by the blocks each layer runs), every rank computes
+its share with its own full model copy, and the shares are all-gathered so every rank returns the
+identical table. The ranks first check that they hold the same model, data and settings.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from evaluate_utils import nll_to_ppl, perplexity_of_windows, token_nll_sum
 from modules.cur_linear import CURLinear
-from modules.cur_math import safe_svd, scaled_weight, stable_rank
+from modules.low_rank_linear import compress_candidates
+from modules.cur_math import rank_for_ratio, safe_svd, scaled_weight, stable_rank
 from modules.model_utils import LinearInfo, decoder_parts, replace_module
 
-METRICS = ("ppl", "stable_rank")
+METRICS = ("ppl", "stable_rank", "spectral")
 DEFAULT_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 Progress = Callable[[dict], None]
@@ -112,43 +122,139 @@ class BlockRunner:
             self.block += 1
 
 
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group; (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_layers(linears: list[LinearInfo], world: int, n_blocks: int) -> list[list[LinearInfo]]:
+    """Split layers over `world` ranks with balanced work: longest-first greedy by cost (the blocks
+    a candidate runs, +1 for head and decomposition). Each share keeps execution order, so a rank's
+    BlockRunner only moves forward. Deterministic: every rank computes the same split."""
+    def cost(info: LinearInfo) -> int:
+        return (n_blocks - info.block if info.block >= 0 else 1) + 1
+
+    loads, owner = [0] * world, {}
+    for idx in sorted(range(len(linears)), key=lambda i: (-cost(linears[i]), i)):
+        rank = min(range(world), key=lambda k: (loads[k], k))
+        owner[idx] = rank
+        loads[rank] += cost(linears[idx])
+    return [[info for i, info in enumerate(linears) if owner[i] == r] for r in range(world)]
+
+
+def _input_fingerprint(model: nn.Module, calib_ids: torch.Tensor, ratios: list[float],
+                       scales: dict | None, alpha: float, cur_kwargs: dict, batch_size: int,
+                       fast: bool, todo: list[LinearInfo]) -> list:
+    """What every rank must agree on before its share is merged with the others'."""
+    with torch.no_grad():
+        psum = torch.stack([p.detach().float().sum() for p in model.parameters()]).double().sum()
+    ssum = sorted((k, float(v.double().sum())) for k, v in scales.items()) if scales else None
+    return [float(psum), list(calib_ids.shape), int(calib_ids.long().sum()), [float(r) for r in ratios],
+            ssum, alpha, sorted(cur_kwargs.items()), batch_size, fast, [i.name for i in todo]]
+
+
+def _check_ranks_agree(fingerprint: list, world: int) -> None:
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, fingerprint)
+    bad = [r for r, fp in enumerate(gathered) if fp != gathered[0]]
+    if bad:
+        raise RuntimeError(f"distributed sensitivity: ranks {bad} hold a different model, calibration data "
+                           "or settings than rank 0 (load the same checkpoint with the same seed everywhere)")
+
+
 def _layer_svd(info: LinearInfo, scales: dict | None, alpha: float):
     scale = scales.get(info.name) if scales else None
     return scale, safe_svd(scaled_weight(info.module.weight.data, scale, alpha))
 
 
+def decompose_candidates(info: LinearInfo, ratios: list[float], scales: dict | None, alpha: float,
+                         cur_kwargs: dict, stream: "torch.cuda.Stream | None" = None,
+                         covs: dict | None = None) -> list[nn.Module]:
+    """The layer's CURLinear at every candidate ratio, all from one SVD. With a CUDA stream the work
+    runs there (a worker thread overlaps it with the previous layer's forward passes: same kernels,
+    same numbers) and is finished before this returns."""
+    with contextlib.ExitStack() as stack:
+        if stream is not None:
+            stack.enter_context(torch.cuda.device(stream.device))
+            stack.enter_context(torch.cuda.stream(stream))
+        # one factory for every --method (cur_kwargs may hold method, cov_damp); acur: same SVD reuse as before
+        curs = compress_candidates(info.module, ratios, scales.get(info.name) if scales else None, alpha,
+                                   covs.get(info.name) if covs else None, **cur_kwargs)
+    if stream is not None:
+        stream.synchronize()
+    return curs
+
+
 def sensitivity_ppl(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
                     ratios: list[float], scales: dict | None, alpha: float, cur_kwargs: dict,
                     batch_size: int = 4, fast: bool = True, done: dict | None = None,
-                    on_progress: Progress | None = None) -> dict[str, dict[str, float]]:
-    """{layer: {ratio: calibration ppl}} with one layer at a time replaced by its CUR.
+                    on_progress: Progress | None = None, covs: dict | None = None) -> dict[str, dict[str, float]]:
+    """{layer: {ratio: calibration ppl}} with one layer at a time replaced by its CUR (or the module
+    of cur_kwargs["method"]; covs: input covariances for the data-aware methods).
 
-    done: results already computed (resume); on_progress(results) is called after every layer."""
+    done: results already computed (resume); on_progress(results) is called after every layer (on
+    rank 0 only when distributed: it holds rank 0's share until the final merged table)."""
     results: dict[str, dict[str, float]] = dict(done or {})
+    todo = [info for info in linears if info.name not in results]
+    rank, world = dist_rank_world()
+    if world > 1:
+        _check_ranks_agree(_input_fingerprint(model, calib_ids, ratios, scales, alpha, cur_kwargs,
+                                              batch_size, fast, todo), world)
+        n_blocks = 1 + max((i.block for i in linears), default=0)
+        mine = shard_layers(todo, world, n_blocks)[rank]
+        if on_progress is not None and rank != 0:
+            on_progress = None  # one writer of the progress cache
+    else:
+        mine = todo
     runner = None
-    if fast:
+    if fast and mine:
         try:
             runner = BlockRunner(model, calib_ids, batch_size)
         except ValueError:
             print("WARNING: unknown model layout; sensitivity uses full forward passes (slower, same result)")
-    todo = [info for info in linears if info.name not in results]
-    for info in tqdm(todo, desc="sensitivity (ppl)"):
-        scale, svd = _layer_svd(info, scales, alpha)
-        original = info.module
-        row: dict[str, float] = {}
-        if runner is not None:
-            runner.advance_to(info.block)
-        try:
-            for r in ratios:
-                replace_module(info, CURLinear.from_linear(original, r, scale, alpha=alpha, svd=svd,
-                                                           **cur_kwargs))
-                if runner is not None:
-                    row[ratio_key(r)] = runner.tail_ppl()
-                else:
-                    row[ratio_key(r)] = perplexity_of_windows(model, calib_ids, batch_size, desc=None)
-        finally:
-            replace_module(info, original)
-        results[info.name] = row
+    # on a GPU the next layer's decompositions run on a side stream while this layer's forwards run
+    device = next(model.parameters()).device
+    stream = torch.cuda.Stream(device) if device.type == "cuda" and len(mine) > 1 else None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="cur-decompose") if stream is not None else None
+    args = (ratios, scales, alpha, cur_kwargs, stream, covs)
+    pending = pool.submit(decompose_candidates, mine[0], *args) if pool else None
+    desc = "sensitivity (ppl)" if world == 1 else f"sensitivity (ppl) rank {rank}/{world}"
+    try:
+        for idx, info in enumerate(tqdm(mine, desc=desc, disable=None if rank == 0 else True)):
+            curs = pending.result() if pool else decompose_candidates(info, *args)
+            if pool and idx + 1 < len(mine):
+                pending = pool.submit(decompose_candidates, mine[idx + 1], *args)
+            original = info.module
+            row: dict[str, float] = {}
+            if runner is not None:
+                runner.advance_to(info.block)
+            try:
+                for r, cur in zip(ratios, curs):
+                    if stream is not None:  # made on the side stream, used on this one
+                        for t in list(cur.parameters()) + list(cur.buffers()):
+                            t.record_stream(torch.cuda.current_stream(device))
+                    replace_module(info, cur)
+                    if runner is not None:
+                        row[ratio_key(r)] = runner.tail_ppl()
+                    else:
+                        row[ratio_key(r)] = perplexity_of_windows(model, calib_ids, batch_size, desc=None)
+            finally:
+                replace_module(info, original)
+            del curs
+            results[info.name] = row
+            if on_progress is not None:
+                on_progress(results)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if world > 1:
+        shares: list = [None] * world
+        dist.all_gather_object(shares, {info.name: results[info.name] for info in mine})
+        merged = {k: v for share in shares for k, v in share.items()}
+        results = dict(done or {})
+        results.update((info.name, merged[info.name]) for info in todo)  # single-process order
         if on_progress is not None:
             on_progress(results)
     return results
@@ -168,6 +274,31 @@ def sensitivity_stable_rank(linears: list[LinearInfo], ratios: list[float], scal
                   "maximally sensitive")
             sr = float(min(w.shape))
         results[info.name] = {ratio_key(r): (1 - r) * sr / min(w.shape) for r in ratios}
+        if on_progress is not None:
+            on_progress(results)
+    return results
+
+
+def sensitivity_spectral(linears: list[LinearInfo], ratios: list[float], scales: dict | None,
+                         alpha: float, rank_align: int = 1, done: dict | None = None,
+                         on_progress: Progress | None = None) -> dict[str, dict[str, float]]:
+    """{layer: {ratio: tail energy of the scaled spectrum beyond the rank the ratio keeps}}.
+
+    sum_{i>k} s_i^2 / sum_i s_i^2 of W S is the relative error of the best rank-k approximation in the
+    activation-weighted norm, a lower bound for CUR's; no forward passes, one SVD per layer."""
+    results = dict(done or {})
+    for info in tqdm([i for i in linears if i.name not in results], desc="sensitivity (spectral)"):
+        scale = scales.get(info.name) if scales else None
+        w = scaled_weight(info.module.weight.data, scale, alpha)
+        m, n = w.shape
+        if torch.isfinite(w).all():
+            energy = torch.linalg.svdvals(w).double().pow(2)
+            cum = torch.cumsum(energy, 0) / energy.sum()
+            row = {ratio_key(r): float(1 - cum[rank_for_ratio(m, n, r, rank_align) - 1]) for r in ratios}
+        else:
+            print(f"WARNING: {info.name}: non-finite scaled weight; scored as maximally sensitive")
+            row = {ratio_key(r): 1.0 for r in ratios}
+        results[info.name] = row
         if on_progress is not None:
             on_progress(results)
     return results

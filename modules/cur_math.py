@@ -46,7 +46,7 @@ def scaled_weight(weight: torch.Tensor, scale: torch.Tensor | None, alpha: float
     w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
     if scale is None:
         return w
-    s = scale.detach().to(w.dtype).clamp_min(0) ** alpha + EPS
+    s = scale.detach().to(device=w.device, dtype=w.dtype).clamp_min(0) ** alpha + EPS
     return w * s.unsqueeze(0)
 
 
@@ -158,7 +158,7 @@ def cur_decompose(weight: torch.Tensor, rank: int, scale: torch.Tensor | None = 
     C, R = w[:, cols], w[rows, :]
     s_diag = None
     if scale is not None:
-        s_diag = scale.detach().to(w.dtype).clamp_min(0) ** alpha + EPS
+        s_diag = scale.detach().to(device=w.device, dtype=w.dtype).clamp_min(0) ** alpha + EPS
     U = compute_u(w, C, R, u_mode, s_diag)
     if not torch.isfinite(U).all() and u_mode != "pinv":
         fallback = (fallback + "; " if fallback else "") + f"{u_mode} U not finite, used pinv U"

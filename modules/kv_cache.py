@@ -1,0 +1,480 @@
+"""Low-rank KV cache: with k_proj / v_proj compressed, the cache holds the rank-k latent z = U (R x) of
+every token instead of K and V, and attention rebuilds K = C z + b (then RoPE, for LLaMA) and V from it.
+
+Two parts:
+- RUNTIME (between the markers below): the cache layer, the attention module and enable/disable. It
+  imports only torch and transformers, because huggingface_repos/build_acur_repo.py copies it verbatim
+  into exported repos (`runtime_source()`), which cannot import this project.
+- PIPELINE (after the runtime): what acur.py's --compress_kv_cache needs: candidate ranks as fractions
+  of the K/V width, sensitivity over them, compression at those ranks, and the bytes-per-token report.
+
+Why the latent and not K: K is rotated per position after the projection, so a rank-k factor of K
+cannot be rotated in the latent space; the latent is stored, and K is rebuilt and rotated at every
+step from the stored positions. V needs no rebuilding at decode time: P V = (P Z) C^T + b, because
+the attention weights of each row sum to one.
+"""
+from __future__ import annotations
+
+# ===== BEGIN LOW-RANK KV RUNTIME (self-contained: torch + transformers only) =====
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+LOWRANK_KV_FORMAT = 1  # bump when the layout of what the cache holds changes
+
+
+def latent_factors(linear: nn.Module) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    """(down weights applied in order, up weight) of a low-rank linear, or None for a dense one.
+
+    CURLinear: z = U (R x), y = C z + b.  SVD-style (A, B): z = B x, y = A z + b. Duck-typed so the
+    copy inside an exported repo works with that repo's own CURLinear class."""
+    p = {n: getattr(linear, n, None) for n in ("C", "U", "R", "A", "B")}
+    if all(isinstance(p[n], torch.Tensor) for n in ("C", "U", "R")):
+        return [p["R"], p["U"]], p["C"]
+    if all(isinstance(p[n], torch.Tensor) for n in ("A", "B")) and p["C"] is None:
+        return [p["B"]], p["A"]
+    return None
+
+
+def _down(x: torch.Tensor, factors) -> torch.Tensor:
+    """Latent (b, 1, s, k) of hidden states (b, s, d): the state the cache holds."""
+    for w in factors[0]:
+        x = F.linear(x, w)
+    return x.unsqueeze(1)
+
+
+def _up(z: torch.Tensor, factors, bias: torch.Tensor | None, head_dim: int) -> torch.Tensor:
+    """K or V (b, heads, s, head_dim) rebuilt from latents (b, 1, s, k)."""
+    y = F.linear(z.squeeze(1), factors[1], bias)
+    b, s, _ = y.shape
+    return y.view(b, s, -1, head_dim).transpose(1, 2)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """LLaMA rotary embedding of (b, heads, s, d) with cos/sin (b, s, d)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain attention (GQA by repetition), as transformers' eager path computes it."""
+    key = _repeat_kv(key, module.num_key_value_groups)
+    value = _repeat_kv(value, module.num_key_value_groups)
+    w = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        w = w + attention_mask
+    w = F.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    w = F.dropout(w, p=dropout, training=module.training)
+    return torch.matmul(w, value).transpose(1, 2).contiguous(), w
+
+
+class LowRankKVLayer(DynamicLayer):
+    """One block's cache. `keys` / `values` hold the latents (b, 1, s, k) of a low-rank side, or the
+    usual (b, heads, s, d) tensors of a dense side; `positions` (int32, b x s) holds the rotary
+    positions of the cached tokens when K is low-rank under RoPE (it is rotated when rebuilt)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.positions: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, *args, positions: torch.Tensor | None = None, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        if positions is not None:
+            self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
+        return keys, values
+
+    def reset(self) -> None:
+        super().reset()
+        self.positions = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0 and self.positions is not None:
+            self.positions = self.positions[:, :tokens_to_remove]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.positions is not None and self.positions.numel():
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.positions is not None:
+            self.positions = self.positions[indices]
+
+    def nbytes(self) -> int:
+        """Bytes this layer really holds (latents or K/V, plus positions)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions)
+                   if t is not None)
+
+
+def lowrank_cache_layer(cache: Cache, layer_idx: int) -> LowRankKVLayer:
+    """The LowRankKVLayer of `layer_idx`, swapped in for the empty DynamicLayer that generate() or the
+    model created, so plain `generate()` needs no special cache argument."""
+    if getattr(cache, "layer_class_to_replicate", None) is not None:
+        while len(cache.layers) <= layer_idx:
+            cache.layers.append(cache.layer_class_to_replicate())
+    layer = cache.layers[layer_idx]
+    if isinstance(layer, LowRankKVLayer):
+        return layer
+    if type(layer) is DynamicLayer and not layer.is_initialized:
+        cache.layers[layer_idx] = new = LowRankKVLayer()
+        return new
+    raise ValueError(f"the low-rank KV cache needs a dynamic cache (DynamicCache, the default of generate()); "
+                     f"layer {layer_idx} of the given {type(cache).__name__} is a "
+                     f"{'filled ' if layer.is_initialized else ''}{type(layer).__name__}")
+
+
+class LowRankKVAttention(nn.Module):
+    """Self-attention of a LLaMA-family or OPT block whose k_proj and/or v_proj are low-rank, caching
+    their latents. Keeps the wrapped module's children under the same names (state dicts unchanged).
+
+    Prefill and no-cache runs rebuild K and V and use the model's attention implementation; a one-token
+    decode step with a low-rank V multiplies the attention weights into the latents first (eager/sdpa)."""
+
+    def __init__(self, attn: nn.Module, rotary: nn.Module | None = None):
+        super().__init__()
+        names = {n for n, _ in attn.named_children()}
+        if names == {"q_proj", "k_proj", "v_proj", "o_proj"}:
+            self.style = "llama"
+            if rotary is None:
+                raise ValueError("a LLaMA-style attention needs the model's rotary embedding")
+            self.num_key_value_groups = attn.num_key_value_groups
+            self.scaling, self.q_scaling = attn.scaling, 1.0
+            self.attention_dropout = attn.attention_dropout
+        elif names == {"q_proj", "k_proj", "v_proj", "out_proj"}:
+            self.style = "opt"  # OPT scales the query before attention and calls it with scaling 1
+            self.num_key_value_groups = 1
+            self.scaling, self.q_scaling = 1.0, attn.scaling
+            self.attention_dropout = attn.dropout
+        else:
+            raise ValueError(f"unsupported attention {type(attn).__name__} with submodules {sorted(names)}: the "
+                             "low-rank KV cache supports LLaMA-family (q/k/v/o_proj, RoPE) and OPT attention")
+        if getattr(attn, "sliding_window", None):
+            raise ValueError(f"{type(attn).__name__} uses a sliding window; not supported by the low-rank KV cache")
+        for n, child in attn.named_children():
+            self.add_module(n, child)
+        self.config, self.layer_idx, self.head_dim = attn.config, attn.layer_idx, attn.head_dim
+        self.is_causal = True
+        self._rotary = (rotary,)        # a reference (the model owns it), not a submodule
+        self._original_class = type(attn)
+        self._original = (attn,)
+
+    def cached_widths(self) -> dict[str, int]:
+        """Per-token width each side caches: latent rank if low-rank, else the projection's width."""
+        out = {}
+        for side in ("k", "v"):
+            proj = getattr(self, f"{side}_proj")
+            f = latent_factors(proj)
+            out[side] = f[1].shape[1] if f is not None else proj.out_features
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                past_key_values: Cache | None = None, position_ids: torch.Tensor | None = None, **kwargs):
+        b, q, _ = hidden_states.shape
+        hd = self.head_dim
+        kf, vf = latent_factors(self.k_proj), latent_factors(self.v_proj)
+        query = self.q_proj(hidden_states)
+        if self.q_scaling != 1.0:
+            query = query * self.q_scaling
+        query = query.view(b, q, -1, hd).transpose(1, 2)
+
+        def dense(proj):
+            return proj(hidden_states).view(b, q, -1, hd).transpose(1, 2)
+
+        keys = _down(hidden_states, kf) if kf is not None else dense(self.k_proj)
+        values = _down(hidden_states, vf) if vf is not None else dense(self.v_proj)
+        cos = sin = positions = None
+        if self.style == "llama":
+            cos, sin = position_embeddings
+            query = _rope(query, cos, sin)
+            if kf is None:
+                keys = _rope(keys, cos, sin)  # a dense K is cached rotated, as usual
+            elif past_key_values is not None:
+                if position_ids is None:
+                    start = past_key_values.get_seq_length(self.layer_idx)
+                    position_ids = torch.arange(start, start + q, device=hidden_states.device)[None]
+                positions = position_ids.expand(b, q).to(torch.int32)
+        if past_key_values is not None:
+            layer = lowrank_cache_layer(past_key_values, self.layer_idx)
+            keys, values = past_key_values.update(keys, values, self.layer_idx, positions=positions)
+            if positions is not None:
+                cos, sin = self._rotary[0](hidden_states, layer.positions.long())
+        if kf is not None:
+            keys = _up(keys, kf, self.k_proj.bias, hd)
+            if self.style == "llama":
+                keys = _rope(keys, cos, sin)
+
+        impl = self.config._attn_implementation
+        mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
+        if vf is not None and q == 1 and impl in ("eager", "sdpa") and mask_ok and not self.training:
+            out, weights = self._absorbed_attention(query, keys, values, vf, self.v_proj.bias, attention_mask)
+        else:
+            if vf is not None:
+                values = _up(values, vf, self.v_proj.bias, hd)
+            interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, _eager_attention)
+            out, weights = interface(self, query, keys, values, attention_mask,
+                                     dropout=self.attention_dropout if self.training else 0.0,
+                                     scaling=self.scaling, **kwargs)
+        out = out.reshape(b, q, -1).contiguous()
+        out_proj = self.o_proj if self.style == "llama" else self.out_proj
+        return out_proj(out), weights
+
+    def _absorbed_attention(self, query, keys, z, vf, bias, mask):
+        """softmax(q K^T) V with V = Z C^T + b, computed as (P Z) C^T + b: no V is rebuilt."""
+        b, H, q, d = query.shape
+        n_kv, s = keys.shape[1], keys.shape[2]
+        g = H // n_kv
+        scores = torch.matmul(query.reshape(b, n_kv, g * q, d), keys.transpose(2, 3)).view(b, H, q, s)
+        scores = scores * self.scaling
+        if mask is not None:
+            mask = mask[..., -s:]
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        pz = torch.matmul(weights.view(b, H * q, s), z.squeeze(1))          # (b, H*q, k)
+        up = vf[1]
+        n_v = up.shape[0] // d
+        pz = pz.view(b, n_v, H // n_v, q, -1)
+        out = torch.einsum("bngqk,ndk->bngqd", pz, up.view(n_v, d, -1))
+        if bias is not None:
+            out = out + bias.view(1, n_v, 1, 1, d)
+        return out.reshape(b, H, q, d).transpose(1, 2), weights
+
+
+def _decoder_layers_and_rotary(model: nn.Module):
+    base = getattr(model, "model", model)
+    dec = getattr(base, "decoder", None)
+    if dec is not None and hasattr(dec, "layers"):
+        return dec.layers, None
+    if hasattr(base, "layers"):
+        return base.layers, getattr(base, "rotary_emb", None)
+    raise ValueError(f"{type(model).__name__}: cannot find decoder layers for the low-rank KV cache")
+
+
+def enable_lowrank_kv_cache(model: nn.Module) -> list[int]:
+    """Wrap the attention of every block whose k_proj or v_proj is low-rank; returns the block indices.
+    Idempotent. The model's generate() and forward(use_cache=True) then cache the latents."""
+    layers, rotary = _decoder_layers_and_rotary(model)
+    done = []
+    for i, block in enumerate(layers):
+        attn = block.self_attn
+        if not isinstance(attn, LowRankKVAttention):
+            if latent_factors(attn.k_proj) is None and latent_factors(attn.v_proj) is None:
+                continue
+            block.self_attn = LowRankKVAttention(attn, rotary)
+        done.append(i)
+    return done
+
+
+def disable_lowrank_kv_cache(model: nn.Module) -> None:
+    """Put the model's own attention modules back (same child modules): the cache holds K/V again."""
+    layers, _ = _decoder_layers_and_rotary(model)
+    for block in layers:
+        attn = block.self_attn
+        if isinstance(attn, LowRankKVAttention):
+            orig = attn._original[0]
+            for n, child in attn.named_children():
+                setattr(orig, n, child)
+            block.self_attn = orig
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes a cache really holds: every layer's keys, values (and positions), whatever their shapes."""
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None), getattr(layer, "positions", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+# ===== END LOW-RANK KV RUNTIME =====
+
+import math  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tqdm.auto import tqdm  # noqa: E402
+
+from modules.cur_linear import CURLinear  # noqa: E402
+from modules.cur_math import cur_decompose, safe_svd, scaled_weight  # noqa: E402
+
+# ASVD4LLM's KV candidates were parameter ratios 0.1..1.9 of a square K/V projection, i.e. ranks of
+# 0.05..0.95 of its width; here they are stated directly as rank fractions of the K/V width.
+KV_RANK_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+KV_PROJ_NAMES = ("k_proj", "v_proj")
+_BEGIN, _END = "# ===== BEGIN LOW-RANK KV RUNTIME", "# ===== END LOW-RANK KV RUNTIME ====="
+
+
+def runtime_source() -> str:
+    """The RUNTIME part of this file as a standalone module (for exported repos)."""
+    text = Path(__file__).read_text()
+    start, end = text.index(_BEGIN), text.index(_END)
+    body = text[text.index("\n", start) + 1:end]
+    return ('"""Low-rank KV cache of ACUR-compressed models (copied from CUR4LLM modules/kv_cache.py).\n\n'
+            "The cache holds the latent U R x of k_proj / v_proj instead of K and V; attention rebuilds them.\n"
+            '"""\nfrom __future__ import annotations\n\n' + body)
+
+
+def is_kv_linear(name: str) -> bool:
+    return name.rpartition(".")[2] in KV_PROJ_NAMES
+
+
+def kv_rank(width: int, in_features: int, fraction: float, rank_align: int = 1) -> int:
+    """Latent width cached for a rank fraction of the K/V width: floor(f * width), rounded down to a
+    multiple of rank_align when that stays >= 1, within [1, min(width, in_features)]."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"KV rank fraction must be in (0, 1], got {fraction}")
+    k = min(int(math.floor(fraction * width + 1e-9)), width, in_features)
+    aligned = (k // rank_align) * rank_align
+    return max(aligned if aligned > 0 else k, 1)
+
+
+def kv_cached_dims(width: int, in_features: int, fraction: float, rank_align: int = 1) -> int:
+    """Per-token cached width of one projection: its width when dense (fraction 1), else its rank."""
+    return width if fraction >= 1 else kv_rank(width, in_features, fraction, rank_align)
+
+
+def kv_sensitivity_ppl(model: nn.Module, linears: list, calib_ids: torch.Tensor, fractions: list[float],
+                       scales: dict | None, alpha: float, cur_kwargs: dict, batch_size: int = 4,
+                       done: dict | None = None, on_progress=None) -> dict[str, dict[str, float]]:
+    """{k/v layer: {rank fraction: calibration ppl}} with that one projection at that rank (ASVD's KV
+    protocol). Runs only the blocks at and after the layer (sensitivity.BlockRunner, exact)."""
+    import sensitivity as sens
+    from evaluate_utils import perplexity_of_windows
+    from modules.model_utils import replace_module
+    results = dict(done or {})
+    todo = [i for i in linears if i.name not in results]
+    if not todo:
+        return results
+    try:
+        runner = sens.BlockRunner(model, calib_ids, batch_size)
+    except ValueError:
+        runner = None
+        print("WARNING: unknown model layout; KV sensitivity uses full forward passes (slower, same result)")
+    for info in tqdm(todo, desc="KV sensitivity (ppl)"):
+        scale = scales.get(info.name) if scales else None
+        original = info.module
+        m, n = original.weight.shape
+        svd = safe_svd(scaled_weight(original.weight.data, scale, alpha))
+        if runner is not None:
+            runner.advance_to(info.block)
+        row = {}
+        try:
+            for f in fractions:
+                replace_module(info, _cur_at_rank(original, kv_rank(m, n, f, cur_kwargs["rank_align"]), scale,
+                                                  alpha, cur_kwargs, svd))
+                row[sens.ratio_key(f)] = (runner.tail_ppl() if runner is not None else
+                                          perplexity_of_windows(model, calib_ids, batch_size, desc=None))
+        finally:
+            replace_module(info, original)
+        results[info.name] = row
+        if on_progress is not None:
+            on_progress(results)
+    return results
+
+
+def kv_sensitivity_stable_rank(linears: list, fractions: list[float], scales: dict | None, alpha: float,
+                               done: dict | None = None, on_progress=None) -> dict[str, dict[str, float]]:
+    """(1 - f) * stable_rank(W S) / min(m, n) per rank fraction f: no forward passes."""
+    import sensitivity as sens
+    return sens.sensitivity_stable_rank(linears, fractions, scales, alpha, done=done, on_progress=on_progress)
+
+
+def _cur_at_rank(linear: nn.Linear, rank: int, scale, alpha: float, cur_kwargs: dict, svd=None,
+                 generator: torch.Generator | None = None) -> CURLinear:
+    W = linear.weight.data
+    factors = cur_decompose(W, rank, scale=scale, alpha=alpha, selection=cur_kwargs.get("selection", "topk"),
+                            u_mode=cur_kwargs.get("u_mode", "pinv"), svd=svd, generator=generator)
+    bias = linear.bias.data if linear.bias is not None else None
+    return CURLinear.from_factors(factors, bias, W.dtype, W.device)
+
+
+def compress_kv_linears(linears: list, fractions: dict[str, float], scales: dict | None, alpha: float,
+                        cur_kwargs: dict, seed: int = 0, desc: str | None = "CUR replacement (KV)") -> dict[str, dict]:
+    """Replace every k/v projection whose fraction is below 1 by its CURLinear at kv_rank; per-layer
+    report in acur.compress_model's format plus `cached_dims`."""
+    from modules.model_utils import replace_module
+    gen = torch.Generator().manual_seed(seed)
+    report = {}
+    for info in tqdm(linears, desc=desc, disable=desc is None):
+        m, n = info.module.weight.shape
+        f = fractions.get(info.name, 1.0)
+        row = {"ratio": f, "shape": [m, n], "params_dense": m * n, "rank": None, "params": m * n,
+               "fallback": "", "cached_dims": m}
+        if f < 1:
+            k = kv_rank(m, n, f, cur_kwargs.get("rank_align", 1))
+            cur = _cur_at_rank(info.module, k, scales.get(info.name) if scales else None, alpha, cur_kwargs,
+                               generator=gen)
+            row.update(rank=cur.rank, params=cur.param_count(), fallback=cur.fallback, cached_dims=cur.rank)
+            if cur.fallback:
+                print(f"WARNING: {info.name}: {cur.fallback}")
+            replace_module(info, cur)
+        report[info.name] = row
+    return report
+
+
+def check_kv_support(model: nn.Module) -> None:
+    """Raise ValueError (one line) when the model's attention cannot carry a low-rank KV cache."""
+    layers, rotary = _decoder_layers_and_rotary(model)
+    attn = layers[0].self_attn
+    LowRankKVAttention(attn, rotary)  # raises for unsupported layouts
+    for name in KV_PROJ_NAMES:
+        if not isinstance(getattr(attn, name, None), nn.Linear):
+            raise ValueError(f"{type(attn).__name__}.{name} is not an nn.Linear")
+
+
+def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """Expected cache bytes per token, from the layer shapes and ranks (what `cache_nbytes` must measure).
+
+    dense: K and V of every block at full width. compressed: the cached widths (latent rank of a low-rank
+    side) plus 4 bytes (int32 position) per block whose K is low-rank under RoPE."""
+    layers, rotary = _decoder_layers_and_rotary(model)
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    elt = torch.tensor([], dtype=dtype).element_size()
+    pos = dims_dense = dims_cached = 0
+    for block in layers:
+        attn = block.self_attn
+        wrapped = isinstance(attn, LowRankKVAttention)  # unwrapped blocks cache full K and V
+        for name in KV_PROJ_NAMES:
+            proj = getattr(attn, name)
+            f = latent_factors(proj) if wrapped else None
+            width = proj.out_features
+            dims_dense += width
+            dims_cached += f[1].shape[1] if f is not None else width
+            if name == "k_proj" and f is not None and attn.style == "llama":
+                pos += 4
+    dense, cached = dims_dense * elt, dims_cached * elt + pos
+    return {"dense": dense, "compressed": cached, "positions": pos, "dims_dense": dims_dense,
+            "dims_cached": dims_cached, "ratio": dims_cached / dims_dense, "dtype": str(dtype).replace("torch.", "")}
+
+
+def kv_layer_names(linears: list) -> list:
+    return [i for i in linears if is_kv_linear(i.name)]
+
+
+def attn_name(linear_name: str) -> str:
+    return re.sub(r"\.(k|v)_proj$", "", linear_name)

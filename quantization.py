@@ -1,0 +1,251 @@
+"""Weight quantization of a (CUR-)compressed model: simulated, i.e. quantize then dequantize.
+
+Every weight matrix P (rows = outputs, cols = inputs of the map it applies) is quantized per output
+row, optionally in groups of `group_size` consecutive input columns, asymmetric round-to-nearest:
+
+    lo = min(min(g), 0), hi = max(max(g), 0)        (zero kept in range: the zero point fits in b bits)
+    scale = (hi - lo) / (2^b - 1),  z = round(-lo / scale)  in [0, 2^b - 1]
+    q = clamp(round(P / scale) + z, 0, 2^b - 1),    P_hat = (q - z) * scale
+
+Because z is an integer, round(P/scale + z) = round(P/scale) + z, and lo/scale + z lies in
+[-1/2, 1/2], so no value of the group rounds or clamps further than half a step:
+|P - P_hat| <= scale / 2 per element (exact arithmetic; fp32 adds a few ulps).
+
+A CURLinear (y = C (U (R x))) has three such maps: R (k x in) sees x, U (k x k) sees R x, C (out x k)
+sees U R x; each is quantized on its own. Plain nn.Linear layers left uncompressed are quantized the
+same way. Biases, norms, embeddings and lm_head (unless it was compressed) stay in the model dtype.
+
+Activation-aware variant (awq_*): AWQ's per-input-channel scale search, on the statistics the pipeline
+already has (stage_scales: s_j = mean |x_j| per input channel of each original linear). For a map P
+with input statistic s we search a in {0, 0.1, ..., 0.9} for
+    P_hat(a) = Q(P diag(s^a)) diag(s^-a)     minimising    || (P - P_hat(a)) diag(s) ||_F
+(a = 0 is plain RTN, so the chosen one is never worse on this objective). AWQ measures the output
+error on real inputs X; with per-channel statistics only, E||(P - P_hat) x||^2 is approximated by its
+diagonal term sum_ij dP_ij^2 E[x_j^2], with E[x_j^2] ~ s_j^2. Input statistics of the CUR parts:
+    R: s_R = s (the layer's own statistic)
+    U: input R x; assuming uncorrelated input channels E[(Rx)_i^2] ~ sum_j R_ij^2 s_j^2  -> s_U = sqrt(R^2 s^2)
+    C: input U R x;                                                           s_C = sqrt((UR)^2 s^2)
+The diagonal-covariance assumption is the approximation; s_U, s_C are derived, not measured.
+In simulation diag(s^-a) is folded into the dequantized weight; a packed export would store it per input
+channel (or fold it into the previous factor: into R's rows for U, into U's rows for C).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from modules.cur_linear import CURLinear
+from modules.model_utils import find_linears
+
+METHODS = ("none", "rtn_int8", "rtn_int6", "rtn_int5", "rtn_int4", "rtn_int3",
+           "awq_int8", "awq_int6", "awq_int4", "awq_int3")
+AWQ_SCALINGS = ("abs_mean", "abs_max")   # statistics that are activation magnitudes
+AWQ_GRID = tuple(i / 10 for i in range(10))
+CUR_PARTS = ("R", "U", "C")              # execution order inside CURLinear
+SCALE_BITS = 16                          # fp16 scale per group in a packed format (for the estimate)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    method: str
+    kind: str        # "rtn" or "awq"
+    bits: int
+    group_size: int  # 0 = one group per output row (per-channel)
+
+
+def parse_method(method: str, group_size: int = 0) -> QuantSpec | None:
+    """QuantSpec for a --weight_quant value; None for 'none'. ValueError on anything else."""
+    if method == "none":
+        return None
+    m = re.fullmatch(r"(rtn|awq)_int(\d+)", method)
+    if method not in METHODS or m is None:
+        raise ValueError(f"unknown --weight_quant {method!r}; choose from {', '.join(METHODS)}")
+    if group_size < 0:
+        raise ValueError(f"--quant_group_size must be >= 0 (0 = per output channel), got {group_size}")
+    return QuantSpec(method, m.group(1), int(m.group(2)), group_size)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(rows, n_groups, g) view of fp32 w; a short last group is padded by repeating its last column
+    (repeats change neither min nor max, and are cut off again)."""
+    rows, cols = w.shape
+    g = cols if group_size <= 0 or group_size >= cols else group_size
+    n_groups = -(-cols // g)
+    pad = n_groups * g - cols
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)
+    return w.reshape(rows, n_groups, g)
+
+
+def _params_grouped(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    qmax = 2 ** bits - 1
+    lo = x.amin(-1, keepdim=True).clamp_max_(0)
+    scale = (x.amax(-1, keepdim=True).clamp_min_(0) - lo).div_(qmax)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: exact with any scale
+    zero = torch.round(lo.neg_().div_(scale)).clamp_(0, qmax)
+    return scale, zero
+
+
+def quant_params(w: torch.Tensor, bits: int, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of every group, each (rows, n_groups, 1) fp32; zero is an integer in [0, 2^b-1]."""
+    _check(w, bits)
+    return _params_grouped(_grouped(w.detach().float(), group_size), bits)
+
+
+def _check(w: torch.Tensor, bits: int) -> None:
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be in 1..16, got {bits}")
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+
+
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int = 0) -> torch.Tensor:
+    """Quantize-dequantize w (rows = outputs) per row / per group of input columns; same dtype as w."""
+    _check(w, bits)
+    x = _grouped(w.detach().float(), group_size)
+    scale, zero = _params_grouped(x, bits)
+    q = torch.round(x / scale).add_(zero).clamp_(0, 2 ** bits - 1)
+    deq = q.sub_(zero).mul_(scale).reshape(w.shape[0], -1)[:, : w.shape[1]]
+    return deq.to(w.dtype)
+
+
+def error_bound(w: torch.Tensor, bits: int, group_size: int = 0) -> torch.Tensor:
+    """Per-element bound scale/2 on |w - rtn_quantize(w)| (fp32, shape of w)."""
+    scale, _ = quant_params(w, bits, group_size)
+    half = (scale / 2).expand(*scale.shape[:2], _grouped(w[:1], group_size).shape[-1])
+    return half.reshape(w.shape[0], -1)[:, : w.shape[1]]
+
+
+def _safe_stat(s: torch.Tensor) -> torch.Tensor | None:
+    """Positive fp32 statistic (tiny entries lifted to 1e-5 of the largest) or None if unusable."""
+    s = s.detach().float()
+    if not torch.isfinite(s).all() or not (s.max() > 0):
+        return None
+    return s.clamp_min(1e-5 * float(s.max()))
+
+
+def awq_quantize(w: torch.Tensor, stat: torch.Tensor, bits: int, group_size: int = 0,
+                 grid: tuple[float, ...] = AWQ_GRID) -> tuple[torch.Tensor, dict]:
+    """Q(w diag(s^a)) diag(s^-a) with the exponent a of `grid` that minimises ||(w - w_hat) diag(s)||_F.
+
+    Returns (dequantized weight in w's dtype, info with the exponent and both weighted errors)."""
+    s = _safe_stat(stat)
+    if s is None or s.numel() != w.shape[1]:
+        raise ValueError(f"activation statistic unusable for a {tuple(w.shape)} weight "
+                         f"(size {stat.numel()}, finite={bool(torch.isfinite(stat).all())})")
+    wf = w.detach().float()
+    best = None
+    for a in grid:
+        sa = s ** a
+        deq = rtn_quantize(wf * sa, bits, group_size) / sa
+        err = float(((wf - deq) * s).norm())
+        if a == 0:
+            err_rtn = err
+        if best is None or err < best[0]:
+            best = (err, a, deq)
+    if 0 not in grid:
+        err_rtn = float(((wf - rtn_quantize(wf, bits, group_size)) * s).norm())
+    err, a, deq = best
+    return deq.to(w.dtype), {"awq_exponent": a, "act_err_rtn": err_rtn, "act_err": err}
+
+
+def cur_input_stats(layer: CURLinear, stat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-input-channel statistic of each CUR part, derived from the layer input's statistic s
+    assuming uncorrelated channels: R <- s, U <- sqrt(R^2 s^2), C <- sqrt((U R)^2 s^2)."""
+    s2 = stat.detach().float().to(layer.R.device) ** 2
+    R, U = layer.R.detach().float(), layer.U.detach().float()
+    return {"R": stat.detach().float(), "U": ((R ** 2) @ s2).sqrt(), "C": (((U @ R) ** 2) @ s2).sqrt()}
+
+
+def _tied_to_embeddings(model: nn.Module, weight: torch.Tensor) -> bool:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return emb is not None and getattr(emb, "weight", None) is weight
+
+
+def _quantize_param(p: nn.Parameter, spec: QuantSpec, stat: torch.Tensor | None) -> dict:
+    """Replace p's data by its quantize-dequantize; returns relative error (and AWQ info)."""
+    w = p.data
+    if spec.kind == "awq" and stat is not None:
+        deq, info = awq_quantize(w, stat, spec.bits, spec.group_size)
+    else:
+        deq, info = rtn_quantize(w, spec.bits, spec.group_size), {}
+    norm = float(w.float().norm())
+    info["rel_err"] = float((w.float() - deq.float()).norm()) / norm if norm > 0 else 0.0
+    p.data.copy_(deq)
+    return info
+
+
+def packed_bits(rows: int, cols: int, spec: QuantSpec) -> int:
+    """Bits a packed format would need: b-bit codes, an fp16 scale and a b-bit zero per group
+    (plus an fp16 input-channel scale for AWQ). An estimate for the report, nothing is packed."""
+    g = cols if spec.group_size <= 0 or spec.group_size >= cols else spec.group_size
+    groups = rows * -(-cols // g)
+    return rows * cols * spec.bits + groups * (SCALE_BITS + spec.bits) + (cols * SCALE_BITS if spec.kind == "awq" else 0)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, method: str, group_size: int = 0, scales: dict | None = None,
+                   include_lm_head: bool = False) -> dict:
+    """Quantize-dequantize, in place, every CURLinear part and uncompressed nn.Linear of the decoder
+    blocks (lm_head when include_lm_head and not tied to the embeddings). Returns the report that
+    goes into results["quantization"]. awq_* needs `scales` ({layer: per-input-channel stat})."""
+    spec = parse_method(method, group_size)
+    if spec is None:
+        return {"method": "none", "bits": None, "group_size": None}
+    report: dict = {"method": method, "simulated": True}
+    if spec.kind == "awq" and not scales:
+        raise ValueError(f"{method} needs activation statistics (run with --act_aware)")
+    report.update(kind=spec.kind, bits=spec.bits, group_size=spec.group_size,
+                  group_axis="input" if spec.group_size else "per output channel",
+                  stored_dtype=None, layers={}, skipped={}, fallbacks={})
+    params = bits = dense_bits = 0
+    linears = find_linears(model, include_lm_head=include_lm_head, types=(nn.Linear, CURLinear))
+    for info in tqdm(linears, desc=f"quantize {method}" + (f" g{group_size}" if group_size else "")):
+        mod = info.module
+        stat = scales.get(info.name) if (spec.kind == "awq" and scales) else None
+        if spec.kind == "awq" and (stat is None or _safe_stat(stat) is None):
+            report["fallbacks"][info.name] = "no usable activation statistic: plain RTN used"
+            stat = None
+        if isinstance(mod, CURLinear):
+            stats = cur_input_stats(mod, stat) if stat is not None else {}
+            parts = {name: getattr(mod, name) for name in CUR_PARTS}
+        else:
+            if _tied_to_embeddings(model, mod.weight):
+                report["skipped"][info.name] = "weight tied to the input embeddings (left unquantized)"
+                continue
+            stats = {"W": stat} if stat is not None else {}
+            parts = {"W": mod.weight}
+        row = {}
+        for name, p in parts.items():
+            row[name] = _quantize_param(p, spec, stats.get(name))
+            params += p.numel()
+            bits += packed_bits(*p.shape, spec)
+            dense_bits += p.numel() * p.element_size() * 8
+            report["stored_dtype"] = str(p.dtype)
+        report["layers"][info.name] = row
+    errs = [part["rel_err"] for row in report["layers"].values() for part in row.values()]
+    report.update(params_quantized=params, mean_rel_err=sum(errs) / len(errs) if errs else 0.0,
+                  max_rel_err=max(errs, default=0.0),
+                  packed_bits_per_weight_estimate=bits / params if params else None,
+                  packed_mb_estimate=bits / 8 / 2 ** 20, stored_mb=dense_bits / 8 / 2 ** 20)
+    if spec.kind == "awq":
+        exps = [part["awq_exponent"] for row in report["layers"].values() for part in row.values()
+                if "awq_exponent" in part]
+        report["awq_mean_exponent"] = sum(exps) / len(exps) if exps else None
+        report["awq_input_stats"] = "R and dense: measured; U, C: derived (uncorrelated channels)"
+    if report["fallbacks"]:
+        print(f"WARNING: {method}: {len(report['fallbacks'])} layers had no usable activation statistic "
+              f"(e.g. {next(iter(report['fallbacks']))}) and got plain RTN; recorded in the results")
+    bad = [n for n, row in report["layers"].items() if not all(math.isfinite(v["rel_err"]) for v in row.values())]
+    if bad:
+        report["non_finite_layers"] = bad
+        print(f"WARNING: {len(bad)} layers have non-finite weights after quantization (e.g. {bad[0]})")
+    print(f"[quant] {method} g{group_size}: {len(report['layers'])} layers, {params:,} weights, "
+          f"mean relative error {report['mean_rel_err']:.4f} (simulated: weights stay {report['stored_dtype']})")
+    return report

@@ -1,0 +1,197 @@
+"""Speed paths must not change results: the fast sensitivity path against the straightforward loop
+(on the real SmolLM2, a few layers), the distributed split (2 gloo processes on CPU, through
+torch.multiprocessing and through torchrun on acur.py) against one process, and the two benchmark tools
+on tiny random models (random weights: the numbers mean nothing, the code paths are the real ones).
+The tiny-model fast == slow test lives in test_pipeline_random.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import acur
+import sensitivity
+from conftest import ROOT, tiny_args
+from modules.model_utils import LinearInfo, find_linears
+
+sys.path.insert(0, str(ROOT / "tools"))
+import bench_inference  # noqa: E402
+import bench_pipeline  # noqa: E402
+
+RATIOS = [0.4, 0.8]
+CUR_KW = dict(rank_align=1, selection="topk", u_mode="pinv")
+
+
+def _info(name: str, block: int) -> LinearInfo:
+    return LinearInfo(name, None, "x", None, block)
+
+
+def test_random_shard_layers_partitions_in_order_and_balances():
+    layers = [_info(f"b{b}.l{j}", b) for b in range(6) for j in range(7)]
+    shares = sensitivity.shard_layers(layers, 3, 6)
+    names = [i.name for s in shares for i in s]
+    assert sorted(names) == sorted(i.name for i in layers) and len(names) == len(set(names))
+    order = {i.name: k for k, i in enumerate(layers)}
+    for s in shares:  # execution order kept, so each rank's block cache only moves forward
+        assert [order[i.name] for i in s] == sorted(order[i.name] for i in s)
+    loads = [sum(6 - i.block + 1 for i in s) for s in shares]
+    assert max(loads) - min(loads) <= 7  # at most one layer's cost apart
+    assert sensitivity.shard_layers(layers, 1, 6) == [layers]
+    assert sensitivity.shard_layers(layers[:1], 2, 6)[1] == []  # more ranks than layers: idle rank
+
+
+def _tiny_setup(model_dir, text):
+    import datautils
+    from act_aware_utils import calib_scales
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = datautils.get_calib_data(f"text:{text}", tok, 4, 32, seed=3)
+    linears = [i for i in find_linears(model) if i.name.endswith(("q_proj", "o_proj", "down_proj"))]
+    return model, ids, linears, calib_scales(model, linears, ids, "abs_mean", 2)
+
+
+def _gloo_worker(rank, world, init_file, model_dir, text, out_dir, threads):
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out_dir = Path(out_dir)
+    try:
+        model, ids, linears, scales = _tiny_setup(model_dir, text)
+        calls = []
+        table = sensitivity.sensitivity_ppl(model, linears, ids, RATIOS, scales, 0.5, CUR_KW, batch_size=2,
+                                            on_progress=lambda t: calls.append(len(t)))
+        (out_dir / f"table{rank}.json").write_text(json.dumps({"table": table, "calls": calls}))
+        if rank == 1:  # a rank holding another model must be refused, loudly, on every rank
+            with torch.no_grad():
+                linears[0].module.weight[0, 0] += 1.0
+        try:
+            sensitivity.sensitivity_ppl(model, linears, ids, RATIOS, scales, 0.5, CUR_KW, batch_size=2)
+            err = ""
+        except RuntimeError as exc:
+            err = str(exc)
+        (out_dir / f"err{rank}.txt").write_text(err)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_random_distributed_gloo_two_ranks_give_the_single_process_table(tiny_llama_dir, tiny_text_file, tmp_path):
+    threads = torch.get_num_threads()
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), str(tiny_llama_dir), str(tiny_text_file),
+                                 str(tmp_path), threads), nprocs=2, join=True)
+    model, ids, linears, scales = _tiny_setup(tiny_llama_dir, tiny_text_file)
+    single = sensitivity.sensitivity_ppl(model, linears, ids, RATIOS, scales, 0.5, CUR_KW, batch_size=2)
+    got = [json.loads((tmp_path / f"table{r}.json").read_text()) for r in range(2)]
+    for g in got:  # every rank holds the full merged table, identical and in the same order
+        assert g["table"] == single and list(g["table"]) == list(single)
+    assert got[0]["calls"][-1] == len(linears) and got[1]["calls"] == []  # one progress writer
+    errs = [(tmp_path / f"err{r}.txt").read_text() for r in range(2)]
+    assert all("ranks [1] hold a different model" in e for e in errs)
+
+
+def _sens_cache_table(cache_dir: Path) -> dict:
+    files = list(cache_dir.glob("*sensitivity*.json"))
+    assert len(files) == 1, files
+    blob = json.loads(files[0].read_text())
+    payload = blob.get("payload", blob)
+    return payload["table"]
+
+
+def test_random_acur_under_torchrun_two_gloo_ranks_matches_single_run(tiny_llama_dir, tiny_text_file, tmp_path):
+    extra = ["--param_ratio_target", "0.8", "--act_aware", "--use_cache", "--run_name", "r",
+             "--sensitivity_ratios", "0.5,0.8", "--layer_filter", "o_proj|down_proj", "--eval_max_windows", "2"]
+    one = tmp_path / "one"
+    args = acur.build_parser().parse_args(tiny_args(tiny_llama_dir, tiny_text_file, one, *extra))
+    _, _, res1 = acur.run_pipeline(args)
+    two = tmp_path / "two"
+    # same thread count as this process: CPU reductions then add in the same order, bit for bit
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "acur.py"), *tiny_args(tiny_llama_dir, tiny_text_file, two, *extra), "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("param ratio of compressed linears") == 1  # rank 0 alone reports
+    assert [p.name for p in (two / "output").iterdir()] == ["r.json"]  # and writes
+    assert _sens_cache_table(two / "cache") == _sens_cache_table(one / "cache")
+    res2 = json.loads((two / "output" / "r.json").read_text())
+    assert {k: v["rank"] for k, v in res2["layers"].items()} == {k: v["rank"] for k, v in res1["layers"].items()}
+    assert res2["ppl"]["compressed"] == pytest.approx(res1["ppl"]["compressed"], rel=1e-6)
+
+
+def test_random_decompose_candidates_equals_one_at_a_time(tiny_llama_dir, tiny_text_file):
+    model, _, linears, scales = _tiny_setup(tiny_llama_dir, tiny_text_file)
+    info = linears[3]
+    curs = sensitivity.decompose_candidates(info, RATIOS, scales, 0.5, CUR_KW)
+    from modules.cur_linear import CURLinear
+    for r, cur in zip(RATIOS, curs):
+        ref = CURLinear.from_linear(info.module, r, scales[info.name], alpha=0.5, **CUR_KW)
+        assert torch.equal(cur.col_indices, ref.col_indices) and torch.equal(cur.row_indices, ref.row_indices)
+        assert torch.allclose(cur.dense_weight(), ref.dense_weight(), rtol=1e-5, atol=1e-6)
+
+
+def test_random_bench_pipeline_runs_reduced_on_cpu_and_fast_equals_naive(tmp_path):
+    out = tmp_path / "bp.json"
+    rc = bench_pipeline.main(["--shape", "tiny-llama", "--device", "cpu", "--n_calib_samples", "4", "--seqlen",
+                              "32", "--batch_size", "2", "--max_layers", "5", "--naive_layers", "2",
+                              "--eval_windows", "2", "--sensitivity_ratios", "0.5,0.8", "--json_out", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    st = rep["stages"]
+    assert set(st) >= {"build_model", "calibration", "sensitivity", "search", "compress", "eval_ppl",
+                       "naive_reference"}
+    assert rep["n_sens_linears"] == 5 < rep["n_linears"] == 21
+    assert len(rep["sensitivity_table"]) == 5
+    assert st["sensitivity"]["full_estimate"] > st["sensitivity"]["seconds"] > 0
+    assert rep["naive"]["max_rel_ppl_diff_vs_fast"] < 1e-5  # the fast path is exact
+    assert rep["naive"]["full_estimate_s"] > 0 and rep["total_full_estimate_s"] > 0
+    assert rep["cost_model"]["eval_c"] >= 0 and not rep["cost_model"]["overlap"]
+
+
+def test_random_bench_pipeline_rejects_unknown_shape():
+    with pytest.raises(SystemExit):
+        bench_pipeline.main(["--shape", "gpt-9"])
+    with pytest.raises(ValueError, match="unknown shape"):
+        bench_pipeline.build_model("gpt-9", torch.device("cpu"), torch.float32)
+
+
+def test_random_bench_inference_runs_on_cpu(tmp_path):
+    out = tmp_path / "bi.json"
+    rc = bench_inference.main(["--shape", "tiny-llama", "--device", "cpu", "--prefill_batches", "1",
+                               "--prefill_len", "16", "--decode_batches", "1", "--prompt_len", "8",
+                               "--decode_tokens", "2", "--reps", "1", "--layer_tokens", "4",
+                               "--rank_aligns", "1,8", "--json_out", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    m = rep["models"]
+    assert list(m) == ["dense", "acur_0.9", "acur_0.9_a8", "acur_0.8", "acur_0.8_a8"]
+    assert m["dense"]["weight_mib"] > m["acur_0.9"]["weight_mib"] > m["acur_0.8"]["weight_mib"]
+    assert all(v > 0 for row in m.values() for v in row.values())
+    assert {r["shape"] for r in rep["layer_orders"]} == {"32x64", "64x64", "128x64", "64x128"}
+
+
+@pytest.mark.integration
+def test_smollm2_fast_sensitivity_equals_straightforward_loop_on_a_few_layers(smollm2):
+    import datautils
+    from act_aware_utils import calib_scales
+    model, tok = smollm2
+    ids = datautils.get_calib_data("squad_wiki", tok, 1, 64, seed=5)
+    all_linears = find_linears(model)
+    n = len(all_linears)
+    picks = [all_linears[i] for i in (n * 2 // 3, n * 5 // 6 + 1, n - 1)]  # late blocks: short test
+    assert len({i.block for i in picks}) == 3
+    scales = calib_scales(model, picks, ids, "abs_mean", 1)
+    ratios = [0.6]
+    fast = sensitivity.sensitivity_ppl(model, picks, ids, ratios, scales, 0.5, CUR_KW, batch_size=1, fast=True)
+    slow = sensitivity.sensitivity_ppl(model, picks, ids, ratios, scales, 0.5, CUR_KW, batch_size=1, fast=False)
+    assert list(fast) == [i.name for i in picks] == list(slow)
+    for name in fast:
+        for r in fast[name]:
+            assert fast[name][r] == pytest.approx(slow[name][r], rel=1e-5)
+    assert len({v for row in fast.values() for v in row.values()}) == 3  # every candidate differs
+    assert all(type(i.module) is torch.nn.Linear for i in find_linears(model))

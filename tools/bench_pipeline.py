@@ -1,0 +1,420 @@
+"""Time the ACUR pipeline stage by stage on a random-weight model of a real shape (no hub, no data).
+
+    python tools/bench_pipeline.py --shape llama-2-7b                       # one GPU, default settings
+    torchrun --nproc_per_node 2 tools/bench_pipeline.py --shape llama-2-7b  # sensitivity over 2 GPUs
+    python tools/bench_pipeline.py --shape tiny-llama --device cpu --n_calib_samples 4 --seqlen 64
+
+The stages are acur.py's own (activation statistics, ppl sensitivity, search, compression) on random
+token calibration data, then a perplexity evaluation. Weights are random, so perplexities mean nothing;
+the shapes, token counts and code paths are the real ones, so the times are.
+
+--max_layers N runs the sensitivity and compression on N linears spread evenly over the depth and
+extrapolates to all linears with a cost model fitted on that run (per-candidate evaluation time =
+a + c * blocks run, decomposition time per weight shape); the model is checked against the measured
+subset. A naive reference (full forward per candidate, a fresh decomposition per candidate, what
+ASVD4LLM does) runs on --naive_layers layers, checks the fast path's perplexities against it, and is
+extrapolated the same way, so the speed-up is measured in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import acur  # noqa: E402
+import sensitivity as sens  # noqa: E402
+from evaluate_utils import perplexity_of_windows  # noqa: E402
+from modules.cur_linear import CURLinear  # noqa: E402
+from modules.model_utils import LinearInfo, find_linears, replace_module  # noqa: E402
+
+# Published configurations (model cards' config.json); weights are random.
+SHAPES: dict[str, tuple[str, dict]] = {
+    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                 max_position_embeddings=4096, rms_norm_eps=1e-5)),
+    "llama-2-13b": ("llama", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                  num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
+                                  max_position_embeddings=4096, rms_norm_eps=1e-5)),
+    "opt-6.7b": ("opt", dict(hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
+                             vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=4096)),
+    "small-llama": ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=1024,
+                                  max_position_embeddings=2048)),
+    "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                 max_position_embeddings=512)),
+    "tiny-opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                             vocab_size=256, max_position_embeddings=512, word_embed_proj_dim=64)),
+}
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A random-initialised causal LM of a named shape, built directly on `device` in `dtype`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    family, kw = SHAPES[shape]
+    cfg = (LlamaConfig if family == "llama" else OPTConfig)(**kw)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def spread(items: list, n: int) -> list:
+    """n items evenly spaced over the list (all when n <= 0 or n >= len)."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    if n == 1:
+        return [items[len(items) // 2]]
+    idx = sorted({round(i * (len(items) - 1) / (n - 1)) for i in range(n)})
+    return [items[i] for i in idx]
+
+
+class SensitivityProfile:
+    """Where the fast sensitivity path spends its time, recorded by wrapping sensitivity's own
+    functions for one run: decompositions per weight shape (on a GPU they overlap the forwards),
+    candidate evaluations per tail length, cache advancing, block-input capture."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.block, self.capture = 0, 0.0
+        self.evals: list[tuple[int, float]] = []        # (block of the replaced layer, seconds)
+        self.decomps: list[tuple[tuple, float]] = []    # (weight shape, seconds for all ratios)
+        self.advance, self.advanced_blocks = 0.0, 0
+
+    @contextmanager
+    def active(self):
+        prof, dev = self, self.device
+        orig_dec = sens.decompose_candidates
+        orig_tail, orig_adv, orig_cap = sens.BlockRunner.tail_ppl, sens.BlockRunner.advance_to, sens.BlockRunner._capture
+
+        def clock(fn, *a):
+            sync(dev)
+            t0 = time.perf_counter()
+            out = fn(*a)
+            sync(dev)
+            return out, time.perf_counter() - t0
+
+        def decompose(info, ratios, scales, alpha, cur_kwargs, stream=None, *rest, **kw):
+            t0 = time.perf_counter()
+            out = orig_dec(info, ratios, scales, alpha, cur_kwargs, stream, *rest, **kw)
+            if stream is None:  # no side stream: finish the work before reading the clock
+                sync(dev)
+            prof.decomps.append((tuple(info.module.weight.shape), time.perf_counter() - t0))
+            return out
+
+        def tail_ppl(runner):
+            out, dt = clock(orig_tail, runner)
+            prof.evals.append((prof.block, dt))
+            return out
+
+        def advance_to(runner, block):
+            before = runner.block
+            prof.block = block
+            out, dt = clock(orig_adv, runner, block)
+            prof.advance += dt
+            prof.advanced_blocks += runner.block - before
+            return out
+
+        def capture(runner):
+            _, dt = clock(orig_cap, runner)
+            prof.capture += dt
+
+        sens.decompose_candidates = decompose
+        sens.BlockRunner.tail_ppl, sens.BlockRunner.advance_to, sens.BlockRunner._capture = tail_ppl, advance_to, capture
+        try:
+            yield self
+        finally:
+            sens.decompose_candidates = orig_dec
+            sens.BlockRunner.tail_ppl, sens.BlockRunner.advance_to, sens.BlockRunner._capture = orig_tail, orig_adv, orig_cap
+
+
+def fit_cost_model(profile: SensitivityProfile, n_blocks: int, overlap: bool) -> dict:
+    """Candidate evaluation = a + c * blocks run (least squares), advance time per block, decomposition
+    time (all ratios) per weight shape; `overlap`: decompositions run beside the forwards."""
+    xs = [n_blocks - b if b >= 0 else 1 for b, _ in profile.evals]
+    ys = [t for _, t in profile.evals]
+    if len(set(xs)) >= 2:
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        c = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        a = my - c * mx
+        if a < 0 or c < 0:  # noisy timings: fall back to a line through the origin
+            a, c = 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+    else:
+        a, c = 0.0, (statistics.fmean(ys) / xs[0] if xs else 0.0)
+    per_shape: dict[str, list[float]] = {}
+    for shape, t in profile.decomps:
+        per_shape.setdefault("x".join(map(str, shape)), []).append(t)
+    return {"eval_a": a, "eval_c": c, "overlap": overlap,
+            "advance_per_block": profile.advance / profile.advanced_blocks if profile.advanced_blocks else c,
+            "capture": profile.capture, "decomp_total": sum(t for _, t in profile.decomps),
+            "eval_total": sum(ys), "advance_total": profile.advance,
+            "shape": {k: {"decomp": statistics.fmean(v)} for k, v in per_shape.items()}}
+
+
+def _shape_cost(cost: dict, shape: tuple[int, int], key: str = "decomp") -> float:
+    """Measured time for this weight shape, or the nearest measured shape scaled by m*n*min(m,n)."""
+    name = "x".join(map(str, shape))
+    if name in cost["shape"]:
+        return cost["shape"][name][key]
+    work = shape[0] * shape[1] * min(shape)
+
+    def w(k):
+        m, n = map(int, k.split("x"))
+        return m * n * min(m, n)
+    ref = min(cost["shape"], key=lambda k: abs(math.log(w(k) / work)))
+    return cost["shape"][ref][key] * work / w(ref)
+
+
+def predict_sensitivity(cost: dict, linears: list[LinearInfo], n_ratios: int, n_blocks: int,
+                        world: int = 1) -> float:
+    """Fast-path seconds for these linears under the fitted cost model (the slowest rank's share).
+    With overlap, layer i's forwards run beside layer i+1's decompositions."""
+    worst = 0.0
+    for share in sens.shard_layers(linears, world, n_blocks) if world > 1 else [linears]:
+        if not share:
+            continue
+        t, pos = cost["capture"], 0
+        dec = [_shape_cost(cost, tuple(i.module.weight.shape)) for i in share]
+        t += dec[0]
+        for j, info in enumerate(share):
+            blk = info.block if info.block >= 0 else pos
+            main = (blk - pos) * cost["advance_per_block"]
+            pos = blk
+            tail = n_blocks - info.block if info.block >= 0 else 1
+            main += n_ratios * (cost["eval_a"] + cost["eval_c"] * tail)
+            nxt = dec[j + 1] if j + 1 < len(dec) else 0.0
+            t += max(main, nxt) if cost["overlap"] else main + nxt
+        worst = max(worst, t)
+    return worst
+
+
+def naive_reference(model, layers: list[LinearInfo], calib_ids, ratios, scales, args, device) -> dict:
+    """ASVD4LLM's loop on a few layers: per candidate a fresh decomposition and a full forward pass."""
+    out = {"layers": {}, "decomp": [], "forward": []}
+    for info in layers:
+        original, row = info.module, {}
+        try:
+            for r in ratios:
+                sync(device)
+                t0 = time.perf_counter()
+                cur = CURLinear.from_linear(original, r, acur.layer_scale(scales, info.name), args.alpha,
+                                            **acur.cur_settings(args))
+                sync(device)
+                t1 = time.perf_counter()
+                replace_module(info, cur)
+                row[sens.ratio_key(r)] = perplexity_of_windows(model, calib_ids, args.calib_batch_size, desc=None)
+                sync(device)
+                out["decomp"].append(t1 - t0)
+                out["forward"].append(time.perf_counter() - t1)
+                replace_module(info, original)
+        finally:
+            replace_module(info, original)
+        out["layers"][info.name] = row
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", default="llama-2-7b", choices=list(SHAPES))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto = float16 on CUDA, float32 on CPU")
+    p.add_argument("--n_calib_samples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch_size", type=int, default=4, help="calibration samples per forward pass")
+    p.add_argument("--sensitivity_ratios", default=",".join(map(str, sens.DEFAULT_RATIOS)))
+    p.add_argument("--param_ratio_target", type=float, default=0.9)
+    p.add_argument("--max_layers", type=int, default=0,
+                   help="sensitivity/compression on this many linears spread over the depth, then "
+                        "extrapolated (0 = all)")
+    p.add_argument("--naive_layers", type=int, default=2, help="layers of the naive reference loop (0 = skip)")
+    p.add_argument("--eval_windows", type=int, default=166,
+                   help="perplexity windows of --seqlen random tokens (166 x 2048 ~ WikiText-2 test)")
+    p.add_argument("--sensitivity_only", action="store_true",
+                   help="stop after the sensitivity stage (the 1-GPU vs multi-GPU comparison)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json_out", default=None, help="write every number (and the sensitivity table) here")
+    return p
+
+
+def acur_args(a) -> argparse.Namespace:
+    """acur.py's own arguments for the same settings, so its stage functions run unchanged."""
+    return acur.build_parser().parse_args([
+        "--model_id", a.shape, "--param_ratio_target", str(a.param_ratio_target), "--act_aware",
+        "--n_calib_samples", str(a.n_calib_samples), "--calib_seqlen", str(a.seqlen),
+        "--calib_batch_size", str(a.batch_size), "--sensitivity_ratios", a.sensitivity_ratios,
+        "--seed", str(a.seed), "--device", a.device, "--dtype", a.dtype])
+
+
+def run_bench(a) -> dict:
+    """All stages, timed; returns the report dict (rank 0's; other ranks return after sensitivity)."""
+    args = acur_args(a)
+    acur.validate_args(args)
+    rank = acur.init_distributed(args)
+    world = sens.dist_rank_world()[1]
+    device, dtype = acur.pick_device_dtype(args)
+    ratios = acur.parse_ratios(args.sensitivity_ratios)
+    rep: dict = {"shape": a.shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "world_size": world, "dtype": str(dtype), "torch": torch.__version__,
+                 "settings": {k: v for k, v in vars(a).items() if k != "json_out"}, "stages": {}}
+    stages = rep["stages"]
+
+    def stage(name, fn, *x, scope="full", **kw):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn(*x, **kw)
+        sync(device)
+        stages[name] = {"seconds": round(time.perf_counter() - t0, 3), "scope": scope,
+                        "peak_gib": peak_gib(device)}
+        if rank == 0:
+            print(f"[bench] {name}: {stages[name]['seconds']:.2f} s ({scope})"
+                  + (f", peak {stages[name]['peak_gib']:.1f} GiB" if device.type == "cuda" else ""), flush=True)
+        return out
+
+    model = stage("build_model", build_model, a.shape, device, dtype, a.seed)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(a.seed)
+    calib_ids = torch.randint(0, vocab, (a.n_calib_samples, a.seqlen), generator=gen)
+    linears = find_linears(model)
+    n_blocks = 1 + max(i.block for i in linears)
+    subset = spread(linears, a.max_layers)
+    scope = "full" if len(subset) == len(linears) else f"{len(subset)}/{len(linears)} linears"
+    n_tokens = a.n_calib_samples * a.seqlen
+    rep.update(params=sum(p.numel() for p in model.parameters()), n_linears=len(linears),
+               n_blocks=n_blocks, n_sens_linears=len(subset), calib_tokens=n_tokens)
+
+    scales = stage("calibration", acur.stage_scales, model, linears, calib_ids, args, {})
+    profile = SensitivityProfile(device)
+    with profile.active():
+        table, _ = stage("sensitivity", acur.stage_sensitivity, model, subset, calib_ids, scales, args, {},
+                         scope=scope)
+    rep["sensitivity_table"] = table
+    cost = fit_cost_model(profile, n_blocks, overlap=device.type == "cuda")
+    rep["cost_model"] = cost
+    sens_measured = stages["sensitivity"]["seconds"]
+    pred_subset = predict_sensitivity(cost, subset, len(ratios), n_blocks, world)
+    pred_full = predict_sensitivity(cost, linears, len(ratios), n_blocks, world)
+    # scale by how well the model matched the measured subset (self-correcting extrapolation)
+    stages["sensitivity"]["model_on_subset"] = round(pred_subset, 3)
+    stages["sensitivity"]["full_estimate"] = round(sens_measured * pred_full / pred_subset, 1) if pred_subset else None
+    n_cand_sub = len(subset) * len(ratios)
+    stages["sensitivity"]["candidate_tokens_per_s"] = round(n_cand_sub * n_tokens / sens_measured)
+    if (world > 1 and rank != 0) or a.sensitivity_only:
+        return rep
+
+    layer_ratios, _ = stage("search", acur.stage_search, model, subset, calib_ids, scales, table, args, scope=scope)
+    originals = {i.name: i.module for i in subset}
+    report = stage("compress", acur.compress_model, subset, layer_ratios, scales, args, desc=None, scope=scope)
+    n_comp = sum(1 for v in report.values() if v["rank"] is not None)
+    per_layer = stages["compress"]["seconds"] / max(n_comp, 1)
+    stages["compress"]["compressed_layers"] = n_comp
+    stages["compress"]["full_estimate"] = round(per_layer * n_comp * len(linears) / len(subset), 1)
+    rep["param_ratio_reached"] = acur.summarize_params(report)["reached"]
+    eval_ids = torch.randint(0, vocab, (a.eval_windows, a.seqlen), generator=gen)
+    ppl = stage("eval_ppl", perplexity_of_windows, model, eval_ids, 1, desc=None)
+    stages["eval_ppl"]["tokens_per_s"] = round(a.eval_windows * a.seqlen / stages["eval_ppl"]["seconds"])
+    rep["eval_ppl_random"] = ppl
+    acur.restore_model(subset, originals)
+    del report
+    for name, s in stages.items():
+        s.setdefault("full_estimate", s["seconds"])
+    rep["total_full_estimate_s"] = round(sum(s["full_estimate"] for k, s in stages.items()
+                                             if k != "build_model"), 1)
+
+    if a.naive_layers > 0:
+        naive_set = spread(subset, a.naive_layers)
+        naive = stage("naive_reference", naive_reference, model, naive_set, calib_ids, ratios, scales, args,
+                      device, scope=f"{len(naive_set)} linears")
+        fwd = statistics.fmean(naive["forward"])
+        # per candidate the naive loop decomposes one ratio from a fresh SVD: use its measured time
+        dec_by_shape: dict[tuple, list[float]] = {}
+        for info, i in zip([x for x in naive_set for _ in ratios], range(len(naive["decomp"]))):
+            dec_by_shape.setdefault(tuple(info.module.weight.shape), []).append(naive["decomp"][i])
+        dec_cost = {"shape": {"x".join(map(str, k)): {"decomp": statistics.fmean(v)} for k, v in dec_by_shape.items()}}
+        naive_full = len(linears) * len(ratios) * fwd + len(ratios) * sum(
+            _shape_cost(dec_cost, tuple(i.module.weight.shape)) for i in linears)
+        diffs = [abs(naive["layers"][n][r] - table[n][r]) / abs(naive["layers"][n][r])
+                 for n in naive["layers"] for r in naive["layers"][n]
+                 if math.isfinite(naive["layers"][n][r]) and naive["layers"][n][r] != 0]
+        rep["naive"] = {"forward_per_candidate_s": fwd, "decomp_per_candidate_s": statistics.fmean(naive["decomp"]),
+                        "full_estimate_s": round(naive_full, 1),
+                        "candidate_tokens_per_s": round(n_tokens / (fwd + statistics.fmean(naive["decomp"]))),
+                        "max_rel_ppl_diff_vs_fast": max(diffs) if diffs else None, "table": naive["layers"]}
+        stages["naive_reference"]["full_estimate"] = round(naive_full, 1)
+        rep["speedup_sensitivity"] = round(naive_full / stages["sensitivity"]["full_estimate"], 2)
+    return rep
+
+
+def print_report(rep: dict) -> None:
+    print("=" * 78)
+    print(f"{rep['shape']} ({rep['params'] / 1e9:.2f} B params, {rep['n_linears']} linears) on "
+          f"{rep['world_size']} x {rep['device']}, {rep['dtype']}, {rep['calib_tokens']} calibration tokens")
+    print(f"{'stage':18s} {'measured s':>11s}  {'scope':22s} {'full est. s':>11s} {'peak GiB':>9s}")
+    for name, s in rep["stages"].items():
+        pk = f"{s['peak_gib']:.1f}" if s.get("peak_gib") is not None else "-"
+        print(f"{name:18s} {s['seconds']:11.2f}  {s['scope']:22s} {s.get('full_estimate', s['seconds']):11.1f} {pk:>9s}")
+    if "total_full_estimate_s" in rep and "eval_ppl" in rep["stages"]:
+        print(f"pipeline total (calibration..eval, full setting): {rep['total_full_estimate_s']:.1f} s "
+              f"= {rep['total_full_estimate_s'] / 60:.1f} min")
+    sm, cm = rep["stages"]["sensitivity"], rep["cost_model"]
+    print(f"sensitivity: cost model on the measured subset {sm['model_on_subset']:.1f} s vs measured "
+          f"{sm['seconds']:.1f} s; {sm['candidate_tokens_per_s']:,} candidate-tokens/s")
+    print(f"  of which: evaluations {cm['eval_total']:.1f} s (a {cm['eval_a']:.3f} s + {cm['eval_c']:.4f} s per "
+          f"block pass), advancing {cm['advance_total']:.1f} s, capture {cm['capture']:.1f} s, decompositions "
+          f"{cm['decomp_total']:.1f} s ({'beside the forwards' if cm['overlap'] else 'in line'}); per shape "
+          + ", ".join(f"{k} {v['decomp']:.2f} s" for k, v in cm["shape"].items()))
+    if "naive" in rep:
+        nv = rep["naive"]
+        print(f"naive loop: {nv['forward_per_candidate_s']:.2f} s forward + {nv['decomp_per_candidate_s']:.2f} s "
+              f"decomposition per candidate -> {nv['full_estimate_s']:.0f} s for all; speed-up of the fast "
+              f"path {rep['speedup_sensitivity']:.1f}x; fast vs naive ppl max rel diff "
+              f"{nv['max_rel_ppl_diff_vs_fast']:.2e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        rep = run_bench(a)
+    except acur.UsageError as exc:
+        print(f"bench_pipeline.py: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_report(rep)
+        if a.json_out:
+            Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json_out).write_text(json.dumps(rep, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

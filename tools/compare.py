@@ -1,0 +1,253 @@
+"""CUR vs SVD side by side: a grid of methods x parameter ratios on one model, sharing calibration.
+
+    python tools/compare.py --methods acur,acur:u_mode=data_aware,asvd,rowid,colid --ratios 0.9,0.8 -- \\
+        --model_id smollm2-135m --act_aware --calib_dataset squad_wiki --n_calib_samples 16 \\
+        --calib_seqlen 512 --sensitivity_metric stable_rank --eval_ppl new_wiki --eval_seqlen 512 --use_cache
+
+Everything after the compare flags is an acur.py flag (--param_ratio_target comes from --ratios). The
+model, calibration data, activation statistics and input covariances are computed once; every method
+gets its own sensitivity (cached per method with --use_cache), search and decomposition, and the
+model is restored between cells. A method spec is METHOD[:flag=value...] with flags among
+selection, u_mode, cov_damp, alpha, rank_align (e.g. acur:selection=deim:u_mode=data_aware).
+Writes <output_dir>/<name>.md (tables), .png (perplexity vs parameter ratio, one line per method)
+and .json (every number, schema cur4llm.compare/1).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import acur  # noqa: E402
+import datautils  # noqa: E402
+from modules import decompositions  # noqa: E402
+
+SCHEMA = "cur4llm.compare/1"
+SPEC_FLAGS = ("selection", "u_mode", "cov_damp", "alpha", "rank_align")
+DEFAULT_METHODS = "acur,acur:u_mode=data_aware,asvd,rowid,colid"
+DEFAULT_RATIOS = "0.95,0.9,0.85,0.8"
+
+
+def parse_spec(spec: str, base: argparse.Namespace) -> argparse.Namespace:
+    """acur.py arguments of one method spec METHOD[:flag=value...] (values typed like the defaults)."""
+    method, *pairs = spec.split(":")
+    if method not in decompositions.METHODS:
+        raise acur.UsageError(f"unknown method {method!r} in {spec!r}; choose from {', '.join(decompositions.METHODS)}")
+    args = copy.deepcopy(base)
+    args.method = method
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in SPEC_FLAGS:
+            raise acur.UsageError(f"bad method option {pair!r} in {spec!r}: use flag=value with flag in "
+                                  f"{', '.join(SPEC_FLAGS)}")
+        default = getattr(base, key)
+        try:
+            setattr(args, key, type(default)(value))
+        except ValueError:
+            raise acur.UsageError(f"bad value for {key} in {spec!r}: {value!r}") from None
+    return args
+
+
+def parse_grid(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[float], argparse.Namespace]:
+    """(compare options, method specs, ratios, base acur.py arguments)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="All other flags are acur.py flags (see python acur.py --help).")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma list of METHOD[:flag=value...]")
+    p.add_argument("--ratios", default=DEFAULT_RATIOS, help="comma list of parameter ratio targets")
+    p.add_argument("--name", default=None, help="output file stem (default: compare_<model>_<time>)")
+    p.add_argument("--no_dense", action="store_true", help="skip the dense model's perplexity")
+    p.add_argument("--uniform", action="store_true",
+                   help="no sensitivity search: every linear at the target ratio (compares the decompositions "
+                        "alone, without the allocation heuristic)")
+    opts, rest = p.parse_known_args(argv)
+    rest = [a for a in rest if a != "--"]
+    if any(a.split("=")[0] in ("--param_ratio_target", "--ppl_target") for a in rest):
+        raise acur.UsageError("give the ratios with --ratios, not --param_ratio_target / --ppl_target")
+    try:
+        ratios = [float(x) for x in opts.ratios.split(",") if x.strip()]
+    except ValueError:
+        raise acur.UsageError(f"--ratios must be numbers, got {opts.ratios!r}") from None
+    if not ratios or any(not 0 < r <= 1 for r in ratios):
+        raise acur.UsageError(f"--ratios must be in (0, 1], got {opts.ratios!r}")
+    specs = [s.strip() for s in opts.methods.split(",") if s.strip()]
+    if not specs or len(set(specs)) != len(specs):
+        raise acur.UsageError(f"--methods must list distinct method specs, got {opts.methods!r}")
+    try:
+        base = acur.build_parser().parse_args(rest + ["--param_ratio_target", str(ratios[0])])
+    except SystemExit as exc:
+        raise acur.UsageError(f"bad acur.py flags: {' '.join(rest)}") from exc
+    if base.weight_quant != "none" or base.compress_kv_cache or base.raw_model:
+        raise acur.UsageError("compare.py compares decompositions: drop --weight_quant / --compress_kv_cache / --raw_model")
+    if not acur.eval_datasets(base):
+        raise acur.UsageError("compare.py needs at least one --eval_ppl dataset")
+    for spec in specs:
+        for r in ratios:
+            a = parse_spec(spec, base)
+            a.param_ratio_target = r
+            acur.validate_args(a)
+    return opts, specs, sorted(ratios, reverse=True), base
+
+
+def run_grid(base: argparse.Namespace, specs: list[str], ratios: list[float], dense: bool = True,
+             uniform: bool = False) -> dict:
+    """Every (method spec, ratio) cell on one loaded model; returns the results dict (no files written).
+    uniform: every linear at the target ratio (sensitivity and search skipped)."""
+    t_start = time.perf_counter()
+    datautils.set_seed(base.seed)
+    acur.fetch_texts(base)
+    model, tokenizer, fp = acur.load_model(base)
+    linears = acur.select_linears(model, base)
+    originals = {i.name: i.module for i in linears}
+    if base.calib_dataset in datautils.GENERATED_DATASETS:
+        acur.prepare_selfgen(model, tokenizer, base, fp)
+    timings: dict = {}
+    t0 = time.perf_counter()
+    calib_ids = datautils.get_calib_data(base.calib_dataset, tokenizer, base.n_calib_samples, base.calib_seqlen,
+                                         base.seed, base.use_bos)
+    scales = acur.stage_scales(model, linears, calib_ids, base, fp)
+    timings["calibration"] = round(time.perf_counter() - t0, 2)
+    spec_args = {spec: parse_spec(spec, base) for spec in specs}
+    covs = None
+    cov_user = next((a for a in spec_args.values() if decompositions.needs_covariance(a.method, a.u_mode)), None)
+    if cov_user is not None:
+        t0 = time.perf_counter()
+        covs = acur.stage_covariance(model, linears, calib_ids, cov_user, fp)
+        timings["covariance"] = round(time.perf_counter() - t0, 2)
+    results: dict = {"schema": SCHEMA, "args": vars(base).copy(), "model": fp, "methods": specs,
+                     "ratios": ratios, "datasets": acur.eval_datasets(base), "timings": timings, "cells": [],
+                     "allocation": "uniform" if uniform else f"sensitivity {base.sensitivity_metric}"}
+    if dense:
+        t0 = time.perf_counter()
+        results["dense"] = acur.stage_eval(model, tokenizer, base, "dense")
+        timings["eval_dense"] = round(time.perf_counter() - t0, 2)
+    for spec in specs:
+        args = spec_args[spec]
+        t0 = time.perf_counter()
+        if not uniform:
+            table, sens_info = acur.stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs)
+            acur.restore_model(linears, originals)
+            timings[f"sensitivity {spec}"] = round(time.perf_counter() - t0, 2)
+            results.setdefault("sensitivity", {})[spec] = sens_info
+        for r in ratios:
+            t0 = time.perf_counter()
+            args.param_ratio_target = r
+            if uniform:
+                ratios_l = {i.name: r for i in linears}
+            else:
+                ratios_l, _ = acur.stage_search(model, linears, calib_ids, scales, table, args, covs)
+            try:
+                report = acur.compress_model(linears, ratios_l, scales, args, desc=f"{spec} @ {r}", covs=covs)
+                t1 = time.perf_counter()
+                ppl = acur.stage_eval(model, tokenizer, args, f"{spec} @ {r}")
+            finally:
+                acur.restore_model(linears, originals)
+            cell = {"method": spec, "target": r, **acur.summarize_params(report), "ppl": ppl,
+                    "fallbacks": sum(1 for v in report.values() if v["fallback"]),
+                    "ranks": {k: v["rank"] for k, v in report.items()},
+                    "compress_s": round(t1 - t0, 2), "eval_s": round(time.perf_counter() - t1, 2)}
+            results["cells"].append(cell)
+            print(f"[compare] {spec} @ {r}: reached {cell['reached']:.4f}  "
+                  + "  ".join(f"{d} {v:.3f}" for d, v in ppl.items()))
+    timings["total"] = round(time.perf_counter() - t_start, 2)
+    results["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    return results
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.2f}" if v == v and v < 1e5 else ("nan" if v != v else f"{v:.3g}")
+
+
+def markdown(results: dict) -> str:
+    """One table per evaluation dataset: methods x ratios, cells = perplexity (reached ratio)."""
+    a = results["args"]
+    lines = [f"# CUR vs SVD: {a['model_id']}", "",
+             f"Calibration {a['calib_dataset']} ({a['n_calib_samples']} x {a['calib_seqlen']} tokens, seed {a['seed']}), "
+             f"act_aware={a['act_aware']} ({a['scaling_method']}, alpha {a['alpha']}), "
+             + ("every linear at the target ratio (uniform, no sensitivity search)"
+                if results.get("allocation") == "uniform" else
+                f"sensitivity {a['sensitivity_metric']} over ratios {a['sensitivity_ratios']}")
+             + f"; perplexity windows of "
+             f"{a['eval_seqlen']} tokens" + (f" (first {a['eval_max_windows']})" if a["eval_max_windows"] else "") + ".",
+             "Cells: perplexity (reached parameter ratio of the compressed linears). Lower is better.", ""]
+    cells = {(c["method"], c["target"]): c for c in results["cells"]}
+    for ds in results["datasets"]:
+        lines.append(f"## {ds}")
+        lines.append("")
+        head = "| method | " + " | ".join(f"{r:g}" for r in results["ratios"]) + " |"
+        lines += [head, "|" + "---|" * (len(results["ratios"]) + 1)]
+        if "dense" in results:
+            lines.append(f"| dense (1.0) | {_fmt(results['dense'][ds])} |" + " |" * (len(results["ratios"]) - 1))
+        for spec in results["methods"]:
+            row = [f"{_fmt(cells[spec, r]['ppl'][ds])} ({cells[spec, r]['reached']:.3f})"
+                   if (spec, r) in cells else "-" for r in results["ratios"]]
+            lines.append(f"| {spec} | " + " | ".join(row) + " |")
+        lines.append("")
+    t = results["timings"]
+    lines.append("Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    per_cell = [f"{c['method']}@{c['target']:g} {c['compress_s'] + c['eval_s']:.1f}" for c in results["cells"]]
+    lines.append("")
+    lines.append("Per cell, compress + eval (s): " + ", ".join(per_cell))
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Perplexity (log) vs reached parameter ratio, one line per method, one panel per dataset."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    datasets = results["datasets"]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for spec in results["methods"]:
+            pts = sorted((c["reached"], c["ppl"][ds]) for c in results["cells"] if c["method"] == spec)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=spec)
+        if "dense" in results:
+            ax.axhline(results["dense"][ds], color="gray", linestyle="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameter ratio of the compressed linears")
+        ax.set_ylabel(f"perplexity ({ds})")
+        ax.set_title(results["args"]["model_id"])
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results: dict, output_dir: str, name: str | None) -> dict[str, str]:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = name or "compare_{}_{}".format(re.sub(r"[^\w.\-]", "_", results["args"]["model_id"])[-40:],
+                                          dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    paths = {"markdown": out / f"{stem}.md", "plot": out / f"{stem}.png", "json": out / f"{stem}.json"}
+    results["files"] = {k: str(v) for k, v in paths.items()}
+    datautils.atomic_write_bytes(paths["markdown"], markdown(results).encode())
+    plot(results, paths["plot"])
+    datautils.atomic_write_bytes(paths["json"], json.dumps(results, indent=1, default=str).encode())
+    return results["files"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts, specs, ratios, base = parse_grid(argv)
+        results = run_grid(base, specs, ratios, dense=not opts.no_dense, uniform=opts.uniform)
+    except acur.UsageError as exc:
+        print(f"compare.py: error: {exc}", file=sys.stderr)
+        return 2
+    files = write_outputs(results, base.output_dir, opts.name)
+    print(markdown(results))
+    print("\n".join(f"{k}: {v}" for k, v in files.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
