@@ -482,8 +482,14 @@ def stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs: dict | 
         if args.sensitivity_metric == "ppl":
             table = kv_cache.kv_sensitivity_ppl(model, linears, calib_ids, fractions, scales, args.alpha,
                                                 cur_settings(args), args.calib_batch_size, done, save)
-        else:
+        elif args.sensitivity_metric == "spectral":
+            table = kv_cache.kv_sensitivity_spectral(linears, fractions, scales, args.alpha, args.rank_align,
+                                                     done, save)
+        elif args.sensitivity_metric == "stable_rank":
             table = kv_cache.kv_sensitivity_stable_rank(linears, fractions, scales, args.alpha, done, save)
+        else:
+            raise UsageError(f"--sensitivity_metric {args.sensitivity_metric} has no KV-mode form "
+                             "(use ppl, spectral or stable_rank)")
     elif args.sensitivity_metric == "ppl":
         table = sens.sensitivity_ppl(model, linears, calib_ids, ratios, scales, args.alpha,
                                      method_settings(args), args.calib_batch_size,

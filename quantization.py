@@ -138,7 +138,7 @@ def awq_quantize(w: torch.Tensor, stat: torch.Tensor, bits: int, group_size: int
     if s is None or s.numel() != w.shape[1]:
         raise ValueError(f"activation statistic unusable for a {tuple(w.shape)} weight "
                          f"(size {stat.numel()}, finite={bool(torch.isfinite(stat).all())})")
-    wf = w.detach().float()
+    wf, s = w.detach().float(), s.to(w.device)
     best = None
     for a in grid:
         sa = s ** a
@@ -223,7 +223,11 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 0, scales: d
             parts = {"W": mod.weight}
         row = {}
         for name, p in parts.items():
-            row[name] = _quantize_param(p, spec, stats.get(name))
+            part_stat = stats.get(name)
+            if part_stat is not None and _safe_stat(part_stat) is None:
+                report["fallbacks"][f"{info.name}.{name}"] = "derived statistic not finite: plain RTN used"
+                part_stat = None
+            row[name] = _quantize_param(p, spec, part_stat)
             params += p.numel()
             bits += packed_bits(*p.shape, spec)
             dense_bits += p.numel() * p.element_size() * 8

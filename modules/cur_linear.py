@@ -93,10 +93,10 @@ class GradCURLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        self.register_buffer("col_indices", cols.clone())
-        self.register_buffer("row_indices", rows.clone())
+        self.register_buffer("col_indices", cols.to(weight.device).clone())
+        self.register_buffer("row_indices", rows.to(weight.device).clone())
         self.register_buffer("scale_diag", None if scale is None else
-                             scale.detach().float().clamp_min(0) ** alpha + 1e-6)
+                             scale.detach().to(weight.device).float().clamp_min(0) ** alpha + 1e-6)
         self.u_mode = u_mode
 
     @classmethod

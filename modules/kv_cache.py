@@ -178,8 +178,8 @@ class LowRankKVAttention(nn.Module):
         self.config, self.layer_idx, self.head_dim = attn.config, attn.layer_idx, attn.head_dim
         self.is_causal = True
         self._rotary = (rotary,)        # a reference (the model owns it), not a submodule
-        self._original_class = type(attn)
         self._original = (attn,)
+        self.train(attn.training)  # a new module starts in training mode; follow the model's mode
 
     def cached_widths(self) -> dict[str, int]:
         """Per-token width each side caches: latent rank if low-rank, else the projection's width."""
@@ -220,7 +220,7 @@ class LowRankKVAttention(nn.Module):
             layer = lowrank_cache_layer(past_key_values, self.layer_idx)
             keys, values = past_key_values.update(keys, values, self.layer_idx, positions=positions)
             if positions is not None:
-                cos, sin = self._rotary[0](hidden_states, layer.positions.long())
+                cos, sin = self._cached_rotary(past_key_values, layer.positions, hidden_states)
         if kf is not None:
             keys = _up(keys, kf, self.k_proj.bias, hd)
             if self.style == "llama":
@@ -240,6 +240,17 @@ class LowRankKVAttention(nn.Module):
         out = out.reshape(b, q, -1).contiguous()
         out_proj = self.o_proj if self.style == "llama" else self.out_proj
         return out_proj(out), weights
+
+    def _cached_rotary(self, cache: Cache, positions: torch.Tensor, x: torch.Tensor):
+        """cos/sin of every cached position. Blocks share positions, so one computation per step serves all;
+        the memo on the cache is scratch for the step, not cached state (it is rebuilt when positions change)."""
+        memo = getattr(cache, "_lowrank_rope_memo", None)
+        if (memo is not None and memo[0].shape == positions.shape and memo[0].device == positions.device
+                and memo[1].dtype == x.dtype and torch.equal(memo[0], positions)):
+            return memo[1], memo[2]
+        cos, sin = self._rotary[0](x, positions.long())
+        cache._lowrank_rope_memo = (positions, cos, sin)
+        return cos, sin
 
     def _absorbed_attention(self, query, keys, z, vf, bias, mask):
         """softmax(q K^T) V with V = Z C^T + b, computed as (P Z) C^T + b: no V is rebuilt."""
@@ -313,7 +324,6 @@ def cache_nbytes(cache: Cache) -> int:
 # ===== END LOW-RANK KV RUNTIME =====
 
 import math  # noqa: E402
-import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from tqdm.auto import tqdm  # noqa: E402
@@ -403,6 +413,30 @@ def kv_sensitivity_stable_rank(linears: list, fractions: list[float], scales: di
     return sens.sensitivity_stable_rank(linears, fractions, scales, alpha, done=done, on_progress=on_progress)
 
 
+def kv_sensitivity_spectral(linears: list, fractions: list[float], scales: dict | None, alpha: float,
+                            rank_align: int = 1, done: dict | None = None, on_progress=None) -> dict[str, dict[str, float]]:
+    """Tail energy of the scaled spectrum beyond the KV rank of each fraction: sum_{i>k} s_i^2 / sum s_i^2 of
+    W S (the best rank-k error, a lower bound of CUR's); no forward passes, one SVD per layer. Non-finite
+    weights score 1 (most sensitive), with a warning."""
+    import sensitivity as sens
+    results = dict(done or {})
+    for info in tqdm([i for i in linears if i.name not in results], desc="KV sensitivity (spectral)"):
+        w = scaled_weight(info.module.weight.data, scales.get(info.name) if scales else None, alpha)
+        m, n = w.shape
+        if torch.isfinite(w).all():
+            e = torch.linalg.svdvals(w.double()).pow(2)
+            tail = e.flip(0).cumsum(0).flip(0) / e.sum().clamp_min(1e-300)  # tail[k] = sum_{i>=k} / total
+            tail = torch.cat([tail, tail.new_zeros(1)])
+            row = {sens.ratio_key(f): float(tail[kv_rank(m, n, f, rank_align)]) for f in fractions}
+        else:
+            print(f"WARNING: {info.name}: non-finite scaled weight; scored as maximally sensitive")
+            row = {sens.ratio_key(f): 1.0 for f in fractions}
+        results[info.name] = row
+        if on_progress is not None:
+            on_progress(results)
+    return results
+
+
 def _cur_at_rank(linear: nn.Linear, rank: int, scale, alpha: float, cur_kwargs: dict, svd=None,
                  generator: torch.Generator | None = None) -> CURLinear:
     W = linear.weight.data
@@ -451,7 +485,7 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> di
 
     dense: K and V of every block at full width. compressed: the cached widths (latent rank of a low-rank
     side) plus 4 bytes (int32 position) per block whose K is low-rank under RoPE."""
-    layers, rotary = _decoder_layers_and_rotary(model)
+    layers, _ = _decoder_layers_and_rotary(model)
     if dtype is None:
         dtype = next(model.parameters()).dtype
     elt = torch.tensor([], dtype=dtype).element_size()
@@ -470,11 +504,3 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> di
     dense, cached = dims_dense * elt, dims_cached * elt + pos
     return {"dense": dense, "compressed": cached, "positions": pos, "dims_dense": dims_dense,
             "dims_cached": dims_cached, "ratio": dims_cached / dims_dense, "dtype": str(dtype).replace("torch.", "")}
-
-
-def kv_layer_names(linears: list) -> list:
-    return [i for i in linears if is_kv_linear(i.name)]
-
-
-def attn_name(linear_name: str) -> str:
-    return re.sub(r"\.(k|v)_proj$", "", linear_name)

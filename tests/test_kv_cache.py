@@ -17,7 +17,7 @@ from modules import kv_cache as kv
 from modules.cur_linear import CURLinear
 from modules.model_utils import find_linears
 
-LOGIT_ATOL = 1e-4  # fp32: cached decode vs full no-cache forward (measured ~3e-7)
+LOGIT_ATOL = 1e-4  # fp32 tiny models: cached decode vs full no-cache forward (measured < 1e-6)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,8 +53,13 @@ def padded_batch(model, seed=0):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_random_lowrank_cache_generate_matches_no_cache_run(family, tiny_llama_dir, tiny_opt_dir):
+def test_random_lowrank_cache_generate_matches_no_cache_run(family, tiny_llama_dir, tiny_opt_dir, monkeypatch):
     model = kv_compressed(tiny_llama_dir if family == "llama" else tiny_opt_dir)
+    assert not any(m.training for m in model.modules())  # the wrappers follow the model's eval mode
+    absorbed = []  # decode steps must take the path that never rebuilds V
+    real = kv.LowRankKVAttention._absorbed_attention
+    monkeypatch.setattr(kv.LowRankKVAttention, "_absorbed_attention",
+                        lambda self, *a: absorbed.append(self.layer_idx) or real(self, *a))
     ids, mask = padded_batch(model)
     n_new, pad = 10, model.config.pad_token_id or 0
     with torch.no_grad():
@@ -67,6 +72,7 @@ def test_random_lowrank_cache_generate_matches_no_cache_run(family, tiny_llama_d
             kw["position_ids"] = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
         ref = model(seq, attention_mask=full_mask, use_cache=False, **kw).logits[:, ids.shape[1] - 1:-1]
     got = torch.stack(out.logits, 1)
+    assert len(absorbed) == (n_new - 1) * model.config.num_hidden_layers  # every step after the prefill
     assert torch.equal(ref.argmax(-1), seq[:, ids.shape[1]:])  # same greedy tokens
     assert (got - ref).abs().max().item() < LOGIT_ATOL
 
@@ -147,7 +153,7 @@ def test_random_kv_search_reaches_target_and_refuses_unreachable():
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_random_acur_kv_mode_end_to_end(family, tiny_llama_dir, tiny_opt_dir, tiny_text_file, tmp_path, monkeypatch):
     model_dir = tiny_llama_dir if family == "llama" else tiny_opt_dir
-    metric = "ppl" if family == "llama" else "stable_rank"  # both metrics covered, each once
+    metric = "ppl" if family == "llama" else "spectral"  # stable_rank: export and SmolLM2 tests
     argv = tiny_args(model_dir, tiny_text_file, tmp_path, "--act_aware", "--compress_kv_cache",
                      "--kv_cache_ratio_target", "0.5", "--sensitivity_metric", metric, "--use_cache",
                      "--kv_rank_fractions", "0.1,0.3,0.5,0.7,0.9")
@@ -174,11 +180,26 @@ def test_random_acur_kv_mode_end_to_end(family, tiny_llama_dir, tiny_opt_dir, ti
     # second run: the KV sensitivity (its own cache file) is reused, nothing recomputed, same ranks
     import sensitivity
     monkeypatch.setattr(sensitivity.BlockRunner, "__init__", lambda *a, **kw: pytest.fail("KV sensitivity recomputed"))
-    monkeypatch.setattr(sensitivity, "stable_rank", lambda *a, **kw: pytest.fail("KV sensitivity recomputed"))
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda *a, **kw: pytest.fail("KV sensitivity recomputed"))
     _, _, res2 = acur.run_pipeline(acur.build_parser().parse_args(argv))
     assert res2["sensitivity"]["from_cache"] == len(res["layers"]) and res2["sensitivity"]["computed"] == 0
     assert f"sensitivity_kv_{metric}" in res2["sensitivity"]["cache"]
     assert {n: r["rank"] for n, r in res2["layers"].items()} == {n: r["rank"] for n, r in res["layers"].items()}
+
+
+def test_random_kv_spectral_sensitivity_is_the_svd_tail_at_kv_ranks(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    linears = [i for i in find_linears(model) if kv.is_kv_linear(i.name)]
+    scales = {i.name: torch.rand(i.module.in_features, generator=torch.Generator().manual_seed(3)) + 0.1
+              for i in linears}
+    table = kv.kv_sensitivity_spectral(linears, [0.25, 0.5, 0.75], scales, 0.5)
+    info = linears[1]
+    s = torch.linalg.svdvals((info.module.weight.detach() * (scales[info.name] ** 0.5 + 1e-6)).double()).pow(2)
+    m, n = info.module.weight.shape
+    for f in (0.25, 0.5, 0.75):
+        k = kv.kv_rank(m, n, f)
+        assert table[info.name][f"{f:.4g}"] == pytest.approx(float(s[k:].sum() / s.sum()), rel=1e-6)
+    assert all(row["0.25"] > row["0.5"] > row["0.75"] >= 0 for row in table.values())
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -188,6 +209,7 @@ def test_random_acur_kv_mode_end_to_end(family, tiny_llama_dir, tiny_opt_dir, ti
     (["--compress_kv_cache", "--kv_cache_ratio_target", "0"], "must be in (0, 1]"),
     (["--compress_kv_cache", "--kv_cache_ratio_target", "0.5", "--param_ratio_target", "0.9"], "drop --param_ratio_target"),
     (["--compress_kv_cache", "--kv_cache_ratio_target", "0.5", "--kv_rank_fractions", "0.5,1.2"], "--kv_rank_fractions"),
+    (["--compress_kv_cache", "--kv_cache_ratio_target", "0.5", "--method", "svd"], "needs --method acur"),
 ])
 def test_kv_mode_usage_errors(extra, message, tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     assert acur.main(tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, *extra)) == 2
@@ -273,7 +295,9 @@ def test_smollm2_kv_mode_perplexity_and_cache(smollm2_dir, tmp_path):
                              return_dict_in_generate=True)
         ref = model(out.sequences, use_cache=False).logits[:, ids.shape[1] - 1:-1]
     assert torch.equal(ref.argmax(-1), out.sequences[:, ids.shape[1]:])
-    assert (torch.stack(out.logits, 1) - ref).abs().max().item() < 1e-3
+    # fp32 over 30 blocks; the decode step sums (P Z) C^T where the no-cache run sums P (Z C^T): measured
+    # max |difference| 1.2e-3 on logits of magnitude ~10 (about 1e-4 relative)
+    assert (torch.stack(out.logits, 1) - ref).abs().max().item() < 5e-3
 
 
 # fresh interpreter, outside the project: load each exported repo, decode with its cache, report what it held

@@ -320,6 +320,10 @@ def test_method_usage_errors(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     argv = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--method", "wsvd", "--param_ratio_target", "0.8",
                      "--cov_damp", "-1")
     assert acur.main(argv) == 2
+    argv = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--method", "rowid", "--param_ratio_target", "0.8",
+                     "--weight_quant", "rtn_int8")
+    assert acur.main(argv) == 2  # quantization knows CUR factors only: refused, not silently skipped
+    assert "--weight_quant" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- tools

@@ -221,6 +221,18 @@ def test_quantize_model_random_awq_fallback_is_recorded(tiny_cur_model):
         qz.quantize_model(tiny_cur_model, "awq_int4", 16, None)
 
 
+def test_quantize_model_random_awq_nonfinite_derived_stat_falls_back(tiny_cur_model):
+    infos = find_linears(tiny_cur_model, types=(nn.Linear, CURLinear))
+    cur = next(i for i in infos if isinstance(i.module, CURLinear))
+    with torch.no_grad():
+        cur.module.R[0, 0] = float("inf")  # R x (the input of U) has no finite statistic any more
+    scales = {i.name: torch.rand(i.module.in_features) + 0.1 for i in infos}
+    rep = qz.quantize_model(tiny_cur_model, "awq_int4", 16, scales)
+    assert rep["fallbacks"] == {f"{cur.name}.U": "derived statistic not finite: plain RTN used",
+                                f"{cur.name}.C": "derived statistic not finite: plain RTN used"}
+    assert rep["non_finite_layers"] == [cur.name]
+
+
 def test_pipeline_random_weight_quant_rtn_int8(tiny_llama_dir, tiny_text_file, tmp_path):
     argv = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--param_ratio_target", "0.8",
                      "--sensitivity_metric", "stable_rank", "--weight_quant", "rtn_int8", "--run_name", "q")

@@ -80,30 +80,30 @@ def chance_jaccard(a: int, b: int, n: int) -> float:
 
 
 def agreement(records: list[dict]) -> list[dict]:
-    """Per block and sibling group (q/k/v, gate/up): pairwise Jaccard of the kept input columns."""
-    by_name = {r["name"]: r for r in records}
-    out = []
+    """Per block and sibling group (q/k/v, gate/up): pairwise Jaccard of the kept input columns of the
+    compressed members (a member left dense keeps every column and is not compared)."""
+    groups: dict = {}
     for r in records:
         mt = re.match(r"(.*\.(\d+)\.)(?:[\w.]*\.)?(\w+)$", r["name"])
-        if not mt:
+        if r["cols"] is None or not mt:
             continue
         for group, members in GROUPS.items():
-            if mt.group(3) != members[0]:
-                continue
-            sibs = [n for n in by_name if n.startswith(mt.group(1)) and n.rsplit(".", 1)[-1] in members]
-            sibs = [n for n in sibs if by_name[n]["cols"] is not None]
-            if len(sibs) < 2:
-                continue
-            n_in = by_name[sibs[0]]["shape"][1]
-            pairs = {}
-            for i, a in enumerate(sibs):
-                for b in sibs[i + 1:]:
-                    ca, cb = by_name[a]["cols"], by_name[b]["cols"]
-                    key = f"{a.rsplit('.', 1)[-1]}~{b.rsplit('.', 1)[-1]}"
-                    pairs[key] = {"jaccard": jaccard(ca, cb), "chance": chance_jaccard(len(ca), len(cb), n_in)}
-            common = set.intersection(*(set(by_name[s]["cols"]) for s in sibs))
-            out.append({"block": int(mt.group(2)), "group": group, "pairs": pairs,
-                        "kept_by_all": len(common), "n_in": n_in})
+            if mt.group(3) in members:
+                groups.setdefault((int(mt.group(2)), group, mt.group(1)), []).append(r)
+    out = []
+    for (block, group, _), sibs in sorted(groups.items()):
+        if len(sibs) < 2:
+            continue
+        sibs.sort(key=lambda r: GROUPS[group].index(r["name"].rsplit(".", 1)[-1]))
+        n_in = sibs[0]["shape"][1]
+        pairs = {}
+        for i, a in enumerate(sibs):
+            for b in sibs[i + 1:]:
+                key = f"{a['name'].rsplit('.', 1)[-1]}~{b['name'].rsplit('.', 1)[-1]}"
+                pairs[key] = {"jaccard": jaccard(a["cols"], b["cols"]),
+                              "chance": chance_jaccard(len(a["cols"]), len(b["cols"]), n_in)}
+        common = set.intersection(*(set(r["cols"]) for r in sibs))
+        out.append({"block": block, "group": group, "pairs": pairs, "kept_by_all": len(common), "n_in": n_in})
     return out
 
 
@@ -155,11 +155,12 @@ def summary_text(report: dict) -> str:
             rows = [a for a in report["agreement"] if a["group"] == group]
             if not rows:
                 continue
-            keys = list(rows[0]["pairs"])
+            keys = sorted({k for a in rows for k in a["pairs"]})
             for key in keys:
-                j = statistics.fmean(a["pairs"][key]["jaccard"] for a in rows if key in a["pairs"])
-                c = statistics.fmean(a["pairs"][key]["chance"] for a in rows if key in a["pairs"])
-                lines.append(f"  {key:22s} mean {j:.3f} [{c:.3f}] over {len(rows)} blocks")
+                have = [a["pairs"][key] for a in rows if key in a["pairs"]]
+                j = statistics.fmean(p["jaccard"] for p in have)
+                c = statistics.fmean(p["chance"] for p in have)
+                lines.append(f"  {key:22s} mean {j:.3f} [{c:.3f}] over {len(have)} blocks")
     ch = report.get("channels") or {}
     if ch:
         lines += ["", f"Input channels of width {ch['width']} kept most often (over {ch['layers']} layers): "
