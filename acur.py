@@ -135,14 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_ratios(text: str) -> list[float]:
+def parse_fractions(text: str, flag: str = "--sensitivity_ratios") -> list[float]:
+    """Sorted distinct numbers in (0, 1) from a comma list; UsageError naming `flag` otherwise."""
     try:
-        ratios = sorted({float(x) for x in text.split(",") if x.strip()})
+        values = sorted({float(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise UsageError(f"--sensitivity_ratios must be numbers, got {text!r}") from None
-    if not ratios or any(not 0 < r < 1 for r in ratios):
-        raise UsageError(f"--sensitivity_ratios must be in (0, 1), got {text!r}")
-    return ratios
+        raise UsageError(f"{flag} must be numbers, got {text!r}") from None
+    if not values or any(not 0 < v < 1 for v in values):
+        raise UsageError(f"{flag} must be in (0, 1), got {text!r}")
+    return values
+
+
+def parse_ratios(text: str) -> list[float]:
+    return parse_fractions(text, "--sensitivity_ratios")
 
 
 def eval_datasets(args) -> list[str]:
@@ -192,13 +197,7 @@ def validate_args(args) -> None:
 
 
 def parse_kv_fractions(text: str) -> list[float]:
-    try:
-        fr = sorted({float(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise UsageError(f"--kv_rank_fractions must be numbers, got {text!r}") from None
-    if not fr or any(not 0 < f < 1 for f in fr):
-        raise UsageError(f"--kv_rank_fractions must be in (0, 1), got {text!r}")
-    return fr
+    return parse_fractions(text, "--kv_rank_fractions")
 
 
 def validate_kv_args(args) -> None:
