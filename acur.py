@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidate per-layer parameter ratios, comma separated")
     g.add_argument("--no_fast_sensitivity", action="store_true",
                    help="straightforward full-model loop instead of the exact cached-block path")
+    g.add_argument("--compile_blocks", default="auto", choices=["auto", "on", "off"],
+                   help="run the ppl sensitivity's decoder blocks through torch.compile (auto: on CUDA); "
+                        "changes round-off only, falls back to eager with a warning if compiling fails")
     g.add_argument("--use_cache", action="store_true", help="reuse/write caches under --cache_dir")
     g.add_argument("--cache_dir", default=str(datautils.CACHE_DIR))
     g = p.add_argument_group("quantization (simulated: quantize-dequantize, after CUR)")
@@ -492,7 +495,8 @@ def stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs: dict | 
     elif args.sensitivity_metric == "ppl":
         table = sens.sensitivity_ppl(model, linears, calib_ids, ratios, scales, args.alpha,
                                      method_settings(args), args.calib_batch_size,
-                                     fast=not args.no_fast_sensitivity, done=done, on_progress=save, covs=covs)
+                                     fast=not args.no_fast_sensitivity, done=done, on_progress=save, covs=covs,
+                                     compile_blocks={"auto": None, "on": True, "off": False}[args.compile_blocks])
     elif args.sensitivity_metric == "spectral":
         table = sens.sensitivity_spectral(linears, ratios, scales, args.alpha, args.rank_align, done=done,
                                           on_progress=save)

@@ -28,11 +28,17 @@ def windows(ids: torch.Tensor, seqlen: int, max_windows: int = 0, bos_token_id: 
 
 def token_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL (fp32) and the number of predicted tokens."""
+    loss, count = token_nll_tensor(logits, input_ids)
+    return float(loss.item()), count
+
+
+def token_nll_tensor(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """token_nll_sum with the sum left on the device (no host sync: loops add these up and read once)."""
     shift_logits = logits[:, :-1, :].float()
     shift_labels = input_ids[:, 1:].to(logits.device)
     loss = nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
                                        shift_labels.reshape(-1), reduction="sum")
-    return float(loss.item()), shift_labels.numel()
+    return loss, shift_labels.numel()
 
 
 @torch.no_grad()

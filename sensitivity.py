@@ -4,7 +4,11 @@ ppl:         calibration perplexity with that one layer replaced by its CUR at t
              protocol). The fast path is exact: block inputs are cached and advanced block by block, only
              the blocks at and after the replaced layer run, samples are batched, and one SVD per layer
              serves every candidate ratio; on a GPU the next layer's decompositions run on a side stream
-             while this layer's forwards run. `fast=False` runs the straightforward full-model loop.
+             while this layer's forwards run, each candidate runs as its dense equivalent (C U R
+             multiplied out in fp32, written into the layer's own weight: one fp16 GEMM instead of
+             three at odd ranks, and the block's compiled graph stays valid), and the blocks run
+             through torch.compile (`compile_blocks`; off on CPU). Each of these changes only
+             round-off. `fast=False` runs the straightforward full-model loop with the module swapped in.
 stable_rank: no forward passes; score = (1 - ratio) * stable_rank(W S) / min(m, n), a cheap heuristic
              (layers whose scaled spectrum is concentrated are compressed first).
 Results are plain dicts {layer: {ratio (str): score}}; lower score = safer to compress. Progress is
@@ -17,7 +21,9 @@ identical table. The ranks first check that they hold the same model, data and s
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -27,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from evaluate_utils import nll_to_ppl, perplexity_of_windows, token_nll_sum
+from evaluate_utils import nll_to_ppl, perplexity_of_windows, token_nll_tensor
 from modules.cur_linear import CURLinear
 from modules.low_rank_linear import compress_candidates
 from modules.cur_math import rank_for_ratio, safe_svd, scaled_weight, stable_rank
@@ -35,6 +41,7 @@ from modules.model_utils import LinearInfo, decoder_parts, replace_module
 
 METRICS = ("ppl", "stable_rank", "spectral")
 DEFAULT_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+PREFETCH = 4  # layers whose candidates are decomposed ahead on the GPU's side stream
 
 Progress = Callable[[dict], None]
 
@@ -49,13 +56,24 @@ class BlockRunner:
     entering the current block and the keyword arguments (masks, rotary embeddings) the model
     passed to each block."""
 
-    def __init__(self, model: nn.Module, calib_ids: torch.Tensor, batch_size: int):
+    def __init__(self, model: nn.Module, calib_ids: torch.Tensor, batch_size: int, compile_blocks: bool = False):
         parts = decoder_parts(model)
         if parts is None:
             raise ValueError("unsupported layout for the fast path")
         self.model, self.layers, self.head = model, parts.layers, parts.head_modules
+        # identical blocks share one compiled graph (parameters are graph inputs), so this compiles once
+        self.run_layers = [torch.compile(m, dynamic=False) for m in self.layers] if compile_blocks else list(self.layers)
+        if compile_blocks:
+            import torch._inductor.config as inductor_config
+            # no on-device benchmarking of kernel variants: every process (every rank of a distributed
+            # run) picks the same kernels, so the tables agree bit for bit
+            if hasattr(inductor_config, "deterministic"):
+                inductor_config.deterministic = True
+        self.compiled = compile_blocks
         self.device = next(model.parameters()).device
-        self.batches = [calib_ids[i:i + batch_size] for i in range(0, calib_ids.shape[0], batch_size)]
+        self.run_head = torch.compile(self._head_loss, dynamic=False) if compile_blocks else self._head_loss
+        self.batches = [calib_ids[i:i + batch_size].to(self.device)
+                        for i in range(0, calib_ids.shape[0], batch_size)]
         self.hidden: list[torch.Tensor] = []
         self.kwargs: list[list[dict]] = []  # [batch][block]
         self.block = 0
@@ -95,23 +113,40 @@ class BlockRunner:
             self.hidden.append(first[0])
             self.kwargs.append(per_block)
 
+    def _guarded(self, compiled: Callable, eager: Callable, *args, **kwargs):
+        """compiled(...) while compiling works; on a compiler failure: a loud warning, then eager for good."""
+        if not self.compiled:
+            return eager(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as exc:  # a compiler failure costs speed, never the run
+            msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+            print(f"WARNING: torch.compile of the decoder blocks failed ({type(exc).__name__}: {msg}); "
+                  "sensitivity continues eagerly (same numbers up to round-off, slower)", flush=True)
+            self.run_layers, self.run_head, self.compiled = list(self.layers), self._head_loss, False
+            return eager(*args, **kwargs)
+
     def _run_block(self, i: int, h: torch.Tensor, b: int) -> torch.Tensor:
-        out = self.layers[i](h, **self.kwargs[b][i])
+        out = self._guarded(self.run_layers[i], self.layers[i], h, **self.kwargs[b][i])
         return out[0] if isinstance(out, tuple) else out
+
+    def _head_loss(self, h: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        for mod in self.head:
+            h = mod(h)
+        return token_nll_tensor(h, batch)[0]
 
     @torch.no_grad()
     def tail_ppl(self) -> float:
-        """Calibration perplexity running blocks from the current one to the end, then the head."""
-        total, count = 0.0, 0
+        """Calibration perplexity running blocks from the current one to the end, then the head.
+        The NLL sums stay on the device; one read per candidate, so the GPU never waits for the host."""
+        total, count = None, 0
         for b, batch in enumerate(self.batches):
             h = self.hidden[b]
             for i in range(self.block, len(self.layers)):
                 h = self._run_block(i, h, b)
-            for mod in self.head:
-                h = mod(h)
-            s, c = token_nll_sum(h, batch)
-            total, count = total + s, count + c
-        return nll_to_ppl(total / count)
+            s = self._guarded(self.run_head, self._head_loss, h, batch)
+            total, count = (s.double() if total is None else total + s.double()), count + batch[:, 1:].numel()
+        return nll_to_ppl(float(total) / count)
 
     @torch.no_grad()
     def advance_to(self, block: int) -> None:
@@ -169,12 +204,19 @@ def _layer_svd(info: LinearInfo, scales: dict | None, alpha: float):
     return scale, safe_svd(scaled_weight(info.module.weight.data, scale, alpha))
 
 
+def dense_equivalent(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a low-rank module applies: its (already rounded) factors multiplied out in fp32."""
+    with torch.no_grad():
+        return copy.deepcopy(module).float().dense_weight().to(dtype)
+
+
 def decompose_candidates(info: LinearInfo, ratios: list[float], scales: dict | None, alpha: float,
                          cur_kwargs: dict, stream: "torch.cuda.Stream | None" = None,
-                         covs: dict | None = None) -> list[nn.Module]:
-    """The layer's CURLinear at every candidate ratio, all from one SVD. With a CUDA stream the work
-    runs there (a worker thread overlaps it with the previous layer's forward passes: same kernels,
-    same numbers) and is finished before this returns."""
+                         covs: dict | None = None, dense: bool = False) -> list:
+    """The layer's CURLinear (or --method module) at every candidate ratio, all from one SVD; with
+    `dense`, each one's dense equivalent weight instead. With a CUDA stream the work runs there (a
+    worker thread overlaps it with the previous layer's forward passes: same kernels, same numbers)
+    and is finished before this returns."""
     with contextlib.ExitStack() as stack:
         if stream is not None:
             stack.enter_context(torch.cuda.device(stream.device))
@@ -182,6 +224,9 @@ def decompose_candidates(info: LinearInfo, ratios: list[float], scales: dict | N
         # one factory for every --method (cur_kwargs may hold method, cov_damp); acur: same SVD reuse as before
         curs = compress_candidates(info.module, ratios, scales.get(info.name) if scales else None, alpha,
                                    covs.get(info.name) if covs else None, **cur_kwargs)
+        if dense:
+            dtype = info.module.weight.dtype
+            curs = [dense_equivalent(c, dtype) for c in curs]
     if stream is not None:
         stream.synchronize()
     return curs
@@ -190,9 +235,12 @@ def decompose_candidates(info: LinearInfo, ratios: list[float], scales: dict | N
 def sensitivity_ppl(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
                     ratios: list[float], scales: dict | None, alpha: float, cur_kwargs: dict,
                     batch_size: int = 4, fast: bool = True, done: dict | None = None,
-                    on_progress: Progress | None = None, covs: dict | None = None) -> dict[str, dict[str, float]]:
+                    on_progress: Progress | None = None, covs: dict | None = None,
+                    compile_blocks: bool | None = None) -> dict[str, dict[str, float]]:
     """{layer: {ratio: calibration ppl}} with one layer at a time replaced by its CUR (or the module
     of cur_kwargs["method"]; covs: input covariances for the data-aware methods).
+
+    compile_blocks: run the fast path's blocks through torch.compile (None: on CUDA only).
 
     done: results already computed (resume); on_progress(results) is called after every layer (on
     rank 0 only when distributed: it holds rank 0's share until the final merged table)."""
@@ -209,39 +257,67 @@ def sensitivity_ppl(model: nn.Module, linears: list[LinearInfo], calib_ids: torc
     else:
         mine = todo
     runner = None
+    device = next(model.parameters()).device
+    if compile_blocks is None:
+        compile_blocks = device.type == "cuda"
     if fast and mine:
         try:
-            runner = BlockRunner(model, calib_ids, batch_size)
+            runner = BlockRunner(model, calib_ids, batch_size, compile_blocks=compile_blocks)
         except ValueError:
             print("WARNING: unknown model layout; sensitivity uses full forward passes (slower, same result)")
+    # candidates go into the layer's own weight as dense equivalents (fast path, plain nn.Linear layers)
+    dense = runner is not None and all(type(i.module) is nn.Linear for i in mine)
     # on a GPU the next layer's decompositions run on a side stream while this layer's forwards run
-    device = next(model.parameters()).device
     stream = torch.cuda.Stream(device) if device.type == "cuda" and len(mine) > 1 else None
     pool = ThreadPoolExecutor(1, thread_name_prefix="cur-decompose") if stream is not None else None
-    args = (ratios, scales, alpha, cur_kwargs, stream, covs)
-    pending = pool.submit(decompose_candidates, mine[0], *args) if pool else None
+    args = (ratios, scales, alpha, cur_kwargs, stream, covs, dense)
+    # decompositions run up to PREFETCH layers ahead: the late blocks' short forwards cannot hide an SVD
+    # each, the early blocks' long ones hide several (memory: the candidates of PREFETCH layers)
+    pending: collections.deque = collections.deque()
+    ahead = iter(mine)
+
+    def prefetch() -> None:
+        while pool is not None and len(pending) < PREFETCH:
+            nxt = next(ahead, None)
+            if nxt is None:
+                return
+            pending.append(pool.submit(decompose_candidates, nxt, *args))
+    prefetch()
     desc = "sensitivity (ppl)" if world == 1 else f"sensitivity (ppl) rank {rank}/{world}"
     try:
         for idx, info in enumerate(tqdm(mine, desc=desc, disable=None if rank == 0 else True)):
-            curs = pending.result() if pool else decompose_candidates(info, *args)
-            if pool and idx + 1 < len(mine):
-                pending = pool.submit(decompose_candidates, mine[idx + 1], *args)
+            curs = pending.popleft().result() if pool else decompose_candidates(info, *args)
+            prefetch()
             original = info.module
             row: dict[str, float] = {}
             if runner is not None:
                 runner.advance_to(info.block)
-            try:
-                for r, cur in zip(ratios, curs):
-                    if stream is not None:  # made on the side stream, used on this one
-                        for t in list(cur.parameters()) + list(cur.buffers()):
-                            t.record_stream(torch.cuda.current_stream(device))
-                    replace_module(info, cur)
-                    if runner is not None:
+            if stream is not None:  # made on the side stream, used on this one
+                for cur in curs:
+                    for t in [cur] if dense else list(cur.parameters()) + list(cur.buffers()):
+                        t.record_stream(torch.cuda.current_stream(device))
+            if dense:
+                weight = original.weight
+                saved = weight.detach().clone()
+                try:
+                    for r, w_r in zip(ratios, curs):
+                        with torch.no_grad():
+                            weight.copy_(w_r)
                         row[ratio_key(r)] = runner.tail_ppl()
-                    else:
-                        row[ratio_key(r)] = perplexity_of_windows(model, calib_ids, batch_size, desc=None)
-            finally:
-                replace_module(info, original)
+                finally:
+                    with torch.no_grad():
+                        weight.copy_(saved)  # bit for bit the original
+                del saved
+            else:
+                try:
+                    for r, cur in zip(ratios, curs):
+                        replace_module(info, cur)
+                        if runner is not None:
+                            row[ratio_key(r)] = runner.tail_ppl()
+                        else:
+                            row[ratio_key(r)] = perplexity_of_windows(model, calib_ids, batch_size, desc=None)
+                finally:
+                    replace_module(info, original)
             del curs
             results[info.name] = row
             if on_progress is not None:

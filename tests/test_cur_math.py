@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from modules import cur_math
+
 from modules.cur_linear import CURLinear, GradCURLinear
 from modules.cur_math import (cur_decompose, cur_param_count, leverage_scores, rank_for_ratio,
                               safe_svd, scaled_weight, select_indices, uniform_indices)
@@ -127,3 +129,28 @@ def test_gradcurlinear_matches_curlinear_and_passes_gradients():
     assert torch.allclose(g(x), c(x), atol=1e-4)
     g(x).pow(2).sum().backward()
     assert g.weight.grad is not None and torch.isfinite(g.weight.grad).all() and g.weight.grad.abs().sum() > 0
+
+
+def test_pinv_solve_equals_pinv_on_full_rank_and_falls_back_when_rank_deficient():
+    g = torch.Generator().manual_seed(11)
+    A, B = torch.randn(60, 20, generator=g), torch.randn(60, 7, generator=g)
+    A[:, 3] *= 1e3  # very different column norms are not rank deficiency: the QR path still applies
+    ref = torch.linalg.pinv(A.double()) @ B.double()
+    got = cur_math.pinv_solve(A, B)
+    assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-6)
+    A[:, 5] = 2 * A[:, 6]  # dependent column: QR's triangle is singular, the truncating pinv is used
+    got = cur_math.pinv_solve(A, B)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, torch.linalg.pinv(A) @ B, atol=1e-5)
+    wide = torch.randn(5, 9, generator=g)
+    assert torch.allclose(cur_math.pinv_solve(wide, torch.eye(5)), torch.linalg.pinv(wide), atol=1e-5)
+
+
+def test_compute_u_equals_pinv_formula():
+    g = torch.Generator().manual_seed(12)
+    W = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    C, R = W[:, [0, 4, 9, 17]], W[[1, 2, 30, 33], :]
+    s = torch.rand(30, generator=g, dtype=torch.float64) + 0.5
+    assert torch.allclose(cur_math.compute_u(W, C, R), torch.linalg.pinv(C) @ W @ torch.linalg.pinv(R))
+    assert torch.allclose(cur_math.compute_u(W, C, R, "act_weighted", s),
+                          torch.linalg.pinv(C) @ (W * s) @ torch.linalg.pinv(R * s))

@@ -61,14 +61,44 @@ def test_random_model_fast_sensitivity_equals_straightforward_loop(family, tiny_
     linears = find_linears(model)
     ratios = [0.4, 0.7]
     kw = dict(rank_align=1, selection="topk", u_mode="pinv")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = sensitivity.sensitivity_ppl(model, linears, ids, ratios, None, 0.5, kw, batch_size=2, fast=True)
     slow = sensitivity.sensitivity_ppl(model, linears, ids, ratios, None, 0.5, kw, batch_size=2, fast=False)
     assert fast.keys() == slow.keys()
     for name in fast:
         for r in fast[name]:
             assert fast[name][r] == pytest.approx(slow[name][r], rel=1e-5)
-    # and the model is left exactly as it was
+    # and the model is left exactly as it was (the fast path writes candidates into the weights)
     assert all(type(i.module) is torch.nn.Linear for i in find_linears(model))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_random_model_compiled_blocks_match_eager_and_a_failing_compiler_falls_back(
+        tiny_llama_dir, tiny_text_file, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import datautils
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = datautils.get_calib_data(f"text:{tiny_text_file}", tok, 4, 32, seed=2)
+    linears = [i for i in find_linears(model) if i.name.endswith(("q_proj", "down_proj"))]
+    kw = dict(rank_align=1, selection="topk", u_mode="pinv")
+    eager = sensitivity.sensitivity_ppl(model, linears, ids, [0.5], None, 0.5, kw, batch_size=2,
+                                        compile_blocks=False)
+    compiled = sensitivity.sensitivity_ppl(model, linears, ids, [0.5], None, 0.5, kw, batch_size=2,
+                                           compile_blocks=True)  # a real torch.compile (CPU inductor)
+    for name in eager:
+        assert compiled[name]["0.5"] == pytest.approx(eager[name]["0.5"], rel=1e-4)
+
+    def broken_compile(module, **_):
+        def run(*a, **k):
+            raise RuntimeError("inductor: no C++ compiler")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    capsys.readouterr()
+    fallback = sensitivity.sensitivity_ppl(model, linears, ids, [0.5], None, 0.5, kw, batch_size=2,
+                                           compile_blocks=True)
+    assert "torch.compile of the decoder blocks failed" in capsys.readouterr().out
+    assert fallback == eager  # the eager blocks, bit for bit
 
 
 def test_random_model_ppl_target_gives_model_within_target(tiny_llama_dir, tiny_text_file, tmp_path):

@@ -195,3 +195,14 @@ def test_smollm2_fast_sensitivity_equals_straightforward_loop_on_a_few_layers(sm
             assert fast[name][r] == pytest.approx(slow[name][r], rel=1e-5)
     assert len({v for row in fast.values() for v in row.values()}) == 3  # every candidate differs
     assert all(type(i.module) is torch.nn.Linear for i in find_linears(model))
+
+
+def test_random_bench_block_counts_the_protocol_and_times_every_part(capsys):
+    import bench_block
+    assert bench_block.main(["--shape", "tiny-llama", "--device", "cpu", "--seqlen", "32", "--n_calib_samples", "2",
+                             "--batch_size", "2", "--no_compile"]) == 0
+    out = capsys.readouterr().out
+    # tiny-llama: 3 blocks x 7 linears x 6 ratios; a layer in block b runs 3 - b blocks
+    assert "(126 candidates, 252 block passes)" in out
+    for part in ("block eager", "head+nll", "tail of 3 blocks eager", "decompose (64, 64)", "q_proj (64, 64) at 0.8"):
+        assert part in out

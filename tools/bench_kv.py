@@ -33,7 +33,8 @@ from modules.model_utils import find_linears, replace_module  # noqa: E402
 # random-weight shapes (no download): LLaMA-2-7B's, and a tiny one for smoke tests
 SHAPES = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=8192),
+                       num_key_value_heads=32, vocab_size=32000,
+                       max_position_embeddings=16384),  # LLaMA-2 has 4096; raised so 8k + decode fits (random weights)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=8192),
 }

@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity windows of --seqlen random tokens (166 x 2048 ~ WikiText-2 test)")
     p.add_argument("--sensitivity_only", action="store_true",
                    help="stop after the sensitivity stage (the 1-GPU vs multi-GPU comparison)")
+    p.add_argument("--compile_blocks", default="auto", choices=["auto", "on", "off"],
+                   help="acur.py's flag: torch.compile of the sensitivity's blocks (auto: on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json_out", default=None, help="write every number (and the sensitivity table) here")
     return p
@@ -268,7 +270,7 @@ def acur_args(a) -> argparse.Namespace:
         "--model_id", a.shape, "--param_ratio_target", str(a.param_ratio_target), "--act_aware",
         "--n_calib_samples", str(a.n_calib_samples), "--calib_seqlen", str(a.seqlen),
         "--calib_batch_size", str(a.batch_size), "--sensitivity_ratios", a.sensitivity_ratios,
-        "--seed", str(a.seed), "--device", a.device, "--dtype", a.dtype])
+        "--seed", str(a.seed), "--device", a.device, "--dtype", a.dtype, "--compile_blocks", a.compile_blocks])
 
 
 def run_bench(a) -> dict:
