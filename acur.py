@@ -499,7 +499,7 @@ def stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs: dict | 
                                      compile_blocks={"auto": None, "on": True, "off": False}[args.compile_blocks])
     elif args.sensitivity_metric == "spectral":
         table = sens.sensitivity_spectral(linears, ratios, scales, args.alpha, args.rank_align, done=done,
-                                          on_progress=save)
+                                          on_progress=save, method=args.method)
     else:
         table = sens.sensitivity_stable_rank(linears, ratios, scales, args.alpha, done=done, on_progress=save)
     info["computed"] = len(table) - info["from_cache"]

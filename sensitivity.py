@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from evaluate_utils import nll_to_ppl, perplexity_of_windows, token_nll_tensor
 from modules.cur_linear import CURLinear
 from modules.low_rank_linear import compress_candidates
-from modules.cur_math import rank_for_ratio, safe_svd, scaled_weight, stable_rank
+from modules.cur_math import safe_svd, scaled_weight, stable_rank
+from modules.decompositions import rank_for_method
 from modules.model_utils import LinearInfo, decoder_parts, replace_module
 
 METRICS = ("ppl", "stable_rank", "spectral")
@@ -357,8 +358,10 @@ def sensitivity_stable_rank(linears: list[LinearInfo], ratios: list[float], scal
 
 def sensitivity_spectral(linears: list[LinearInfo], ratios: list[float], scales: dict | None,
                          alpha: float, rank_align: int = 1, done: dict | None = None,
-                         on_progress: Progress | None = None) -> dict[str, dict[str, float]]:
+                         on_progress: Progress | None = None, method: str = "acur") -> dict[str, dict[str, float]]:
     """{layer: {ratio: tail energy of the scaled spectrum beyond the rank the ratio keeps}}.
+
+    The rank a ratio keeps is --method's (CUR pays k(m+n)+k^2 parameters, SVD and the IDs less).
 
     sum_{i>k} s_i^2 / sum_i s_i^2 of W S is the relative error of the best rank-k approximation in the
     activation-weighted norm, a lower bound for CUR's; no forward passes, one SVD per layer."""
@@ -370,7 +373,7 @@ def sensitivity_spectral(linears: list[LinearInfo], ratios: list[float], scales:
         if torch.isfinite(w).all():
             energy = torch.linalg.svdvals(w).double().pow(2)
             cum = torch.cumsum(energy, 0) / energy.sum()
-            row = {ratio_key(r): float(1 - cum[rank_for_ratio(m, n, r, rank_align) - 1]) for r in ratios}
+            row = {ratio_key(r): float(1 - cum[rank_for_method(method, m, n, r, rank_align) - 1]) for r in ratios}
         else:
             print(f"WARNING: {info.name}: non-finite scaled weight; scored as maximally sensitive")
             row = {ratio_key(r): 1.0 for r in ratios}

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import acur  # noqa: E402
 import datautils  # noqa: E402
 from acur import UsageError  # noqa: E402
-from modules import kv_cache  # noqa: E402
+from modules import decompositions, kv_cache  # noqa: E402
 from modules.cur_linear import CURLinear  # noqa: E402
 from modules.model_utils import find_linears  # noqa: E402
 
@@ -388,6 +388,9 @@ def build_repo(args) -> tuple[Path, torch.nn.Module, object, dict]:
     if args.raw_model:
         raise UsageError("--raw_model exports nothing compressed; use the base checkpoint as it is")
     acur.validate_args(args)
+    if decompositions.method_form(args.method) != "cur":
+        raise UsageError(f"--method {args.method} makes {decompositions.method_form(args.method)} layers; the repo "
+                         "format knows only CUR layers (--method acur or cur)")
     family = model_family(args)
     if args.repo_dir:
         check_repo_dir(Path(args.repo_dir))

@@ -387,7 +387,7 @@ def cur_decompose_ext(weight: torch.Tensor, rank: int, scale: torch.Tensor | Non
     if u_mode == "data_aware":
         U = data_aware_u(w, C, rows, cov).to(w.dtype)
     else:
-        s_diag = None if scale is None else scale.detach().to(w.dtype).clamp_min(0) ** alpha + EPS
+        s_diag = None if scale is None else scale.detach().to(device=w.device, dtype=w.dtype).clamp_min(0) ** alpha + EPS
         U = compute_u(w, C, R, u_mode, s_diag)
     if not torch.isfinite(U).all() and u_mode != "pinv":
         fallback = (fallback + "; " if fallback else "") + f"{u_mode} U not finite, used pinv U"

@@ -178,7 +178,7 @@ def prepare_layer(weight: torch.Tensor, method: str = "acur", scale: torch.Tenso
         return prep
     if form == "svd":
         if method == "asvd" and scale is not None:
-            prep.transform, prep.scale_diag = "scale", scale.detach().double().clamp_min(0) ** alpha + EPS
+            prep.transform, prep.scale_diag = "scale", scale.detach().to(weight.device).double().clamp_min(0) ** alpha + EPS
         elif method == "wsvd" and cov is not None:
             prep.transform, prep.whiten = "whiten", dec.whitening_factor(cov)
         Wt = dec.transformed_weight(W.double(), prep.transform, prep.scale_diag, prep.whiten)

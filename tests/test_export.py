@@ -220,6 +220,11 @@ def test_export_random_usage_errors(tiny_llama_dir, tiny_text_file, tmp_path, mo
     assert bar.main(base + ["--repo_dir", str(tmp_path / "mine")]) == 2
     assert "not an ACUR export" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").exists()
+    # a non-CUR method is refused before any compression work
+    monkeypatch.setattr(bar.acur, "run_pipeline", lambda *a, **k: pytest.fail("compressed before refusing"))
+    assert bar.main(base + ["--method", "svd"]) == 2
+    assert "--method svd makes svd layers" in capsys.readouterr().err
+    monkeypatch.undo()
     # --raw_model has nothing to export
     assert bar.main(tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--raw_model")) == 2
     assert "--raw_model" in capsys.readouterr().err

@@ -389,3 +389,16 @@ def test_cur_report_random_llama_exported_repo(tiny_llama_dir, tiny_text_file, t
         assert r["cols"] == exported[r["name"]]["cols"] and r["rows"] == exported[r["name"]]["rows"]
         assert 0 < r["col_leverage_mass"] <= 1 + 1e-6 and 0 <= r["rel_frobenius_error"] < 1.5
     assert cur_report.main(["--repo", str(tmp_path)]) == 2  # not an export: one-line error
+
+
+def test_spectral_sensitivity_counts_the_rank_of_the_chosen_method():
+    import sensitivity
+    from modules.model_utils import LinearInfo
+    torch.manual_seed(4)
+    info = LinearInfo("l", None, "x", torch.nn.Linear(48, 40), 0)
+    # ratio 0.5 of 40x48: SVD keeps k=10 (k(m+n) params), CUR only k=9 (k(m+n)+k^2): more tail energy
+    cur = sensitivity.sensitivity_spectral([info], [0.5], None, 0.5, method="acur")
+    svd = sensitivity.sensitivity_spectral([info], [0.5], None, 0.5, method="svd")
+    s = torch.linalg.svdvals(info.module.weight.detach()).double().pow(2)
+    assert cur["l"]["0.5"] == pytest.approx(float(s[9:].sum() / s.sum()))
+    assert svd["l"]["0.5"] == pytest.approx(float(s[10:].sum() / s.sum()))
