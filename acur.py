@@ -31,9 +31,8 @@ import quantization
 import sensitivity as sens
 from act_aware_utils import SCALING_METHODS, calib_scales, input_covariances
 from evaluate_utils import evaluate_perplexity, perplexity_of_windows
-from modules.cur_linear import CURLinear
 from modules import kv_cache
-from modules.cur_math import SELECTIONS, U_MODES, cur_param_count
+from modules.cur_math import SELECTIONS, U_MODES
 from modules import decompositions
 from modules.low_rank_linear import compress_linear
 from modules.model_utils import LinearInfo, find_linears, replace_module

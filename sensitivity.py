@@ -34,7 +34,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from evaluate_utils import nll_to_ppl, perplexity_of_windows, token_nll_tensor
-from modules.cur_linear import CURLinear
 from modules.low_rank_linear import compress_candidates
 from modules.cur_math import safe_svd, scaled_weight, stable_rank
 from modules.decompositions import rank_for_method
@@ -286,7 +285,7 @@ def sensitivity_ppl(model: nn.Module, linears: list[LinearInfo], calib_ids: torc
     prefetch()
     desc = "sensitivity (ppl)" if world == 1 else f"sensitivity (ppl) rank {rank}/{world}"
     try:
-        for idx, info in enumerate(tqdm(mine, desc=desc, disable=None if rank == 0 else True)):
+        for idx, info in enumerate(tqdm(mine, desc=desc, disable=rank != 0)):  # shown in logs too
             curs = pending.popleft().result() if pool else decompose_candidates(info, *args)
             prefetch()
             original = info.module

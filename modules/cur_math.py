@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -152,11 +153,16 @@ class CURFactors:
 
 def cur_decompose(weight: torch.Tensor, rank: int, scale: torch.Tensor | None = None,
                   alpha: float = 0.5, selection: str = "topk", u_mode: str = "pinv",
-                  svd: LayerSVD | None = None, generator: torch.Generator | None = None) -> CURFactors:
+                  svd: LayerSVD | None = None, generator: torch.Generator | None = None,
+                  pick: Callable[[torch.Tensor, int, str], torch.Tensor] | None = None,
+                  fit_u: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  ) -> CURFactors:
     """Activation-aware CUR of one weight matrix at a given rank (c = r = rank).
 
     `svd` may be passed to reuse one decomposition of the scaled weight across candidate ranks.
     On a failed SVD (NaN/inf) the selection falls back to uniform indices and says so in `fallback`.
+    Other selections / U fits (modules/decompositions.py) plug in without repeating the rest:
+    pick(singular vectors, rank, "cols" | "rows") -> sorted indices; fit_u(W, C, rows) -> U.
     """
     m, n = weight.shape
     rank = max(1, min(rank, m, n))
@@ -166,9 +172,12 @@ def cur_decompose(weight: torch.Tensor, rank: int, scale: torch.Tensor | None = 
     if svd is None:
         svd = safe_svd(scaled_weight(w, scale, alpha))
     fallback = ""
+    if pick is None:
+        def pick(basis: torch.Tensor, k: int, _side: str) -> torch.Tensor:
+            return select_indices(leverage_scores(basis, k), k, selection, generator)
     if svd.ok:
-        cols = select_indices(leverage_scores(svd.Vh.T, rank), rank, selection, generator)
-        rows = select_indices(leverage_scores(svd.U, rank), rank, selection, generator)
+        cols = pick(svd.Vh.T, rank, "cols")
+        rows = pick(svd.U, rank, "rows")
     else:
         fallback = f"uniform selection: {svd.reason}"
         cols, rows = uniform_indices(n, rank), uniform_indices(m, rank)
@@ -176,7 +185,7 @@ def cur_decompose(weight: torch.Tensor, rank: int, scale: torch.Tensor | None = 
     s_diag = None
     if scale is not None:
         s_diag = scale.detach().to(device=w.device, dtype=w.dtype).clamp_min(0) ** alpha + EPS
-    U = compute_u(w, C, R, u_mode, s_diag)
+    U = fit_u(w, C, rows).to(w.dtype) if fit_u is not None else compute_u(w, C, R, u_mode, s_diag)
     if not torch.isfinite(U).all() and u_mode != "pinv":
         fallback = (fallback + "; " if fallback else "") + f"{u_mode} U not finite, used pinv U"
         U = compute_u(w, C, R, "pinv")

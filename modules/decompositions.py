@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.cur_math import (EPS, CURFactors, LayerSVD, compute_u, cur_param_count, leverage_scores,
-                              rank_for_ratio, safe_svd, scaled_weight, select_indices, uniform_indices)
+from modules.cur_math import (CURFactors, LayerSVD, cur_decompose, cur_param_count, leverage_scores,
+                              rank_for_ratio, select_indices)
 
 # method -> (form, activation scale needed, input covariance needed)
 METHODS = {
@@ -369,29 +369,9 @@ def cur_decompose_ext(weight: torch.Tensor, rank: int, scale: torch.Tensor | Non
         raise ValueError(f"unknown U mode {u_mode!r}; choose from {CUR_U_MODES}")
     if u_mode == "data_aware" and cov is None:
         raise ValueError("u_mode data_aware needs the input covariance")
-    m, n = weight.shape
-    rank = max(1, min(rank, m, n))
-    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN/inf: CUR cannot represent it; check the checkpoint")
-    if svd is None:
-        svd = safe_svd(scaled_weight(w, scale, alpha))
-    fallback = ""
-    if svd.ok:
-        cols = select_cur_indices(svd.Vh.T, rank, selection, generator, col_order)
-        rows = select_cur_indices(svd.U, rank, selection, generator, row_order)
-    else:
-        fallback = f"uniform selection: {svd.reason}"
-        cols, rows = uniform_indices(n, rank), uniform_indices(m, rank)
-    C, R = w[:, cols], w[rows, :]
-    if u_mode == "data_aware":
-        U = data_aware_u(w, C, rows, cov).to(w.dtype)
-    else:
-        s_diag = None if scale is None else scale.detach().to(device=w.device, dtype=w.dtype).clamp_min(0) ** alpha + EPS
-        U = compute_u(w, C, R, u_mode, s_diag)
-    if not torch.isfinite(U).all() and u_mode != "pinv":
-        fallback = (fallback + "; " if fallback else "") + f"{u_mode} U not finite, used pinv U"
-        U = compute_u(w, C, R, "pinv")
-    if not torch.isfinite(U).all():
-        raise FloatingPointError("CUR produced a non-finite U from a finite weight")
-    return CURFactors(C=C, U=U, R=R, cols=cols, rows=rows, rank=int(cols.numel()), fallback=fallback)
+    orders = {"cols": col_order, "rows": row_order}
+
+    def pick(basis: torch.Tensor, k: int, side: str) -> torch.Tensor:
+        return select_cur_indices(basis, k, selection, generator, orders[side])
+    fit_u = (lambda w, C, rows: data_aware_u(w, C, rows, cov)) if u_mode == "data_aware" else None
+    return cur_decompose(weight, rank, scale, alpha, selection, u_mode, svd, generator, pick=pick, fit_u=fit_u)
