@@ -19,6 +19,7 @@ import platform
 import re
 import sys
 import time
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -426,37 +427,36 @@ def cache_key(args, fp: dict, kind: str, linears: list[LinearInfo]) -> dict:
     return key
 
 
-def stage_scales(model, linears, calib_ids, args, fp) -> dict | None:
-    if not args.act_aware:
-        return None
-    key = cache_key(args, fp, "scales", linears)
-    path = datautils.cache_path("scales", key, args.cache_dir)
+def cached_layer_tensors(kind: str, key: dict, args, linears, label: str, compute: Callable[[], dict]) -> dict:
+    """Per-layer tensors from cache/ when --use_cache holds every layer's for this key; else computed
+    (and saved under the key)."""
+    path = datautils.cache_path(kind, key, args.cache_dir)
     if args.use_cache:
         cached = datautils.load_tensor_cache(path, key)
         if cached is not None and set(cached) >= {i.name for i in linears}:
-            print(f"[acur] activation statistics from cache {path}")
+            print(f"[acur] {label} from cache {path}")
             return cached
-    scales = calib_scales(model, linears, calib_ids, args.scaling_method, args.calib_batch_size)
+    result = compute()
     if args.use_cache:
-        datautils.save_tensor_cache(path, key, scales)
-    return scales
+        datautils.save_tensor_cache(path, key, result)
+    return result
+
+
+def stage_scales(model, linears, calib_ids, args, fp) -> dict | None:
+    if not args.act_aware:
+        return None
+    return cached_layer_tensors(
+        "scales", cache_key(args, fp, "scales", linears), args, linears, "activation statistics",
+        lambda: calib_scales(model, linears, calib_ids, args.scaling_method, args.calib_batch_size))
 
 
 def stage_covariance(model, linears, calib_ids, args, fp) -> dict | None:
     """Input covariance E[x x^T] of every linear, only when --method/--u_mode fits to it (cached)."""
     if not decompositions.needs_covariance(args.method, args.u_mode):
         return None
-    key = {**cache_key(args, fp, "covariance", linears), "scaling": None}
-    path = datautils.cache_path("covariance", key, args.cache_dir)
-    if args.use_cache:
-        cached = datautils.load_tensor_cache(path, key)
-        if cached is not None and set(cached) >= {i.name for i in linears}:
-            print(f"[acur] input covariances from cache {path}")
-            return cached
-    covs = input_covariances(model, linears, calib_ids, args.calib_batch_size)
-    if args.use_cache:
-        datautils.save_tensor_cache(path, key, covs)
-    return covs
+    return cached_layer_tensors(
+        "covariance", {**cache_key(args, fp, "covariance", linears), "scaling": None}, args, linears,
+        "input covariances", lambda: input_covariances(model, linears, calib_ids, args.calib_batch_size))
 
 
 def stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs: dict | None = None) -> tuple[dict, dict]:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from evaluate_utils import nll_to_ppl, perplexity_of_windows, token_nll_tensor
 from modules.low_rank_linear import compress_candidates
-from modules.cur_math import safe_svd, scaled_weight, stable_rank
+from modules.cur_math import scaled_weight, stable_rank
 from modules.decompositions import rank_for_method
 from modules.model_utils import LinearInfo, decoder_parts, replace_module
 
@@ -104,7 +104,7 @@ class BlockRunner:
             hooks = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
                      for i, layer in enumerate(self.layers)]
             try:
-                self.model(batch.to(self.device), use_cache=False)
+                self.model(batch, use_cache=False)  # batches already sit on the device
             except _Stop:
                 pass
             finally:
@@ -197,11 +197,6 @@ def _check_ranks_agree(fingerprint: list, world: int) -> None:
     if bad:
         raise RuntimeError(f"distributed sensitivity: ranks {bad} hold a different model, calibration data "
                            "or settings than rank 0 (load the same checkpoint with the same seed everywhere)")
-
-
-def _layer_svd(info: LinearInfo, scales: dict | None, alpha: float):
-    scale = scales.get(info.name) if scales else None
-    return scale, safe_svd(scaled_weight(info.module.weight.data, scale, alpha))
 
 
 def dense_equivalent(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -283,6 +283,13 @@ def col_pick_order(weight: torch.Tensor, k: int, cov: torch.Tensor | None = None
     return pivoted_cholesky_order(W.T @ W, k)
 
 
+def complement(kept: torch.Tensor, size: int) -> torch.Tensor:
+    """The sorted indices of range(size) not in `kept`: the rows/columns an ID rebuilds."""
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[kept] = False
+    return torch.nonzero(mask).flatten()
+
+
 @dataclass
 class RowIDFactors:
     rows: torch.Tensor     # k kept output rows (sorted)
@@ -303,9 +310,7 @@ def row_id(weight: torch.Tensor, k: int, cov: torch.Tensor | None = None,
     if order is None or order.numel() < k:
         order = row_pick_order(W, k, cov)
     rows = torch.sort(order[:k]).values
-    mask = torch.ones(m, dtype=torch.bool)
-    mask[rows] = False
-    others = torch.nonzero(mask).flatten()
+    others = complement(rows, m)
     Z = data_aware_rows_fit(W, rows, cov)
     return RowIDFactors(rows, others, W[rows], Z[others], k)
 
@@ -331,9 +336,7 @@ def col_id(weight: torch.Tensor, k: int, cov: torch.Tensor | None = None,
     if order is None or order.numel() < k:
         order = col_pick_order(W, k, cov)
     cols = torch.sort(order[:k]).values
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[cols] = False
-    others = torch.nonzero(mask).flatten()
+    others = complement(cols, n)
     C = W[:, cols]
     Z = torch.linalg.lstsq(C, W[:, others]).solution if others.numel() else W.new_zeros(k, 0)
     return ColIDFactors(cols, others, C, Z, k)

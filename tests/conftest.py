@@ -43,6 +43,15 @@ def _tokenizer(text: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """One BLAS thread for a module: on the shared 2-core machine 2-thread LAPACK/GEMM calls stall under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("text") / "tiny.txt"

@@ -20,13 +20,7 @@ from modules.model_utils import find_linears
 LOGIT_ATOL = 1e-4  # fp32 tiny models: cached decode vs full no-cache forward (measured < 1e-6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One BLAS thread: on the shared 2-core machine 2-thread LAPACK/GEMM calls stall under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def kv_compressed(model_dir, fraction=0.5, dense_first_k=True):

@@ -20,13 +20,7 @@ from modules.low_rank_linear import (ColIDLinear, RowIDLinear, SVDLinear, compre
 from modules.model_utils import find_linears
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One BLAS thread: on the shared 2-core machine 2-thread LAPACK calls stall under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def low_rank(m: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
