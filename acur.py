@@ -29,9 +29,11 @@ import binary_search
 import datautils
 import evaluate_utils
 import quantization
+import selfgen_utils
 import sensitivity as sens
 from act_aware_utils import SCALING_METHODS, calib_scales, input_covariances
 from evaluate_utils import evaluate_perplexity, perplexity_of_windows
+import kv_compress
 from modules import kv_cache
 from modules.cur_math import SELECTIONS, U_MODES
 from modules import decompositions
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV-cache mode: compress only k_proj/v_proj and cache their low-rank latents")
     g.add_argument("--kv_cache_ratio_target", type=float, default=-1,
                    help="with --compress_kv_cache: cached K/V dims / original K/V dims, 0 < r <= 1")
-    g.add_argument("--kv_rank_fractions", default=",".join(map(str, kv_cache.KV_RANK_FRACTIONS)),
+    g.add_argument("--kv_rank_fractions", default=",".join(map(str, kv_compress.KV_RANK_FRACTIONS)),
                    help="with --compress_kv_cache: candidate per-layer ranks as fractions of the K/V width")
     g = p.add_argument_group("ACUR")
     g.add_argument("--act_aware", action="store_true", help="choose columns/rows on W diag(s^alpha)")
@@ -344,7 +346,7 @@ def check_user_texts(args, tokenizer) -> None:
     """A user's text file must hold at least one window (checked before the weights load)."""
     for name, seqlen in [(args.calib_dataset, args.calib_seqlen)] + [(d, args.eval_seqlen) for d in eval_datasets(args)]:
         if name.startswith("text:"):
-            n = datautils.tokenize_text(tokenizer, datautils.get_text(name, "test")).numel()
+            n = datautils.token_ids(name, "test", tokenizer).numel()
             if n <= seqlen:
                 raise UsageError(f"{name} has {n} tokens, fewer than one window of {seqlen}")
 
@@ -355,10 +357,10 @@ def select_linears(model, args) -> list[LinearInfo]:
     linears = find_linears(model, include_lm_head=args.compress_lm_head)
     if getattr(args, "compress_kv_cache", False):  # KV-cache mode: k_proj / v_proj only
         try:
-            kv_cache.check_kv_support(model)
+            kv_compress.check_kv_support(model)
         except ValueError as exc:
             raise UsageError(f"--compress_kv_cache: {exc}") from None
-        linears = [i for i in linears if kv_cache.is_kv_linear(i.name)]
+        linears = [i for i in linears if kv_compress.is_kv_linear(i.name)]
     if args.layer_filter:
         linears = [i for i in linears if re.search(args.layer_filter, i.name)]
         if not linears:
@@ -385,8 +387,8 @@ def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: 
     """Replace every linear whose ratio is below 1 by its low-rank module (--method; CURLinear for acur).
     covs: input covariances, for the data-aware methods. Returns a per-layer report."""
     if getattr(args, "compress_kv_cache", False):  # ratios are rank fractions of the K/V width
-        return kv_cache.compress_kv_linears(linears, ratios, scales, args.alpha, cur_settings(args), args.seed,
-                                            desc=desc and desc + " (KV)")
+        return kv_compress.compress_kv_linears(linears, ratios, scales, args.alpha, cur_settings(args), args.seed,
+                                               desc=desc and desc + " (KV)")
     report = {}
     gen = torch.Generator().manual_seed(args.seed)
     for info in tqdm(linears, desc=desc, disable=desc is None):
@@ -481,13 +483,13 @@ def stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs: dict | 
     if kv_mode:  # candidates are rank fractions of the K/V width
         fractions = parse_kv_fractions(args.kv_rank_fractions)
         if args.sensitivity_metric == "ppl":
-            table = kv_cache.kv_sensitivity_ppl(model, linears, calib_ids, fractions, scales, args.alpha,
-                                                cur_settings(args), args.calib_batch_size, done, save)
+            table = kv_compress.kv_sensitivity_ppl(model, linears, calib_ids, fractions, scales, args.alpha,
+                                                   cur_settings(args), args.calib_batch_size, done, save)
         elif args.sensitivity_metric == "spectral":
-            table = kv_cache.kv_sensitivity_spectral(linears, fractions, scales, args.alpha, args.rank_align,
-                                                     done, save)
+            table = kv_compress.kv_sensitivity_spectral(linears, fractions, scales, args.alpha, args.rank_align,
+                                                        done, save)
         elif args.sensitivity_metric == "stable_rank":
-            table = kv_cache.kv_sensitivity_stable_rank(linears, fractions, scales, args.alpha, done, save)
+            table = kv_compress.kv_sensitivity_stable_rank(linears, fractions, scales, args.alpha, done, save)
         else:
             raise UsageError(f"--sensitivity_metric {args.sensitivity_metric} has no KV-mode form "
                              "(use ppl, spectral or stable_rank)")
@@ -560,11 +562,10 @@ def validate_lm_eval_args(args) -> None:
     if not tasks:
         return
     if getattr(args, "mc_task", None):
-        from tools.bigbench_mc.utils import bigbench_mc_docs
         if not re.fullmatch(r"\w+", args.mc_task):
             raise UsageError(f"--mc_task must be a BIG-bench task name, got {args.mc_task!r}")
         try:
-            bigbench_mc_docs(args.mc_task)
+            datautils.bigbench_mc_docs(args.mc_task)
         except (ValueError, FileNotFoundError, KeyError) as exc:
             raise UsageError(f"--mc_task {args.mc_task}: {exc}") from None
     try:
@@ -587,10 +588,10 @@ def stage_eval_lm(model, tokenizer, args) -> tuple[dict, dict]:
     return out["acc"], info
 
 
-def prepare_selfgen(model, tokenizer, args, fp) -> dict:
-    from tools import selfgen
-    return selfgen.prepare(model, tokenizer, args.n_calib_samples, args.calib_seqlen, args.seed,
-                           args.calib_batch_size, args.cache_dir if args.use_cache else None, fp)
+def prepare_selfgen(model, tokenizer, args, fp) -> tuple[str, dict]:
+    """(text, info) of --calib_dataset selfgen: the dense model's own samples (cached with --use_cache)."""
+    return selfgen_utils.prepare_selfgen_text(model, tokenizer, args.n_calib_samples, args.calib_seqlen, args.seed,
+                                              args.calib_batch_size, args.cache_dir if args.use_cache else None, fp)
 
 
 def summarize_params(report: dict) -> dict:
@@ -603,7 +604,7 @@ def summarize_params(report: dict) -> dict:
 def stage_kv_cache(model, args) -> dict:
     """KV-cache mode: switch attention to the low-rank cache; report what it holds per token."""
     blocks = kv_cache.enable_lowrank_kv_cache(model)
-    b = kv_cache.kv_bytes_per_token(model)
+    b = kv_compress.kv_bytes_per_token(model)
     return {"ratio_target": args.kv_cache_ratio_target, "reached": b["ratio"], "dims_dense": b["dims_dense"],
             "dims_cached": b["dims_cached"], "bytes_per_token_dense": b["dense"],
             "bytes_per_token_compressed": b["compressed"], "bytes_per_token_positions": b["positions"],
@@ -656,10 +657,11 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
             results["output_file"] = str(write_results(results, args))
         return model, tokenizer, results
 
-    if args.calib_dataset in datautils.GENERATED_DATASETS:  # the dense model writes its own calibration text
-        results["selfgen"] = timed("selfgen", prepare_selfgen, model, tokenizer, args, fp)
+    calib_text = None  # read by name, except selfgen: the dense model writes its own calibration text
+    if args.calib_dataset in datautils.GENERATED_DATASETS:
+        calib_text, results["selfgen"] = timed("selfgen", prepare_selfgen, model, tokenizer, args, fp)
     calib_ids = timed("calib_data", datautils.get_calib_data, args.calib_dataset, tokenizer,
-                      args.n_calib_samples, args.calib_seqlen, args.seed, args.use_bos)
+                      args.n_calib_samples, args.calib_seqlen, args.seed, args.use_bos, calib_text)
     scales = timed("calibration", stage_scales, model, linears, calib_ids, args, fp)
     covs = (timed("covariance", stage_covariance, model, linears, calib_ids, args, fp)
             if decompositions.needs_covariance(args.method, args.u_mode) else None)

@@ -19,8 +19,8 @@ import evaluate_utils
 from conftest import ROOT, tiny_args
 from tools import eval_longbench as lb
 from tools import mmlu_result_calc as calc
-from tools import selfgen
-from tools.bigbench_mc.utils import bigbench_mc_docs, chance_accuracy
+import selfgen_utils as selfgen
+from datautils import bigbench_mc_docs, chance_accuracy
 
 
 def run_acur(argv: list[str]) -> dict:
@@ -241,19 +241,24 @@ def test_selfgen_calibration_random_tiny_llama(tiny_llama_dir, tiny_text_file, t
     assert (a[:, 0] == 0).all() and not torch.equal(a, selfgen.sample_tokens(model, 0, 3, 16, seed=6))
     # cached per (model, sizes, seed): the second prepare reads the text the first one generated
     cache = tmp_path / "sgcache"
-    i1 = selfgen.prepare(model, tok, 2, 32, 7, cache_dir=cache, fingerprint={"model": "tiny"})
-    t1 = datautils.get_text("selfgen", "train")
-    i2 = selfgen.prepare(model, tok, 2, 32, 7, cache_dir=cache, fingerprint={"model": "tiny"})
-    assert i1["source"] == "generated" and i2["source"].startswith("cache") and datautils.get_text("selfgen", "train") == t1
+    t1, i1 = selfgen.prepare_selfgen_text(model, tok, 2, 32, 7, cache_dir=cache, fingerprint={"model": "tiny"})
+    t2, i2 = selfgen.prepare_selfgen_text(model, tok, 2, 32, 7, cache_dir=cache, fingerprint={"model": "tiny"})
+    assert i1["source"] == "generated" and i2["source"].startswith("cache") and t2 == t1
+    assert i1["text_sha256"] == datautils.text_digest(t1)
     with pytest.raises(ValueError, match="calibration data only"):
         datautils.get_text("selfgen", "test")
+    # the text is passed in, never read from a module global: by name alone there is nothing to read
+    with pytest.raises(ValueError, match="pass it as get_calib_data"):
+        datautils.get_text("selfgen", "train")
+    ids = datautils.get_calib_data("selfgen", tok, 2, 16, seed=0, text=t1)
+    assert ids.shape == (2, 16) and set(ids.flatten().tolist()) <= set(datautils.tokenize_text(tok, t1).tolist())
     # the pipeline: --calib_dataset selfgen (the later flag wins over tiny_args' text:) calibrates on it
     r = run_acur(tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--param_ratio_target", "0.9",
                            "--sensitivity_metric", "stable_rank", "--act_aware", "--calib_dataset", "selfgen",
                            "--n_calib_samples", "2", "--calib_seqlen", "32", "--run_name", "sg"))
     assert r["args"]["calib_dataset"] == "selfgen" and r["selfgen"]["source"] == "generated"
     assert r["selfgen"]["samples"] == 3 and "selfgen" in r["timings"] and r["param_ratio"]["reached"] <= 0.9
-    assert datautils.get_text("selfgen", "train") != t1  # the run's own text, 3 samples of 32 tokens
+    assert r["selfgen"]["text_sha256"] != i1["text_sha256"]  # the run's own text, 3 samples of 32 tokens
 
 
 # ---------------------------------------------------------------- the real model

@@ -106,12 +106,13 @@ def run_grid(base: argparse.Namespace, specs: list[str], ratios: list[float], de
     model, tokenizer, fp = acur.load_model(base)
     linears = acur.select_linears(model, base)
     originals = {i.name: i.module for i in linears}
+    calib_text = None
     if base.calib_dataset in datautils.GENERATED_DATASETS:
-        acur.prepare_selfgen(model, tokenizer, base, fp)
+        calib_text, _ = acur.prepare_selfgen(model, tokenizer, base, fp)
     timings: dict = {}
     t0 = time.perf_counter()
     calib_ids = datautils.get_calib_data(base.calib_dataset, tokenizer, base.n_calib_samples, base.calib_seqlen,
-                                         base.seed, base.use_bos)
+                                         base.seed, base.use_bos, calib_text)
     scales = acur.stage_scales(model, linears, calib_ids, base, fp)
     timings["calibration"] = round(time.perf_counter() - t0, 2)
     spec_args = {spec: parse_spec(spec, base) for spec in specs}
