@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 from modules.decompositions import params_for_ratio
+from modules.kv_ranks import kv_cached_dims
 
 Shapes = dict[str, tuple[int, int]]
 
@@ -95,7 +96,6 @@ def search_ppl(sensitivity: dict[str, dict[str, float]], shapes: Shapes, ppl_tar
 
 def kv_reached_ratio(fractions: dict[str, float], shapes: Shapes, rank_align: int = 1) -> float:
     """KV-cache mode: cached dims / original dims over the k/v projections (shapes: out x in)."""
-    from modules.kv_cache import kv_cached_dims
     cached = sum(kv_cached_dims(m, n, fractions.get(name, 1.0), rank_align) for name, (m, n) in shapes.items())
     return cached / sum(m for m, _ in shapes.values())
 
@@ -105,7 +105,6 @@ def search_kv_ratio(sensitivity: dict[str, dict[str, float]], shapes: Shapes, ta
     """KV-cache mode: per-layer rank fractions of the K/V width (sensitivity keys are fractions) whose
     cached dims / original dims is at most `target`, as close to it as integer ranks allow. Same cut
     search as search_param_ratio; the last accepted layer gets the leftover dims."""
-    from modules.kv_cache import kv_cached_dims
     triples = _sorted_triples(sensitivity)
     names = list(shapes)
     floor = kv_reached_ratio(ratios_at_cut(triples, 0, names), shapes, rank_align)

@@ -1,12 +1,11 @@
-"""Low-rank KV cache: with k_proj / v_proj compressed, the cache holds the rank-k latent z = U (R x) of
-every token instead of K and V, and attention rebuilds K = C z + b (then RoPE, for LLaMA) and V from it.
+"""Low-rank KV cache runtime: with k_proj / v_proj compressed, the cache holds the rank-k latent z = U (R x)
+of every token instead of K and V, and attention rebuilds K = C z + b (then RoPE, for LLaMA) and V from it.
 
-Two parts:
-- RUNTIME (between the markers below): the cache layer, the attention module and enable/disable. It
-  imports only torch and transformers, because huggingface_repos/build_acur_repo.py copies it verbatim
-  into exported repos (`runtime_source()`), which cannot import this project.
-- PIPELINE (after the runtime): what acur.py's --compress_kv_cache needs: candidate ranks as fractions
-  of the K/V width, sensitivity over them, compression at those ranks, and the bytes-per-token report.
+This file is the RUNTIME only (the cache layer, the attention module, enable/disable). What lies between
+the markers imports only torch and transformers, because huggingface_repos/build_acur_repo.py copies it
+verbatim into exported repos (`runtime_source()`), which cannot import this project. What acur.py's
+--compress_kv_cache does with it (rank fractions, sensitivity, compression, the bytes report) is the
+stage script kv_compress.py; the pure rank arithmetic is modules/kv_ranks.py.
 
 Why the latent and not K: K is rotated per position after the projection, so a rank-k factor of K
 cannot be rotated in the latent space; the latent is stored, and K is rebuilt and rotated at every
@@ -276,7 +275,7 @@ class LowRankKVAttention(nn.Module):
         return out.reshape(b, H, q, d).transpose(1, 2), weights
 
 
-def _decoder_layers_and_rotary(model: nn.Module):
+def decoder_layers_and_rotary(model: nn.Module):
     base = getattr(model, "model", model)
     dec = getattr(base, "decoder", None)
     if dec is not None and hasattr(dec, "layers"):
@@ -289,7 +288,7 @@ def _decoder_layers_and_rotary(model: nn.Module):
 def enable_lowrank_kv_cache(model: nn.Module) -> list[int]:
     """Wrap the attention of every block whose k_proj or v_proj is low-rank; returns the block indices.
     Idempotent. The model's generate() and forward(use_cache=True) then cache the latents."""
-    layers, rotary = _decoder_layers_and_rotary(model)
+    layers, rotary = decoder_layers_and_rotary(model)
     done = []
     for i, block in enumerate(layers):
         attn = block.self_attn
@@ -303,7 +302,7 @@ def enable_lowrank_kv_cache(model: nn.Module) -> list[int]:
 
 def disable_lowrank_kv_cache(model: nn.Module) -> None:
     """Put the model's own attention modules back (same child modules): the cache holds K/V again."""
-    layers, _ = _decoder_layers_and_rotary(model)
+    layers, _ = decoder_layers_and_rotary(model)
     for block in layers:
         attn = block.self_attn
         if isinstance(attn, LowRankKVAttention):
@@ -323,18 +322,8 @@ def cache_nbytes(cache: Cache) -> int:
     return total
 # ===== END LOW-RANK KV RUNTIME =====
 
-import math  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from tqdm.auto import tqdm  # noqa: E402
-
-from modules.cur_linear import CURLinear  # noqa: E402
-from modules.cur_math import cur_decompose, safe_svd, scaled_weight  # noqa: E402
-
-# ASVD4LLM's KV candidates were parameter ratios 0.1..1.9 of a square K/V projection, i.e. ranks of
-# 0.05..0.95 of its width; here they are stated directly as rank fractions of the K/V width.
-KV_RANK_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(1, 20))
-KV_PROJ_NAMES = ("k_proj", "v_proj")
 _BEGIN, _END = "# ===== BEGIN LOW-RANK KV RUNTIME", "# ===== END LOW-RANK KV RUNTIME ====="
 
 
@@ -346,161 +335,3 @@ def runtime_source() -> str:
     return ('"""Low-rank KV cache of ACUR-compressed models (copied from CUR4LLM modules/kv_cache.py).\n\n'
             "The cache holds the latent U R x of k_proj / v_proj instead of K and V; attention rebuilds them.\n"
             '"""\nfrom __future__ import annotations\n\n' + body)
-
-
-def is_kv_linear(name: str) -> bool:
-    return name.rpartition(".")[2] in KV_PROJ_NAMES
-
-
-def kv_rank(width: int, in_features: int, fraction: float, rank_align: int = 1) -> int:
-    """Latent width cached for a rank fraction of the K/V width: floor(f * width), rounded down to a
-    multiple of rank_align when that stays >= 1, within [1, min(width, in_features)]."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"KV rank fraction must be in (0, 1], got {fraction}")
-    k = min(int(math.floor(fraction * width + 1e-9)), width, in_features)
-    aligned = (k // rank_align) * rank_align
-    return max(aligned if aligned > 0 else k, 1)
-
-
-def kv_cached_dims(width: int, in_features: int, fraction: float, rank_align: int = 1) -> int:
-    """Per-token cached width of one projection: its width when dense (fraction 1), else its rank."""
-    return width if fraction >= 1 else kv_rank(width, in_features, fraction, rank_align)
-
-
-def kv_sensitivity_ppl(model: nn.Module, linears: list, calib_ids: torch.Tensor, fractions: list[float],
-                       scales: dict | None, alpha: float, cur_kwargs: dict, batch_size: int = 4,
-                       done: dict | None = None, on_progress=None) -> dict[str, dict[str, float]]:
-    """{k/v layer: {rank fraction: calibration ppl}} with that one projection at that rank (ASVD's KV
-    protocol). Runs only the blocks at and after the layer (sensitivity.BlockRunner, exact)."""
-    import sensitivity as sens
-    from evaluate_utils import perplexity_of_windows
-    from modules.model_utils import replace_module
-    results = dict(done or {})
-    todo = [i for i in linears if i.name not in results]
-    if not todo:
-        return results
-    try:
-        runner = sens.BlockRunner(model, calib_ids, batch_size)
-    except ValueError:
-        runner = None
-        print("WARNING: unknown model layout; KV sensitivity uses full forward passes (slower, same result)")
-    for info in tqdm(todo, desc="KV sensitivity (ppl)"):
-        scale = scales.get(info.name) if scales else None
-        original = info.module
-        m, n = original.weight.shape
-        svd = safe_svd(scaled_weight(original.weight.data, scale, alpha))
-        if runner is not None:
-            runner.advance_to(info.block)
-        row = {}
-        try:
-            for f in fractions:
-                replace_module(info, _cur_at_rank(original, kv_rank(m, n, f, cur_kwargs["rank_align"]), scale,
-                                                  alpha, cur_kwargs, svd))
-                row[sens.ratio_key(f)] = (runner.tail_ppl() if runner is not None else
-                                          perplexity_of_windows(model, calib_ids, batch_size, desc=None))
-        finally:
-            replace_module(info, original)
-        results[info.name] = row
-        if on_progress is not None:
-            on_progress(results)
-    return results
-
-
-def kv_sensitivity_stable_rank(linears: list, fractions: list[float], scales: dict | None, alpha: float,
-                               done: dict | None = None, on_progress=None) -> dict[str, dict[str, float]]:
-    """(1 - f) * stable_rank(W S) / min(m, n) per rank fraction f: no forward passes."""
-    import sensitivity as sens
-    return sens.sensitivity_stable_rank(linears, fractions, scales, alpha, done=done, on_progress=on_progress)
-
-
-def kv_sensitivity_spectral(linears: list, fractions: list[float], scales: dict | None, alpha: float,
-                            rank_align: int = 1, done: dict | None = None, on_progress=None) -> dict[str, dict[str, float]]:
-    """Tail energy of the scaled spectrum beyond the KV rank of each fraction: sum_{i>k} s_i^2 / sum s_i^2 of
-    W S (the best rank-k error, a lower bound of CUR's); no forward passes, one SVD per layer. Non-finite
-    weights score 1 (most sensitive), with a warning."""
-    import sensitivity as sens
-    results = dict(done or {})
-    for info in tqdm([i for i in linears if i.name not in results], desc="KV sensitivity (spectral)"):
-        w = scaled_weight(info.module.weight.data, scales.get(info.name) if scales else None, alpha)
-        m, n = w.shape
-        if torch.isfinite(w).all():
-            e = torch.linalg.svdvals(w.double()).pow(2)
-            tail = e.flip(0).cumsum(0).flip(0) / e.sum().clamp_min(1e-300)  # tail[k] = sum_{i>=k} / total
-            tail = torch.cat([tail, tail.new_zeros(1)])
-            row = {sens.ratio_key(f): float(tail[kv_rank(m, n, f, rank_align)]) for f in fractions}
-        else:
-            print(f"WARNING: {info.name}: non-finite scaled weight; scored as maximally sensitive")
-            row = {sens.ratio_key(f): 1.0 for f in fractions}
-        results[info.name] = row
-        if on_progress is not None:
-            on_progress(results)
-    return results
-
-
-def _cur_at_rank(linear: nn.Linear, rank: int, scale, alpha: float, cur_kwargs: dict, svd=None,
-                 generator: torch.Generator | None = None) -> CURLinear:
-    W = linear.weight.data
-    factors = cur_decompose(W, rank, scale=scale, alpha=alpha, selection=cur_kwargs.get("selection", "topk"),
-                            u_mode=cur_kwargs.get("u_mode", "pinv"), svd=svd, generator=generator)
-    bias = linear.bias.data if linear.bias is not None else None
-    return CURLinear.from_factors(factors, bias, W.dtype, W.device)
-
-
-def compress_kv_linears(linears: list, fractions: dict[str, float], scales: dict | None, alpha: float,
-                        cur_kwargs: dict, seed: int = 0, desc: str | None = "CUR replacement (KV)") -> dict[str, dict]:
-    """Replace every k/v projection whose fraction is below 1 by its CURLinear at kv_rank; per-layer
-    report in acur.compress_model's format plus `cached_dims`."""
-    from modules.model_utils import replace_module
-    gen = torch.Generator().manual_seed(seed)
-    report = {}
-    for info in tqdm(linears, desc=desc, disable=desc is None):
-        m, n = info.module.weight.shape
-        f = fractions.get(info.name, 1.0)
-        row = {"ratio": f, "shape": [m, n], "params_dense": m * n, "rank": None, "params": m * n,
-               "fallback": "", "cached_dims": m}
-        if f < 1:
-            k = kv_rank(m, n, f, cur_kwargs.get("rank_align", 1))
-            cur = _cur_at_rank(info.module, k, scales.get(info.name) if scales else None, alpha, cur_kwargs,
-                               generator=gen)
-            row.update(rank=cur.rank, params=cur.param_count(), fallback=cur.fallback, cached_dims=cur.rank)
-            if cur.fallback:
-                print(f"WARNING: {info.name}: {cur.fallback}")
-            replace_module(info, cur)
-        report[info.name] = row
-    return report
-
-
-def check_kv_support(model: nn.Module) -> None:
-    """Raise ValueError (one line) when the model's attention cannot carry a low-rank KV cache."""
-    layers, rotary = _decoder_layers_and_rotary(model)
-    attn = layers[0].self_attn
-    LowRankKVAttention(attn, rotary)  # raises for unsupported layouts
-    for name in KV_PROJ_NAMES:
-        if not isinstance(getattr(attn, name, None), nn.Linear):
-            raise ValueError(f"{type(attn).__name__}.{name} is not an nn.Linear")
-
-
-def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
-    """Expected cache bytes per token, from the layer shapes and ranks (what `cache_nbytes` must measure).
-
-    dense: K and V of every block at full width. compressed: the cached widths (latent rank of a low-rank
-    side) plus 4 bytes (int32 position) per block whose K is low-rank under RoPE."""
-    layers, _ = _decoder_layers_and_rotary(model)
-    if dtype is None:
-        dtype = next(model.parameters()).dtype
-    elt = torch.tensor([], dtype=dtype).element_size()
-    pos = dims_dense = dims_cached = 0
-    for block in layers:
-        attn = block.self_attn
-        wrapped = isinstance(attn, LowRankKVAttention)  # unwrapped blocks cache full K and V
-        for name in KV_PROJ_NAMES:
-            proj = getattr(attn, name)
-            f = latent_factors(proj) if wrapped else None
-            width = proj.out_features
-            dims_dense += width
-            dims_cached += f[1].shape[1] if f is not None else width
-            if name == "k_proj" and f is not None and attn.style == "llama":
-                pos += 4
-    dense, cached = dims_dense * elt, dims_cached * elt + pos
-    return {"dense": dense, "compressed": cached, "positions": pos, "dims_dense": dims_dense,
-            "dims_cached": dims_cached, "ratio": dims_cached / dims_dense, "dtype": str(dtype).replace("torch.", "")}

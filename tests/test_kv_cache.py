@@ -4,6 +4,7 @@ Fast tests use the tiny random-initialised LLaMA/OPT checkpoints of conftest (ra
 numbers mean nothing, the code paths are the real ones); the SmolLM2 test is marked integration."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ import acur
 import binary_search
 import datautils
 from conftest import tiny_args
+import kv_compress
 from modules import kv_cache as kv
+from modules import kv_ranks
 from modules.cur_linear import CURLinear
 from modules.model_utils import find_linears
 
@@ -27,11 +30,11 @@ def kv_compressed(model_dir, fraction=0.5, dense_first_k=True):
     """Tiny model with every k/v projection at `fraction` of its width (block 0's K left dense, to
     cover a block mixing a dense and a low-rank side), low-rank cache enabled."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    linears = [i for i in find_linears(model) if kv.is_kv_linear(i.name)]
+    linears = [i for i in find_linears(model) if kv_ranks.is_kv_linear(i.name)]
     fr = {i.name: fraction for i in linears}
     if dense_first_k:
         fr[linears[0].name] = 1.0
-    kv.compress_kv_linears(linears, fr, None, 0.5, {"rank_align": 1}, desc=None)
+    kv_compress.compress_kv_linears(linears, fr, None, 0.5, {"rank_align": 1}, desc=None)
     assert kv.enable_lowrank_kv_cache(model) == list(range(model.config.num_hidden_layers))
     return model
 
@@ -116,7 +119,7 @@ def test_random_measured_cache_bytes_equal_expected_at_chosen_ranks(family, tiny
         a = block.self_attn
         k_dims = a.k_proj.out_features if i == 0 else a.k_proj.rank
         by_hand += 4 * (k_dims + a.v_proj.rank) + (4 if family == "llama" and i > 0 else 0)
-    exp = kv.kv_bytes_per_token(model)
+    exp = kv_compress.kv_bytes_per_token(model)
     assert exp["compressed"] == by_hand
     assert exp["dense"] == 4 * sum(b.self_attn.k_proj.out_features + b.self_attn.v_proj.out_features for b in blocks)
     ids = torch.randint(3, model.config.vocab_size, (3, 17))
@@ -132,7 +135,7 @@ def test_random_measured_cache_bytes_equal_expected_at_chosen_ranks(family, tiny
 def test_random_kv_search_reaches_target_and_refuses_unreachable():
     shapes = {f"l{i}.k_proj": (64, 128) for i in range(4)} | {f"l{i}.v_proj": (64, 128) for i in range(4)}
     g = torch.Generator().manual_seed(0)
-    table = {n: {f"{f:.4g}": float(torch.rand(1, generator=g)) * (1 - f) for f in kv.KV_RANK_FRACTIONS}
+    table = {n: {f"{f:.4g}": float(torch.rand(1, generator=g)) * (1 - f) for f in kv_ranks.KV_RANK_FRACTIONS}
              for n in shapes}
     for target in (0.95, 0.7, 0.5, 0.2):
         fr = binary_search.search_kv_ratio(table, shapes, target)
@@ -140,8 +143,8 @@ def test_random_kv_search_reaches_target_and_refuses_unreachable():
         assert target - 1 / 64 <= reached <= target  # within one rank of one layer below the target
     with pytest.raises(ValueError, match="below what the candidate"):
         binary_search.search_kv_ratio(table, shapes, 0.01)
-    assert kv.kv_rank(64, 128, 0.5) == 32 and kv.kv_rank(64, 128, 0.5, rank_align=8) == 32
-    assert kv.kv_rank(64, 128, 0.01) == 1 and kv.kv_cached_dims(64, 128, 1.0) == 64
+    assert kv_ranks.kv_rank(64, 128, 0.5) == 32 and kv_ranks.kv_rank(64, 128, 0.5, rank_align=8) == 32
+    assert kv_ranks.kv_rank(64, 128, 0.01) == 1 and kv_ranks.kv_cached_dims(64, 128, 1.0) == 64
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -153,9 +156,9 @@ def test_random_acur_kv_mode_end_to_end(family, tiny_llama_dir, tiny_opt_dir, ti
                      "--kv_rank_fractions", "0.1,0.3,0.5,0.7,0.9")
     model, tok, res = acur.run_pipeline(acur.build_parser().parse_args(argv))
     assert set(res["layers"]) == {i.name for i in find_linears(model, types=(torch.nn.Linear, CURLinear))
-                                  if kv.is_kv_linear(i.name)}
+                                  if kv_ranks.is_kv_linear(i.name)}
     curs = [i for i in find_linears(model, types=(torch.nn.Linear, CURLinear)) if isinstance(i.module, CURLinear)]
-    assert curs and all(kv.is_kv_linear(i.name) for i in curs)
+    assert curs and all(kv_ranks.is_kv_linear(i.name) for i in curs)
     k = res["kv_cache"]
     dims = sum(r["shape"][0] for r in res["layers"].values())
     assert 0.5 - 16 / dims <= k["reached"] <= 0.5 and k["ratio_target"] == 0.5
@@ -183,15 +186,15 @@ def test_random_acur_kv_mode_end_to_end(family, tiny_llama_dir, tiny_opt_dir, ti
 
 def test_random_kv_spectral_sensitivity_is_the_svd_tail_at_kv_ranks(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    linears = [i for i in find_linears(model) if kv.is_kv_linear(i.name)]
+    linears = [i for i in find_linears(model) if kv_ranks.is_kv_linear(i.name)]
     scales = {i.name: torch.rand(i.module.in_features, generator=torch.Generator().manual_seed(3)) + 0.1
               for i in linears}
-    table = kv.kv_sensitivity_spectral(linears, [0.25, 0.5, 0.75], scales, 0.5)
+    table = kv_compress.kv_sensitivity_spectral(linears, [0.25, 0.5, 0.75], scales, 0.5)
     info = linears[1]
     s = torch.linalg.svdvals((info.module.weight.detach() * (scales[info.name] ** 0.5 + 1e-6)).double()).pow(2)
     m, n = info.module.weight.shape
     for f in (0.25, 0.5, 0.75):
-        k = kv.kv_rank(m, n, f)
+        k = kv_ranks.kv_rank(m, n, f)
         assert table[info.name][f"{f:.4g}"] == pytest.approx(float(s[k:].sum() / s.sum()), rel=1e-6)
     assert all(row["0.25"] > row["0.5"] > row["0.75"] >= 0 for row in table.values())
 
@@ -219,6 +222,42 @@ def test_runtime_section_is_self_contained():
     exec(compile(src, "acur_kv_cache.py", "exec"), ns)
     assert {"enable_lowrank_kv_cache", "LowRankKVAttention", "LowRankKVLayer", "cache_nbytes"} <= set(ns)
 
+
+
+def _imported_modules(path) -> set[str]:
+    import ast
+    tree = ast.parse(Path(path).read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            out.add(node.module or "")
+    return out
+
+
+def test_kv_runtime_file_imports_no_pipeline():
+    """modules/kv_cache.py is the runtime only: the pipeline part (sensitivity, evaluation) is kv_compress.py."""
+    imported = _imported_modules(kv.__file__)
+    assert not imported & {"sensitivity", "evaluate_utils", "acur", "kv_compress", "binary_search"}, imported
+    assert not any(m.startswith("modules") for m in imported), imported
+    assert {"kv_sensitivity_ppl", "compress_kv_linears", "kv_bytes_per_token", "check_kv_support"} <= set(vars(kv_compress))
+    assert not {"kv_sensitivity_ppl", "compress_kv_linears", "kv_rank"} & set(vars(kv))
+
+
+def test_search_counts_kv_dims_without_transformers():
+    """binary_search (and the KV rank arithmetic it uses) imports neither transformers nor the KV runtime."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    code = ("import sys, binary_search; from modules import kv_ranks; "
+            "bad = [m for m in ('transformers', 'modules.kv_cache') if m in sys.modules]; "
+            "r = binary_search.kv_reached_ratio({'a.k_proj': 0.5}, {'a.k_proj': (64, 128), 'a.v_proj': (64, 128)}); "
+            "print(bad, r, kv_ranks.kv_cached_dims(64, 128, 0.5))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]", "0.75", "32"]
 
 def test_random_bench_kv_measures_expected_bytes(capsys):
     import importlib.util
@@ -255,7 +294,7 @@ def test_smollm2_kv_mode_perplexity_and_cache(smollm2_dir, tmp_path):
     acur.validate_args(args)
     model, tok, fp = acur.load_model(args)
     linears = acur.select_linears(model, args)
-    assert len(linears) == 60 and all(kv.is_kv_linear(i.name) for i in linears)
+    assert len(linears) == 60 and all(kv_ranks.is_kv_linear(i.name) for i in linears)
     calib = datautils.get_calib_data(args.calib_dataset, tok, 2, 128, args.seed, False)
     scales = acur.stage_scales(model, linears, calib, args, fp)
     table, _ = acur.stage_sensitivity(model, linears, calib, scales, args, fp)

@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+import kv_compress  # noqa: E402
 from modules import kv_cache as kv  # noqa: E402
 from modules.cur_linear import CURLinear  # noqa: E402
 from modules.model_utils import find_linears, replace_module  # noqa: E402
@@ -108,7 +109,7 @@ def load(args, device, dtype):
         label = args.model_id
     model.eval()
     try:
-        kv.check_kv_support(model)
+        kv_compress.check_kv_support(model)
     except ValueError as exc:
         raise BenchError(str(exc)) from None
     return model, label
@@ -137,9 +138,9 @@ def set_ratio(model, linears, originals: dict, ratio: float, random_factors: boo
         torch.manual_seed(seed)
         for info in linears:
             m, n = info.module.weight.shape
-            replace_module(info, random_cur(info.module, kv.kv_rank(m, n, ratio)))
+            replace_module(info, random_cur(info.module, kv_compress.kv_rank(m, n, ratio)))
     else:
-        kv.compress_kv_linears(linears, {i.name: ratio for i in linears}, None, 0.5, {"rank_align": 1},
+        kv_compress.compress_kv_linears(linears, {i.name: ratio for i in linears}, None, 0.5, {"rank_align": 1},
                                seed=seed, desc=None)
     kv.enable_lowrank_kv_cache(model)
 
@@ -198,12 +199,12 @@ def run(args) -> list[dict]:
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and max(contexts) + args.new_tokens + 1 > max_pos:
         raise BenchError(f"--context {max(contexts)} + --new_tokens exceeds the model's {max_pos} positions")
-    linears = [i for i in find_linears(model) if kv.is_kv_linear(i.name)]
+    linears = [i for i in find_linears(model) if kv_compress.is_kv_linear(i.name)]
     originals = {i.name: i.module for i in linears}
     rows = []
     for ratio in tqdm(ratios, desc="KV ratios"):
         set_ratio(model, linears, originals, ratio, args.model_id is None, args.seed)
-        expected = kv.kv_bytes_per_token(model, dtype)
+        expected = kv_compress.kv_bytes_per_token(model, dtype)
         for ctx in contexts:
             runs = [measure(model, ctx, args.new_tokens, args.batch_size, device, args.seed + r)
                     for r in range(args.repeats)]
