@@ -231,6 +231,47 @@ def test_longbench_compressed_in_memory_random_tiny_llama(tiny_llama_dir, tiny_t
     assert res["n"] == {"hotpotqa": 1, "trec": 1}
 
 
+# ---------------------------------------------------------------- texts read and tokenised once
+def test_run_pipeline_reads_and_tokenises_each_text_once(tiny_llama_dir, tiny_text_file, tmp_path, monkeypatch):
+    """One run reads every text once and tokenises it once (the early fetch, the user-text length check,
+    calibration and both evaluations share it); an edited file is read again."""
+    import collections
+    from conftest import synthetic_text
+    other = tmp_path / "eval.txt"
+    other.write_text(synthetic_text(seed=1))
+    datautils.clear_memo()
+    reads, tokenised = collections.Counter(), collections.Counter()
+    real_read, real_tok = datautils._read_text, datautils.tokenize_text
+
+    def read(name, split):
+        reads[name] += 1
+        return real_read(name, split)
+
+    def tokenize(tok, text):
+        tokenised[datautils.text_digest(text)] += 1
+        return real_tok(tok, text)
+    monkeypatch.setattr(datautils, "_read_text", read)
+    monkeypatch.setattr(datautils, "tokenize_text", tokenize)
+    r = run_acur(tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--param_ratio_target", "0.9",
+                           "--sensitivity_metric", "stable_rank", "--eval_dense", "--run_name", "once",
+                           "--eval_ppl", f"text:{other},text:{tiny_text_file}"))
+    assert set(r["ppl"]["dense"]) == set(r["ppl"]["compressed"]) == {f"text:{other}", f"text:{tiny_text_file}"}
+    assert reads == {f"text:{tiny_text_file}": 1, f"text:{other}": 1}
+    digests = {datautils.text_digest(tiny_text_file.read_text()), datautils.text_digest(other.read_text())}
+    assert set(tokenised) == digests and set(tokenised.values()) == {1}
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    assert datautils.get_eval_ids(f"text:{other}", tok) is datautils.get_eval_ids(f"text:{other}", tok)
+    assert reads[f"text:{other}"] == 1
+    import os
+    st = other.stat()
+    other.write_text(synthetic_text(seed=2))
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # an edit: new mtime
+    datautils.get_eval_ids(f"text:{other}", tok)
+    assert reads[f"text:{other}"] == 2
+    datautils.clear_memo()
+
+
 # ---------------------------------------------------------------- selfgen calibration
 def test_selfgen_calibration_random_tiny_llama(tiny_llama_dir, tiny_text_file, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
