@@ -1,22 +1,31 @@
-"""Compress a LLaMA or OPT checkpoint with acur.py's pipeline and save it as a Hugging Face repo that
-loads with `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)`.
+"""Compress a decoder-only checkpoint (LLaMA, OPT, Qwen2, Mistral, ...) with acur.py's pipeline, any --method,
+and save it as a Hugging Face repo that loads with `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)`.
 
     python huggingface_repos/build_acur_repo.py --model_id smollm2-135m --act_aware --alpha 0.5 \\
         --n_calib_samples 16 --scaling_method abs_mean --param_ratio_target 0.9 --use_cache
 
 Every acur.py flag works here (same parser, same pipeline); this script adds the --repo_* flags and
---push. The repo holds safetensors weights (C, U, R of each compressed layer; no dense copies), the
-tokenizer, the generation config, config.json with `cur_layers` and `auto_map`, the copied
-configuration/modeling files, a model card README.md and acur_results.json.
+--push. The repo holds safetensors weights (the factors of each compressed layer and its kept indices as
+integer tensors; no dense copies), the tokenizer, the generation config, config.json with `lowrank_layers`
+(per-layer type, method, rank, shape) and `auto_map`, the configuration/modeling files written per family
+from modeling_acur_template.py, the layer classes (acur_layers.py, copied from modules/ with
+inspect.getsource) and the KV runtime (acur_kv_cache.py), a model card README.md and acur_results.json.
 """
 from __future__ import annotations
 
+import ast
+import builtins
+import importlib
+import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import types
+import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,18 +38,13 @@ import torch  # noqa: E402
 import acur  # noqa: E402
 import datautils  # noqa: E402
 from acur import UsageError  # noqa: E402
-from modules import decompositions, kv_cache  # noqa: E402
-from modules.cur_linear import CURLinear  # noqa: E402
-from modules.model_utils import find_linears  # noqa: E402
+from modules import kv_cache  # noqa: E402
+from modules.model_utils import decoder_layers, find_linears  # noqa: E402
 
-# model_type -> (configuration module, config class, modeling module, model class)
-FAMILIES = {
-    "llama": ("configuration_acur_llama", "AcurLlamaConfig", "modeling_acur_llama", "AcurLlamaForCausalLM"),
-    "opt": ("configuration_acur_opt", "AcurOPTConfig", "modeling_acur_opt", "AcurOPTForCausalLM"),
-}
+TEMPLATE = HERE / "modeling_acur_template.py"  # the one source of every family's configuration/modeling files
 # config keys that describe the base checkpoint rather than the exported one
 _DROP_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
-                     "quantization_config", "cur_layers", "acur")
+                     "quantization_config", "cur_layers", "lowrank_layers", "lowrank_kv_cache", "acur")
 
 
 def build_parser():
@@ -63,17 +67,29 @@ def build_parser():
 
 # ---------------------------------------------------------------- checks before any heavy work
 def model_family(args) -> str:
-    """'llama' or 'opt' from the checkpoint's config; UsageError for anything else."""
-    from transformers import AutoConfig
+    """The checkpoint's model_type, when transformers has a causal-LM class for it with decoder blocks the
+    pipeline walks (model.model.layers or model.model.decoder.layers); UsageError otherwise. Checked on
+    the meta device: no weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     path, _ = acur.resolve_model(args)
     try:
         cfg = AutoConfig.from_pretrained(path, revision=args.revision)
     except (OSError, ValueError) as exc:
         raise UsageError(f"model not found or hub unreachable: {args.model_id!r} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    if cfg.model_type not in FAMILIES:
-        raise UsageError(f"build_acur_repo.py exports {' and '.join(FAMILIES)} checkpoints; "
-                         f"{args.model_id!r} has model_type {cfg.model_type!r}")
+    why = None
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        why = "transformers has no causal-LM class for it"
+    else:
+        try:
+            with torch.device("meta"):
+                decoder_layers(AutoModelForCausalLM.from_config(cfg))
+        except ValueError as exc:
+            why = str(exc)
+    if why:
+        raise UsageError(f"build_acur_repo.py exports decoder-only models whose blocks are model.model.layers or "
+                         f"model.model.decoder.layers; {args.model_id!r} has model_type {cfg.model_type!r} ({why})")
     return cfg.model_type
 
 
@@ -85,7 +101,8 @@ def model_name(model_id: str) -> str:
 
 
 def default_repo_dir(args, ratio: float) -> Path:
-    tag = "acurkv" if getattr(args, "compress_kv_cache", False) else "acur"  # KV mode: ratio of the cache
+    method = getattr(args, "method", "acur")
+    tag = "acurkv" if getattr(args, "compress_kv_cache", False) else method  # KV mode: ratio of the cache
     return HERE / f"{model_name(args.model_id)}-{tag}{int(round(ratio * 100))}"
 
 
@@ -95,7 +112,8 @@ def check_repo_dir(path: Path) -> None:
         return
     cfg = path / "config.json"
     try:
-        is_export = path.is_dir() and "cur_layers" in json.loads(cfg.read_text())
+        keys = json.loads(cfg.read_text()) if path.is_dir() else {}
+        is_export = "lowrank_layers" in keys or "cur_layers" in keys  # cur_layers: exports before the template
     except (OSError, ValueError):
         is_export = False
     if not is_export:
@@ -123,38 +141,150 @@ def hub_client(args):
     return api, repo_id
 
 
-# ---------------------------------------------------------------- export
-def family_classes(family: str):
-    """The repo's own config and model classes (huggingface_repos/ is a namespace package)."""
-    import importlib
-    cfg_mod, cfg_cls, mdl_mod, mdl_cls = FAMILIES[family]
-    return (getattr(importlib.import_module(f"huggingface_repos.{cfg_mod}"), cfg_cls),
-            getattr(importlib.import_module(f"huggingface_repos.{mdl_mod}"), mdl_cls))
+# ---------------------------------------------------------------- export: code of the repo
+def family_names(model_type: str) -> dict[str, str]:
+    """Placeholder -> name for one family: its transformers config and model classes, the exported class
+    prefix and the file suffix (llama -> AcurLlama / acur_llama, opt -> AcurOPT / acur_opt)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    return {"AcurBase": "Acur" + model_cls.removesuffix("ForCausalLM"),
+            "acur_base": "acur_" + re.sub(r"\W", "_", model_type),
+            "BaseConfig": CONFIG_MAPPING_NAMES[model_type], "BaseForCausalLM": model_cls}
 
 
-def cur_layer_specs(model) -> dict[str, dict]:
-    """{layer name: {rank, in, out, bias, cols, rows}} for every CURLinear of the compressed model."""
+def template_section(name: str) -> str:
+    text = TEMPLATE.read_text()
+    begin, end = f"# ===== BEGIN {name} =====\n", f"# ===== END {name} ====="
+    return text[text.index(begin) + len(begin):text.index(end)]
+
+
+def family_files(model_type: str) -> dict[str, str]:
+    """{file name: source} of the configuration and modeling files of one family, from the one template."""
+    names = family_names(model_type)
+    out = {}
+    for section, stem in (("CONFIGURATION", "configuration"), ("MODELING", "modeling")):
+        src = template_section(section)
+        src = re.sub(r"\bAcurBase", names["AcurBase"], src).replace("acur_base", names["acur_base"])
+        src = re.sub(r"\bBaseConfig\b", names["BaseConfig"], src)
+        src = re.sub(r"\bBaseForCausalLM\b", names["BaseForCausalLM"], src)
+        left = re.findall(r"\bBase(?:Config|ForCausalLM)\b|AcurBase|acur_base", src)
+        if left:
+            raise RuntimeError(f"template placeholders left in {stem}: {sorted(set(left))}")
+        out[f"{stem}_{names['acur_base']}.py"] = src
+    return out
+
+
+def auto_map(model_type: str) -> dict[str, str]:
+    n = family_names(model_type)
+    return {"AutoConfig": f"configuration_{n['acur_base']}.{n['AcurBase']}Config",
+            "AutoModelForCausalLM": f"modeling_{n['acur_base']}.{n['AcurBase']}ForCausalLM"}
+
+
+def lowrank_layer_classes(model) -> list[type]:
+    """The project's low-rank layer classes in the compressed model, with their project base classes,
+    bases first. UsageError for a project module the repo format cannot rebuild (no in/out/rank)."""
+    classes: list[type] = []
+    for m in model.modules():
+        t = type(m)
+        if not t.__module__.startswith("modules.") or isinstance(m, kv_cache.LowRankKVAttention):
+            continue  # dense layers are transformers'; KV mode's attention wrapper is rebuilt from the config
+        if not all(hasattr(m, a) for a in ("in_features", "out_features", "rank")):
+            raise UsageError(f"the compressed model holds {t.__name__}, which the repo format cannot rebuild "
+                             "(it needs in_features, out_features and rank)")
+        for base in reversed(t.__mro__):
+            if base.__module__.startswith("modules.") and base not in classes:
+                classes.append(base)
+    return classes
+
+
+def runtime_class_source(cls: type, copied: set[str]) -> str:
+    """Source of a layer class for the repo: inspect.getsource, minus methods that use project names the
+    repo lacks (factories such as from_linear, param_count). __init__ and forward must be self-contained."""
+    src = inspect.getsource(cls)
+    node = ast.parse(src).body[0]
+    project = vars(sys.modules[cls.__module__])
+    allowed = set(dir(builtins)) | {"torch", "nn", "F", "math"} | copied
+    lines = src.splitlines(keepends=True)
+    drop = []
+    for fn in node.body:
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        used = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+        missing = sorted(u for u in used if u in project and u not in allowed)
+        if missing:
+            if fn.name in ("__init__", "forward"):
+                raise UsageError(f"{cls.__name__}.{fn.name} uses {', '.join(missing)} from {cls.__module__}: "
+                                 "the exported repo cannot carry it")
+            first = min([fn.lineno] + [d.lineno for d in fn.decorator_list]) - 1
+            while first > 0 and not lines[first - 1].strip():  # with the blank lines above it
+                first -= 1
+            drop.append((first, fn.end_lineno))
+    for a, b in sorted(drop, reverse=True):
+        del lines[a:b]
+    return "".join(lines)
+
+
+def layers_source(classes: list[type]) -> str:
+    """acur_layers.py: the layer classes the repo uses, copied from the project's one source of each."""
+    names = {c.__name__ for c in classes}
+    parts = ['"""Low-rank layers of this repo, copied by CUR4LLM build_acur_repo.py from the project\'s modules/\n'
+             '(' + ", ".join(f"{c.__module__}.{c.__name__}" for c in classes) + ') with inspect.getsource."""\n'
+             "from __future__ import annotations\n\nimport math  # noqa: F401\n\nimport torch  # noqa: F401\n"
+             "from torch import nn\nfrom torch.nn import functional as F  # noqa: F401\n"]
+    parts += [runtime_class_source(c, names) for c in classes]
+    parts.append("LAYER_CLASSES = {" + ", ".join(f"{c.__name__!r}: {c.__name__}" for c in classes
+                                                if not c.__name__.startswith("_")) + "}\n")
+    return "\n\n".join(p.rstrip("\n") + "\n" for p in parts)
+
+
+def import_repo_code(folder: Path, module: str):
+    """Import a module of the repo being written (relative imports inside it resolve to its folder)."""
+    pkg = f"_acur_export_{uuid.uuid4().hex[:8]}"
+    package = types.ModuleType(pkg)
+    package.__path__ = [str(folder)]
+    sys.modules[pkg] = package
+    try:
+        return importlib.import_module(f"{pkg}.{module}")
+    finally:  # the classes stay usable; the names leave sys.modules
+        for name in [n for n in sys.modules if n == pkg or n.startswith(pkg + ".")]:
+            del sys.modules[name]
+
+
+def write_repo_code(folder: Path, model, family: str) -> list[str]:
+    """Write the configuration/modeling files, acur_layers.py and acur_kv_cache.py; returns their names."""
+    files = family_files(family)
+    files["acur_layers.py"] = layers_source(lowrank_layer_classes(model))
+    files["acur_kv_cache.py"] = kv_cache.runtime_source()  # imported by the modeling file
+    for name, src in files.items():
+        (folder / name).write_text(src)
+    return sorted(files)
+
+
+# ---------------------------------------------------------------- export: config and weights
+def lowrank_layer_specs(model, method: str) -> dict[str, dict]:
+    """{layer name: {type, method, rank, in, out, bias}} for every low-rank layer of the compressed model.
+    The kept indices are not here: they are integer buffers of the layers, saved in the safetensors."""
+    classes = tuple(c for c in lowrank_layer_classes(model) if not c.__name__.startswith("_"))
     specs = {}
-    for info in find_linears(model, include_lm_head=True, types=(CURLinear,)):
+    for info in find_linears(model, include_lm_head=True, types=classes):
         m = info.module
-        specs[info.name] = {"rank": m.rank, "in": m.in_features, "out": m.out_features,
-                            "bias": m.bias is not None, "cols": m.col_indices.tolist(),
-                            "rows": m.row_indices.tolist()}
+        specs[info.name] = {"type": type(m).__name__, "method": getattr(m, "method", method), "rank": m.rank,
+                            "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
     return specs
 
 
-def export_config(model, family: str, specs: dict, results: dict, save_dtype: torch.dtype):
-    cfg_cls, _ = family_classes(family)
-    cfg_mod, _, mdl_mod, mdl_cls = FAMILIES[family]
+def export_config(model, cfg_cls, family: str, specs: dict, results: dict, save_dtype: torch.dtype):
+    n = family_names(family)
     base = {k: v for k, v in model.config.to_dict().items() if k not in _DROP_CONFIG_KEYS}
     cfg = cfg_cls.from_dict(base)
-    cfg.cur_layers = specs
-    cfg.acur = {"base_model": results["args"]["model_id"], "method": "ACUR (activation-aware CUR)",
+    cfg.lowrank_layers = specs
+    method = results["args"].get("method", "acur")
+    cfg.acur = {"base_model": results["args"]["model_id"], "method": method,
                 "param_ratio": results.get("param_ratio"), "schema": results.get("schema"),
                 "settings": card_settings(results["args"])}
-    cfg.architectures = [mdl_cls]
-    cfg.auto_map = {"AutoConfig": f"{cfg_mod}.{cfg_cls.__name__}",
-                    "AutoModelForCausalLM": f"{mdl_mod}.{mdl_cls}"}
+    cfg.architectures = [f"{n['AcurBase']}ForCausalLM"]
+    cfg.auto_map = auto_map(family)
     cfg.use_cache = True  # the pipeline turns it off for perplexity runs
     cfg.lowrank_kv_cache = bool(results["args"].get("compress_kv_cache"))  # modeling file caches k/v latents
     if results.get("kv_cache"):
@@ -165,15 +295,8 @@ def export_config(model, family: str, specs: dict, results: dict, save_dtype: to
     return cfg
 
 
-def build_export_model(model, family: str, cfg, save_dtype: torch.dtype):
+def build_export_model(model, mdl_cls, cfg, save_dtype: torch.dtype):
     """The repo's model class holding the compressed model's tensors (built on meta, no dense copy)."""
-    _, mdl_cls = family_classes(family)
-    foreign = sorted({type(m).__name__ for m in model.modules()
-                      if type(m).__module__.startswith("modules.")
-                      and not isinstance(m, (CURLinear, kv_cache.LowRankKVAttention))})  # KV mode: rebuilt from config
-    if foreign:
-        raise UsageError(f"the compressed model holds {', '.join(foreign)}; the repo format knows only "
-                         "CURLinear (and dense nn.Linear)")
     with torch.device("meta"):
         out = mdl_cls(cfg)
     state = {k: (v.to(save_dtype) if v.is_floating_point() else v).detach().cpu()
@@ -186,7 +309,7 @@ def build_export_model(model, family: str, cfg, save_dtype: torch.dtype):
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise UsageError(f"the compressed model does not fit the repo format (missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}); modules other than Linear/CURLinear?")
+                         f"unexpected {sorted(unexpected)[:5]})")
     out.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         out.tie_weights()
@@ -220,8 +343,14 @@ def size_report(args, results: dict, repo_dir: Path, save_dtype: torch.dtype) ->
     return rep
 
 
-_SETTING_KEYS = ("param_ratio_target", "ppl_target", "act_aware", "alpha", "scaling_method", "selection",
-                 "u_mode", "rank_align", "compress_lm_head", "calib_dataset", "n_calib_samples",
+METHOD_TEXT = {"acur": "activation-aware CUR: actual columns C and rows R of each weight and a small core U, "
+                        "y = C U R x + b",
+               "cur": "CUR: actual columns C and rows R of each weight and a small core U, y = C U R x + b",
+               "svd": "truncated SVD, y = A B x + b", "asvd": "activation-scaled SVD (ASVD), y = A B x + b",
+               "wsvd": "whitened SVD, y = A B x + b", "rowid": "row interpolative decomposition (actual rows)",
+               "colid": "column interpolative decomposition (actual columns)"}
+_SETTING_KEYS = ("method", "param_ratio_target", "ppl_target", "act_aware", "alpha", "scaling_method", "selection",
+                 "u_mode", "cov_damp", "rank_align", "compress_lm_head", "calib_dataset", "n_calib_samples",
                  "calib_seqlen", "seed", "use_bos", "sensitivity_metric", "sensitivity_ratios", "dtype",
                  "weight_quant", "quant_group_size", "compress_kv_cache", "kv_cache_ratio_target")
 
@@ -250,17 +379,18 @@ def model_card(args, results: dict, sizes: dict, repo_dir: Path, family: str, ve
     if hub_base:
         lines.append(f"base_model: {hub_base}")
     lines += ["---", "", f"# {repo_dir.name}", "",
-              f"**{base_text}** compressed with **ACUR**, activation-aware CUR decomposition (CUR4LLM). "
-              "Every compressed linear layer stores actual columns C and rows R of its original weight and a "
-              "small core U (y = C U R x + b); `config.json` lists, per layer, the rank and the indices of the "
-              "kept columns and rows (`cur_layers`).", "",
+              f"**{base_text}** compressed with CUR4LLM, method **{a.get('method', 'acur')}** "
+              f"({METHOD_TEXT.get(a.get('method', 'acur'), 'low-rank factors')}). `config.json` lists, per layer, "
+              "the layer type, method and rank (`lowrank_layers`); the safetensors hold the factors and, as "
+              "integer tensors, the indices of the kept columns / rows.", "",
               "## Load", "", "```python", "import torch",
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f'model = AutoModelForCausalLM.from_pretrained("{load_id}", trust_remote_code=True,',
               '                                             dtype=torch.float16, device_map="auto")',
               f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")', "```", "",
-              "The custom code (`modeling_acur_{0}.py`, `configuration_acur_{0}.py`) builds the CUR layers "
-              "before the weights load, so the dense weights are never materialised.".format(family), "",
+              "The custom code (`modeling_{0}.py`, `configuration_{0}.py`, `acur_layers.py`) builds the low-rank "
+              "layers before the weights load, so the dense weights are never materialised. The tokenizer "
+              "loads with plain `AutoTokenizer.from_pretrained`.".format(family_names(family)["acur_base"]), "",
               "## Parameters and size", "", "| | dense | compressed |", "|---|---:|---:|",
               f"| parameters (whole model) | {m['params_total']:,} | {m.get('params_compressed', m['params_total']):,} |",
               f"| parameters (compressed linears) | {pr.get('compressed_linears_dense', 0):,} | "
@@ -341,20 +471,24 @@ def write_repo(model, tokenizer, results: dict, args, family: str, repo_dir: Pat
                hub_id: str | None = None) -> dict:
     """Save everything into a fresh sibling folder, then swap it in (no mix with an older export)."""
     save_dtype = next(model.parameters()).dtype if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
-    specs = cur_layer_specs(model)
+    specs = lowrank_layer_specs(model, results["args"].get("method", "acur"))
     if not specs:
         raise UsageError("no layer was compressed: nothing to export (ratio target 1.0?)")
-    cfg = export_config(model, family, specs, results, save_dtype)
-    export = build_export_model(model, family, cfg, save_dtype)
     tmp = repo_dir.with_name(repo_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    export.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    cfg_mod, _, mdl_mod, _ = FAMILIES[family]
-    for mod in (cfg_mod, mdl_mod):
-        shutil.copy2(HERE / f"{mod}.py", tmp / f"{mod}.py")
-    (tmp / "acur_kv_cache.py").write_text(kv_cache.runtime_source())  # imported by the modeling file
+    try:
+        code_files = write_repo_code(tmp, model, family)
+        stem = family_names(family)["acur_base"]  # the export is built from the very files the repo carries
+        cfg_cls = getattr(import_repo_code(tmp, f"configuration_{stem}"), family_names(family)["AcurBase"] + "Config")
+        mdl_cls = getattr(import_repo_code(tmp, f"modeling_{stem}"), family_names(family)["AcurBase"] + "ForCausalLM")
+        cfg = export_config(model, cfg_cls, family, specs, results, save_dtype)
+        export = build_export_model(model, mdl_cls, cfg, save_dtype)
+        export.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = repo_dir.with_name(repo_dir.name + f".old{os.getpid()}")
     if repo_dir.exists():
         repo_dir.rename(old)
@@ -363,7 +497,7 @@ def write_repo(model, tokenizer, results: dict, args, family: str, repo_dir: Pat
     sizes = size_report(args, results, repo_dir, save_dtype)
     verify = verify_repo(repo_dir, model, tokenizer) if args.verify else None
     export_info = {"repo_dir": str(repo_dir), "family": family, "sizes": sizes, "verify": verify,
-                   "cur_layers": len(specs)}
+                   "lowrank_layers": len(specs), "code_files": code_files}
     results["export"] = export_info
     (repo_dir / "README.md").write_text(model_card(args, results, sizes, repo_dir, family, verify, hub_id))
     (repo_dir / "acur_results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -388,9 +522,6 @@ def build_repo(args) -> tuple[Path, torch.nn.Module, object, dict]:
     if args.raw_model:
         raise UsageError("--raw_model exports nothing compressed; use the base checkpoint as it is")
     acur.validate_args(args)
-    if decompositions.method_form(args.method) != "cur":
-        raise UsageError(f"--method {args.method} makes {decompositions.method_form(args.method)} layers; the repo "
-                         "format knows only CUR layers (--method acur or cur)")
     family = model_family(args)
     if args.repo_dir:
         check_repo_dir(Path(args.repo_dir))
@@ -422,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     acur.print_summary(results)
     ex = results["export"]
     s = ex["sizes"]
-    print(f"repo: {repo_dir}  ({ex['cur_layers']} CUR layers)")
+    print(f"repo: {repo_dir}  ({ex['lowrank_layers']} low-rank layers, method {results['args']['method']})")
     print(f"weight bytes: compressed {s['compressed_weight_bytes']:,} vs dense {s['dense_bytes_at_save_dtype']:,} "
           f"at {s['save_dtype']} ({s['ratio_vs_dense_at_save_dtype']:.3f})"
           + (f"; dense checkpoint on disk {s['dense_checkpoint_bytes']:,}" if s["dense_checkpoint_bytes"] else ""))

@@ -60,7 +60,7 @@ def tiny_text_file(tmp_path_factory) -> Path:
 
 
 def _save_tiny(kind: str, out: Path, text: str) -> Path:
-    from transformers import (AutoModelForCausalLM, LlamaConfig, OPTConfig)
+    from transformers import (AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config)
     tok = _tokenizer(text)
     torch.manual_seed(0)
     if kind == "llama":
@@ -68,6 +68,11 @@ def _save_tiny(kind: str, out: Path, text: str) -> Path:
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                           tie_word_embeddings=True)
+    elif kind == "qwen2":  # GQA, biased q/k/v projections, untied head
+        cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          tie_word_embeddings=False)
     else:
         cfg = OPTConfig(vocab_size=len(tok), hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                         num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64,
@@ -82,6 +87,12 @@ def _save_tiny(kind: str, out: Path, text: str) -> Path:
 def tiny_llama_dir(tmp_path_factory, tiny_text_file) -> Path:
     """A random-initialised 2-block LLaMA (GQA, tied embeddings) saved as an HF checkpoint."""
     return _save_tiny("llama", tmp_path_factory.mktemp("tiny_llama_random"), tiny_text_file.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, tiny_text_file) -> Path:
+    """A random-initialised 2-block Qwen2 (GQA, q/k/v biases, untied lm_head) saved as an HF checkpoint."""
+    return _save_tiny("qwen2", tmp_path_factory.mktemp("tiny_qwen2_random"), tiny_text_file.read_text())
 
 
 @pytest.fixture(scope="session")

@@ -48,8 +48,7 @@ emb, head = model.get_input_embeddings(), model.get_output_embeddings()
 out = {"logits": logits, "gen": gen, "load_s": load_s, "params": sum(p.numel() for p in model.parameters()),
        "class_module": type(model).__module__, "project_imported": "acur" in sys.modules,
        "cur_layers": sorted(cur), "ranks": {n: m.rank for n, m in cur.items()},
-       "cols_match": all(m.col_indices.tolist() == model.config.cur_layers[n]["cols"] for n, m in cur.items()),
-       "rows_match": all(m.row_indices.tolist() == model.config.cur_layers[n]["rows"] for n, m in cur.items()),
+       "indices": {n: (m.col_indices.tolist(), m.row_indices.tolist()) for n, m in cur.items()},
        "tied": getattr(head, "weight", None) is not None and head.weight is emb.weight,
        "dense_linears": [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]}
 for dtype, kw in ((torch.float16, dict(dtype=torch.float16, device_map="auto")),
@@ -87,6 +86,12 @@ def export(argv: list[str]):
     return bar.build_repo(args)
 
 
+def kept_indices(model) -> dict:
+    """{layer: (kept columns, kept rows)} of the in-memory model's CURLinear layers."""
+    return {n: (m.col_indices.tolist(), m.row_indices.tolist()) for n, m in model.named_modules()
+            if type(m).__name__ == "CURLinear"}
+
+
 def check_round_trip(repo: Path, model, tok, tmp: Path, n_ids: int = 24, n_new: int = 8) -> dict:
     torch.manual_seed(1)
     ids = torch.randint(3, len(tok), (1, n_ids))
@@ -101,10 +106,10 @@ def check_round_trip(repo: Path, model, tok, tmp: Path, n_ids: int = 24, n_new: 
     assert child["max_abs_diff"] <= 1e-4, child["max_abs_diff"]
     assert child["params"] == sum(p.numel() for p in model.parameters())
     assert torch.equal(child["gen"], ref_gen)
-    assert child["cur_layers"] == sorted(cfg["cur_layers"])
-    assert child["ranks"] == {n: s["rank"] for n, s in cfg["cur_layers"].items()}
-    assert child["cols_match"] and child["rows_match"]
-    assert not set(child["dense_linears"]) & set(cfg["cur_layers"])
+    assert child["cur_layers"] == sorted(cfg["lowrank_layers"])
+    assert child["ranks"] == {n: s["rank"] for n, s in cfg["lowrank_layers"].items()}
+    assert child["indices"] == kept_indices(model)  # the kept columns / rows come back from the weights
+    assert not set(child["dense_linears"]) & set(cfg["lowrank_layers"])
     for dtype in ("torch.float16", "torch.bfloat16"):
         r = child[dtype]
         assert r["dtypes"] == [dtype], r
@@ -117,20 +122,24 @@ def check_repo_files(repo: Path, results: dict, family: str) -> dict:
     from safetensors import safe_open
     names = {p.name for p in repo.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md",
-            f"configuration_acur_{family}.py", f"modeling_acur_{family}.py", "acur_results.json"} <= names
+            f"configuration_acur_{family}.py", f"modeling_acur_{family}.py", "acur_layers.py", "acur_kv_cache.py",
+            "acur_results.json"} <= names
     assert not any(n.endswith(".bin") for n in names)
     cfg = json.loads((repo / "config.json").read_text())
-    assert cfg["model_type"] == f"acur_{family}"
+    assert cfg["model_type"] == family  # the family's own: plain AutoTokenizer needs no remote code
     assert cfg["auto_map"]["AutoModelForCausalLM"].startswith(f"modeling_acur_{family}.")
     assert cfg["auto_map"]["AutoConfig"].startswith(f"configuration_acur_{family}.")
     with safe_open(repo / "model.safetensors", "pt") as f:
         keys = set(f.keys())
-    for name, spec in cfg["cur_layers"].items():
-        assert f"{name}.weight" not in keys  # no dense copy of a compressed layer
-        assert {f"{name}.C", f"{name}.U", f"{name}.R"} <= keys
-        assert len(spec["cols"]) == len(spec["rows"]) == spec["rank"]
-        assert len(set(spec["cols"])) == spec["rank"] and max(spec["cols"]) < spec["in"]
-        assert max(spec["rows"]) < spec["out"]
+        for name, spec in cfg["lowrank_layers"].items():
+            assert f"{name}.weight" not in keys  # no dense copy of a compressed layer
+            assert {f"{name}.C", f"{name}.U", f"{name}.R"} <= keys
+            assert "cols" not in spec and "rows" not in spec  # indices live in the weights, not the config
+            cols, rows = f.get_tensor(f"{name}.col_indices"), f.get_tensor(f"{name}.row_indices")
+            assert cols.dtype == rows.dtype == torch.int64
+            assert cols.numel() == rows.numel() == spec["rank"]
+            assert cols.unique().numel() == spec["rank"] and int(cols.max()) < spec["in"]
+            assert int(rows.max()) < spec["out"]
     card = (repo / "README.md").read_text()
     m = results["model"]
     assert f"{m['params_total']:,}" in card and f"{m['params_compressed']:,}" in card
@@ -169,7 +178,7 @@ def test_export_random_tiny_llama_lm_head_untied(tiny_llama_dir, tiny_text_file,
                                               "stable_rank", "--compress_lm_head", "--eval_ppl", "none",
                                               "--repo_dir", str(repo)))
     cfg = json.loads((repo / "config.json").read_text())
-    assert "lm_head" in cfg["cur_layers"] and cfg["tie_word_embeddings"] is False
+    assert "lm_head" in cfg["lowrank_layers"] and cfg["tie_word_embeddings"] is False
     ids = torch.randint(3, len(tok), (1, 12))
     ref, _ = in_memory_reference(model, ids, 1, tok.eos_token_id)
     from transformers import AutoModelForCausalLM
@@ -187,26 +196,35 @@ def test_export_random_bad_config_layer_fails_clearly(tiny_llama_dir, tiny_text_
     cfg_path = repo / "config.json"
     cfg = json.loads(cfg_path.read_text())
     good = dict(cfg)
-    spec = next(iter(cfg["cur_layers"].values()))
-    cfg["cur_layers"] = {**cfg["cur_layers"], "model.layers.7.mlp.up_proj": spec}  # only 2 blocks exist
+    spec = next(iter(cfg["lowrank_layers"].values()))
+    cfg["lowrank_layers"] = {**cfg["lowrank_layers"], "model.layers.7.mlp.up_proj": spec}  # only 2 blocks exist
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"model\.layers\.7\.mlp\.up_proj.*not a linear layer"):
         AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
-    name = next(iter(good["cur_layers"]))
-    bad_shape = {**good["cur_layers"], name: {**good["cur_layers"][name], "in": good["cur_layers"][name]["in"] + 1}}
-    cfg_path.write_text(json.dumps({**good, "cur_layers": bad_shape}))
+    name = next(iter(good["lowrank_layers"]))
+    layers = good["lowrank_layers"]
+    bad_shape = {**layers, name: {**layers[name], "in": layers[name]["in"] + 1}}
+    cfg_path.write_text(json.dumps({**good, "lowrank_layers": bad_shape}))
     with pytest.raises(ValueError, match="but the .* layer is"):
         AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
-    swapped = {**good["cur_layers"], name: {**good["cur_layers"][name],
-                                            "cols": list(reversed(good["cur_layers"][name]["cols"]))}}
-    cfg_path.write_text(json.dumps({**good, "cur_layers": swapped}))
-    with pytest.raises(ValueError, match="kept cols in the weights differ"):
+    cfg_path.write_text(json.dumps({**good, "lowrank_layers": {**layers, name: {**layers[name], "type": "Foo"}}}))
+    with pytest.raises(ValueError, match="has type 'Foo'"):
+        AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
+    # corrupt kept indices in the weights (a repeated column) fail at load, not later in a matmul
+    cfg_path.write_text(json.dumps(good))
+    from safetensors.torch import load_file, save_file
+    weights = repo / "model.safetensors"
+    tensors = load_file(weights)
+    cols = tensors[f"{name}.col_indices"].clone()
+    cols[1] = cols[0]
+    save_file({**tensors, f"{name}.col_indices": cols}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"col_indices in the weights is not a set of distinct indices"):
         AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
 
 
 def test_export_random_usage_errors(tiny_llama_dir, tiny_text_file, tmp_path, monkeypatch, capsys):
     base = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--param_ratio_target", "0.8")
-    # not llama/opt
+    # not a layout the pipeline walks (GPT-2: transformer.h of Conv1D)
     from transformers import GPT2Config
     gpt = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(gpt)
@@ -220,10 +238,11 @@ def test_export_random_usage_errors(tiny_llama_dir, tiny_text_file, tmp_path, mo
     assert bar.main(base + ["--repo_dir", str(tmp_path / "mine")]) == 2
     assert "not an ACUR export" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").exists()
-    # a non-CUR method is refused before any compression work
+    # a bad --method argument is refused before any compression work (every valid method exports:
+    # tests/test_export_methods.py)
     monkeypatch.setattr(bar.acur, "run_pipeline", lambda *a, **k: pytest.fail("compressed before refusing"))
-    assert bar.main(base + ["--method", "svd"]) == 2
-    assert "--method svd makes svd layers" in capsys.readouterr().err
+    assert bar.main(base + ["--method", "asvd"]) == 2  # asvd without --act_aware
+    assert "--method asvd scales by activations" in capsys.readouterr().err
     monkeypatch.undo()
     # --raw_model has nothing to export
     assert bar.main(tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--raw_model")) == 2
@@ -299,7 +318,8 @@ def test_export_smollm2_round_trip(smollm2_dir, tmp_path):
     cfg = json.loads((repo / "config.json").read_text())
     assert cfg["num_key_value_heads"] == 3 and cfg["tie_word_embeddings"] is True  # GQA, tied
     compressed = {n for n, r in results["layers"].items() if r["rank"] is not None}
-    assert set(cfg["cur_layers"]) == compressed and len(compressed) > 50
+    assert set(cfg["lowrank_layers"]) == compressed and len(compressed) > 50
+    assert (repo / "config.json").stat().st_size < 50_000  # indices in the weights: was 862 KB
     assert sizes["compressed_weight_bytes"] < 0.95 * sizes["dense_checkpoint_bytes"]
     gen_cfg = json.loads((repo / "generation_config.json").read_text())
     assert gen_cfg.get("eos_token_id") == tok.eos_token_id
@@ -314,7 +334,7 @@ def test_export_smollm2_round_trip(smollm2_dir, tmp_path):
     assert diff <= 1e-4, diff
     assert child["params"] == sum(p.numel() for p in model.parameters())
     assert torch.equal(child["gen"], ref_gen)
-    assert child["tied"] and child["cols_match"] and child["rows_match"]
+    assert child["tied"] and child["indices"] == kept_indices(model)
     for dtype in ("torch.float16", "torch.bfloat16"):
         assert child[dtype]["dtypes"] == [dtype] and child[dtype]["finite"], child[dtype]
     print(f"\n[smollm2] build {build_s:.1f} s; weights {sizes['compressed_weight_bytes']:,} B vs dense checkpoint "

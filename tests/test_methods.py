@@ -373,14 +373,18 @@ def test_cur_report_random_llama_exported_repo(tiny_llama_dir, tiny_text_file, t
     flags = ("--act_aware", "--param_ratio_target", "0.8", "--sensitivity_metric", "stable_rank")
     assert build_acur_repo.main(tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, *flags,
                                           "--repo_dir", str(repo))) == 0
-    exported = json.loads((repo / "config.json").read_text())["cur_layers"]
+    exported = json.loads((repo / "config.json").read_text())["lowrank_layers"]
+    from safetensors import safe_open
+    with safe_open(str(repo / "model.safetensors"), "pt") as f:  # kept indices live in the weights
+        kept = {n: (f.get_tensor(f"{n}.col_indices").tolist(), f.get_tensor(f"{n}.row_indices").tolist())
+                for n in exported}
     out = tmp_path / "report_out"
     assert cur_report.main(["--repo", str(repo), "--name", "rrep", "--", "--output_dir", str(out),
                             "--cache_dir", str(tmp_path / "cache")]) == 0
     rep = json.loads((out / "rrep.json").read_text())
     assert {r["name"] for r in rep["layers"]} == set(exported)
     for r in rep["layers"]:
-        assert r["cols"] == exported[r["name"]]["cols"] and r["rows"] == exported[r["name"]]["rows"]
+        assert (r["cols"], r["rows"]) == kept[r["name"]]
         assert 0 < r["col_leverage_mass"] <= 1 + 1e-6 and 0 <= r["rel_frobenius_error"] < 1.5
     assert cur_report.main(["--repo", str(tmp_path)]) == 2  # not an export: one-line error
 

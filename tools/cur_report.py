@@ -285,15 +285,16 @@ def _cov_args(args):
 
 
 def from_repo(repo: Path, overrides: list[str], want_cov: bool) -> dict:
-    """An exported repo: kept indices from config.json's cur_layers, factors from its safetensors,
+    """An exported repo: layers from config.json's lowrank_layers, factors and kept indices from its safetensors,
     the dense weights (and calibration) from the base model named in its config."""
     from safetensors import safe_open
     cfg_path = repo / "config.json"
     if not cfg_path.exists():
         raise acur.UsageError(f"--repo {repo}: no config.json (not an exported repo)")
     cfg = json.loads(cfg_path.read_text())
-    if "cur_layers" not in cfg or "acur" not in cfg:
-        raise acur.UsageError(f"--repo {repo}: config.json has no cur_layers/acur entry (not an ACUR export)")
+    layers = cfg.get("lowrank_layers", cfg.get("cur_layers"))  # cur_layers: exports before the template
+    if layers is None or "acur" not in cfg:
+        raise acur.UsageError(f"--repo {repo}: config.json has no lowrank_layers/acur entry (not an ACUR export)")
     meta = cfg["acur"]
     settings = dict(meta.get("settings", {}))
     args = acur.build_parser().parse_args(["--model_id", meta["base_model"], "--eval_ppl", "none"] + overrides)
@@ -309,7 +310,7 @@ def from_repo(repo: Path, overrides: list[str], want_cov: bool) -> dict:
     if args.act_aware or want_cov:
         calib_ids = datautils.get_calib_data(args.calib_dataset, tokenizer, args.n_calib_samples,
                                              args.calib_seqlen, args.seed, args.use_bos)
-        infos = [linears[n] for n in cfg["cur_layers"] if n in linears]
+        infos = [linears[n] for n in layers if n in linears]
         scales = acur.stage_scales(model, infos, calib_ids, args, fp)
         if want_cov:
             covs = acur.stage_covariance(model, infos, calib_ids, _cov_args(args), fp)
@@ -320,10 +321,13 @@ def from_repo(repo: Path, overrides: list[str], want_cov: bool) -> dict:
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():
-                if key.rsplit(".", 1)[-1] in ("C", "U", "R"):
+                kind = key.rsplit(".", 1)[-1]
+                if kind in ("C", "U", "R"):
                     tensors[key] = fh.get_tensor(key).float()
+                elif kind in ("col_indices", "row_indices"):
+                    tensors[key] = fh.get_tensor(key).tolist()
     records = []
-    for name, spec in cfg["cur_layers"].items():
+    for name, spec in layers.items():
         W = linears[name].module.weight.detach().float() if name in linears else None
         try:
             W_hat = tensors[f"{name}.C"] @ tensors[f"{name}.U"] @ tensors[f"{name}.R"]
@@ -331,7 +335,8 @@ def from_repo(repo: Path, overrides: list[str], want_cov: bool) -> dict:
             W_hat = None
         if W is None and W_hat is None:
             continue
-        records.append(layer_record(name, W, W_hat, spec.get("cols"), spec.get("rows"), spec["rank"], "CURLinear",
+        cols, rows = tensors.get(f"{name}.col_indices", spec.get("cols")), tensors.get(f"{name}.row_indices", spec.get("rows"))
+        records.append(layer_record(name, W, W_hat, cols, rows, spec["rank"], spec.get("type", "CURLinear"),
                                     acur.layer_scale(scales, name), args.alpha, acur.layer_scale(covs, name)))
     return {"source": f"repo {repo} (base {meta['base_model']})", "method": settings.get("method", "acur"),
             "records": records, "output_dir": args.output_dir}
