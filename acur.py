@@ -10,6 +10,7 @@ under output/ (schema in README_CUR4LLM.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -17,6 +18,7 @@ import math
 import os
 import platform
 import re
+import signal
 import sys
 import time
 from typing import Callable
@@ -46,6 +48,21 @@ ALGO_VERSION = 1  # bump when a change alters cached sensitivities
 
 class UsageError(ValueError):
     """Bad input found before any heavy work: reported as one line, exit code 2."""
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by main's SIGTERM handler (what schedulers send before preemption);
+    a BaseException like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+
+
+# What the running pipeline has finished and saved, for main's one-line interrupt report.
+_RUN_STATE: dict = {"stage": None, "saved": {}}
+
+
+def add_warning(results: dict, msg: str) -> None:
+    """A loud WARNING line now, and the same text in results["warnings"] (the JSON keeps it)."""
+    print(f"WARNING: {msg}", flush=True)
+    results.setdefault("warnings", []).append(msg)
 
 
 # ---------------------------------------------------------------- arguments
@@ -308,11 +325,17 @@ def load_model(args):
     """(model, tokenizer, fingerprint). Clear one-line errors for a missing model or a too-long window."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     path, fp = resolve_model(args)
+    on_hub = not os.path.isdir(path)
     try:
+        if on_hub:
+            datautils.check_hub_reachable(f"model {args.model_id!r}")
         config = AutoConfig.from_pretrained(path, revision=args.revision)
+    except datautils.HubUnreachable as exc:
+        raise UsageError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"model not found or hub unreachable: {args.model_id!r} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                         + (f"; {datautils.offline_hint()}" if on_hub else "")) from None
     max_pos = getattr(config, "max_position_embeddings", None)
     for flag in ("calib_seqlen", "eval_seqlen"):
         if max_pos and getattr(args, flag) > max_pos:
@@ -337,9 +360,12 @@ def fetch_texts(args) -> None:
     for name, split in needed + [(d, "test") for d in eval_datasets(args)]:
         try:
             datautils.get_text(name, split)
+        except datautils.HubUnreachable as exc:
+            raise UsageError(str(exc)) from None
         except Exception as exc:  # any failure to fetch: hub down, file unreadable, bad format
+            hint = f"; {datautils.offline_hint()}" if name in datautils.HUB_DATASETS else ""
             raise UsageError(f"dataset {name} ({split}) unavailable: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}{hint}") from None
 
 
 def check_user_texts(args, tokenizer) -> None:
@@ -366,6 +392,33 @@ def select_linears(model, args) -> list[LinearInfo]:
         if not linears:
             raise UsageError(f"--layer_filter {args.layer_filter!r} matches no linear layer")
     return linears
+
+
+def check_rank_align(linears: list[LinearInfo], args) -> None:
+    """UsageError when --rank_align exceeds the largest rank any compressed layer can take (at most its
+    smallest dimension): the alignment could apply nowhere, the run would silently ignore it."""
+    if args.rank_align == 1 or not linears:
+        return
+    kv = getattr(args, "compress_kv_cache", False)
+
+    def top_rank(info: LinearInfo) -> int:
+        m, n = info.module.weight.shape
+        return min(m, n) if kv else decompositions.rank_for_method(args.method, m, n, 1.0, 1)
+    best = max(linears, key=top_rank)
+    if args.rank_align > top_rank(best):
+        raise UsageError(f"--rank_align {args.rank_align} exceeds every compressed layer's largest possible "
+                         f"rank (at most {top_rank(best)}, in {best.name} of shape "
+                         f"{tuple(best.module.weight.shape)}): it could never apply")
+
+
+def rank_align_warning(report: dict[str, dict], rank_align: int) -> str | None:
+    """Compressed layers whose rank budget was below --rank_align got an unaligned rank: say how many."""
+    ranks = {k: v["rank"] for k, v in report.items() if v["rank"] is not None}
+    off = sorted(k for k, r in ranks.items() if r % rank_align)
+    if rank_align == 1 or not off:
+        return None
+    return (f"--rank_align {rank_align} not honoured in {len(off)} of {len(ranks)} compressed layers (their "
+            f"rank budget is below it, e.g. {off[0]} got rank {ranks[off[0]]}): those ranks are unaligned")
 
 
 def cur_settings(args) -> dict:
@@ -437,10 +490,12 @@ def cached_layer_tensors(kind: str, key: dict, args, linears, label: str, comput
         cached = datautils.load_tensor_cache(path, key)
         if cached is not None and set(cached) >= {i.name for i in linears}:
             print(f"[acur] {label} from cache {path}")
+            _RUN_STATE["saved"][kind] = f"{label} in {path}"
             return cached
     result = compute()
     if args.use_cache:
         datautils.save_tensor_cache(path, key, result)
+        _RUN_STATE["saved"][kind] = f"{label} in {path}"
     return result
 
 
@@ -461,23 +516,42 @@ def stage_covariance(model, linears, calib_ids, args, fp) -> dict | None:
         "input covariances", lambda: input_covariances(model, linears, calib_ids, args.calib_batch_size))
 
 
-def stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs: dict | None = None) -> tuple[dict, dict]:
-    """(table, info). With --use_cache the table is saved after every layer and resumed."""
+def sensitivity_cache(args, fp: dict, linears: list[LinearInfo]) -> tuple[dict, Path]:
+    """(key, path) of the sensitivity table's cache file."""
     key = cache_key(args, fp, "sensitivity", linears)
     kv_mode = getattr(args, "compress_kv_cache", False)
-    path = datautils.cache_path(f"sensitivity_{'kv_' if kv_mode else ''}{args.sensitivity_metric}", key,
-                                args.cache_dir, ".json")
+    return key, datautils.cache_path(f"sensitivity_{'kv_' if kv_mode else ''}{args.sensitivity_metric}", key,
+                                     args.cache_dir, ".json")
+
+
+def stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs: dict | None = None) -> tuple[dict, dict]:
+    """(table, info). With --use_cache the table is saved after every layer and resumed, under an
+    exclusive lock beside the cache file: a second identical run waits, then reads the finished table
+    instead of computing every layer again. (Not under torchrun: the ranks share the work already.)"""
+    _, path = sensitivity_cache(args, fp, linears)
+    lock = datautils.file_lock(path.with_name(path.name + ".lock"), "sensitivity") \
+        if args.use_cache and sens.dist_rank_world()[1] == 1 else contextlib.nullcontext()
+    with lock:
+        return sensitivity_table(model, linears, calib_ids, scales, args, fp, covs)
+
+
+def sensitivity_table(model, linears, calib_ids, scales, args, fp, covs: dict | None = None) -> tuple[dict, dict]:
+    """(table, info) of stage_sensitivity, without the lock."""
+    key, path = sensitivity_cache(args, fp, linears)
+    kv_mode = getattr(args, "compress_kv_cache", False)
     done, info = {}, {"cache": str(path), "from_cache": 0, "computed": 0}
     if args.use_cache:
         blob = datautils.load_json_cache(path, key)
         if blob is not None:
             done = blob.get("table", {})
             print(f"[acur] sensitivity: {len(done)}/{len(linears)} layers from cache {path}")
+            _RUN_STATE["saved"]["sensitivity"] = f"sensitivity {len(done)}/{len(linears)} layers in {path}"
     info["from_cache"] = len(done)
 
     def save(table):
         if args.use_cache:
             datautils.save_json_cache(path, key, {"table": table, "complete": len(table) == len(linears)})
+            _RUN_STATE["saved"]["sensitivity"] = f"sensitivity {len(table)}/{len(linears)} layers in {path}"
 
     ratios = parse_ratios(args.sensitivity_ratios)
     if kv_mode:  # candidates are rank fractions of the K/V width
@@ -611,6 +685,83 @@ def stage_kv_cache(model, args) -> dict:
             "dtype": b["dtype"], "lowrank_blocks": len(blocks), "format": kv_cache.LOWRANK_KV_FORMAT}
 
 
+def check_ppl_target(target: float, dense_calib: float, dataset: str) -> None:
+    """UsageError (before sensitivity) for a --ppl_target below the dense model's own calibration
+    perplexity: every candidate the search tries removes parameters from the dense model, so such a
+    target asks for a compressed model better than the full one; the search would only end with
+    nothing compressed. Costs one forward pass over the calibration windows."""
+    if not dense_calib <= target:  # NaN too
+        raise UsageError(f"--ppl_target {target} cannot be reached: the dense model's own calibration "
+                         f"perplexity on {dataset} is {dense_calib:.4g}; give a target above it")
+
+
+def nothing_compressed(report: dict[str, dict], trace: list[dict], args) -> dict | None:
+    """A flag (with the reason) when the search kept every layer dense: the perplexities that follow
+    are the dense model's, and must not pass for a compressed one."""
+    if any(r["rank"] is not None for r in report.values()):
+        return None
+    if args.ppl_target != -1:
+        tried = [t for t in trace if t["ppl"] == t["ppl"]]
+        mild = max(tried, key=lambda t: t["cut"]) if tried else None
+        reason = (f"--ppl_target {args.ppl_target} is unreachable: the mildest compression tried (cut "
+                  f"{mild['cut']}) gave calibration perplexity {mild['ppl']:.4g}" if mild else
+                  f"--ppl_target {args.ppl_target} is unreachable: every compression tried gave NaN perplexity")
+    else:
+        reason = "no layer was compressed (the target keeps every layer dense)"
+    return {"reason": reason, "ppl_target": args.ppl_target if args.ppl_target != -1 else None}
+
+
+BROKEN_FACTOR = 10.0     # compressed ppl above 10x the dense reference: broken
+BROKEN_ABSOLUTE = 1e4    # without a dense reference: broken above this perplexity
+
+
+def broken_result(results: dict, args) -> dict | None:
+    """The broken-result flag of a compressed run, or None: some perplexity is non-finite or far above
+    dense. Reference: the dense perplexity of the same text (--eval_dense), else the dense calibration
+    perplexity (measured in --ppl_target runs), else only the non-finite / absolute check.
+
+    Thresholds: > 10x the reference is ln(10) = 2.3 nats more loss per token, while usable low-rank
+    compressions stay within ~1.1-3x of dense (ASVD, SVD-LLM tables): a 10x model has stopped modelling
+    text, it is never a trade-off worth reporting as one. > 1e4 without a reference: no working LM scores
+    that on natural text (9.2 nats a token, about uniform guessing over 10,000 tokens)."""
+    ppl = results.get("ppl", {})
+    dense, calib = ppl.get("dense", {}), results.get("ppl_calibration", {})
+    measured = [(f"{ds} perplexity", v, dense.get(ds, calib.get("dense")),
+                 "dense" if ds in dense else "dense calibration")
+                for ds, v in ppl.get("compressed", {}).items()]
+    if "compressed" in calib:
+        measured.append(("calibration perplexity", calib["compressed"], calib.get("dense"), "dense calibration"))
+    bad = []
+    for what, v, ref, ref_kind in measured:
+        if not math.isfinite(v):
+            bad.append({"metric": what, "ppl": v, "reference": ref, "why": "non-finite"})
+        elif ref is not None and math.isfinite(ref) and v > BROKEN_FACTOR * ref:
+            bad.append({"metric": what, "ppl": v, "reference": ref,
+                        "why": f"{v / ref:,.0f}x the {ref_kind} perplexity {ref:.4g}"})
+        elif (ref is None or not math.isfinite(ref)) and v > BROKEN_ABSOLUTE:
+            bad.append({"metric": what, "ppl": v, "reference": None, "why": f"above {BROKEN_ABSOLUTE:g}"})
+    if not bad:
+        return None
+    layers = {k: v for k, v in results.get("layers", {}).items() if v["rank"] is not None}
+    low = min(layers, key=lambda k: layers[k]["ratio"]) if layers else None
+    cause = [f"--method {args.method}", f"--sensitivity_metric {args.sensitivity_metric}"
+             + (" (a heuristic; ppl is the ASVD protocol)" if args.sensitivity_metric != "ppl" else "")]
+    if low:
+        cause.append(f"lowest layer ratio {layers[low]['ratio']:.3g} ({low}, rank {layers[low]['rank']})")
+    cause.append(f"reached param ratio {results.get('param_ratio', {}).get('reached', 1.0):.4f}")
+    if results.get("fallbacks"):
+        cause.append(f"{len(results['fallbacks'])} layers took fallbacks")
+    if args.weight_quant != "none":
+        cause.append(f"--weight_quant {args.weight_quant}")
+    summary = ("compressed model looks BROKEN: " + "; ".join(f"{b['metric']} {b['ppl']:.4g} ({b['why']})" for b in bad)
+               + "; likely cause: " + ", ".join(cause)
+               + "; try a larger target, --sensitivity_metric ppl or another --method")
+    return {"checks": bad, "method": args.method, "sensitivity_metric": args.sensitivity_metric,
+            "lowest_layer_ratio": layers[low]["ratio"] if low else None, "lowest_layer": low,
+            "threshold": f">{BROKEN_FACTOR:g}x dense, or >{BROKEN_ABSOLUTE:g} without a dense reference, or non-finite",
+            "summary": summary}
+
+
 def write_results(results: dict, args) -> Path:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -633,9 +784,11 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
     results: dict = {"schema": RESULT_SCHEMA, "args": vars(args).copy(),
                      "env": {"python": platform.python_version(), "torch": torch.__version__,
                              "started": dt.datetime.now().isoformat(timespec="seconds")},
-                     "timings": timings}
+                     "timings": timings, "warnings": []}
+    _RUN_STATE.update(stage=None, saved={})
 
     def timed(stage, fn, *a, **kw):
+        _RUN_STATE["stage"] = stage
         t0 = time.perf_counter()
         out = fn(*a, **kw)
         timings[stage] = round(time.perf_counter() - t0, 3)
@@ -647,6 +800,8 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
     results["model"] = {**fp, "class": type(model).__name__,
                         "params_total": sum(p.numel() for p in model.parameters())}
     linears = select_linears(model, args)
+    if not args.raw_model:
+        check_rank_align(linears, args)
     if args.eval_dense or args.raw_model:
         results.setdefault("ppl", {})["dense"] = timed("eval_dense", stage_eval, model, tokenizer, args, "dense")
     if args.raw_model:
@@ -661,7 +816,13 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
     if args.calib_dataset in datautils.GENERATED_DATASETS:
         calib_text, results["selfgen"] = timed("selfgen", prepare_selfgen, model, tokenizer, args, fp)
     calib_ids = timed("calib_data", datautils.get_calib_data, args.calib_dataset, tokenizer,
-                      args.n_calib_samples, args.calib_seqlen, args.seed, args.use_bos, calib_text)
+                      args.n_calib_samples, args.calib_seqlen, args.seed, args.use_bos, calib_text,
+                      warnings=results["warnings"])
+    if args.ppl_target != -1:  # one forward pass: an unreachable target fails before the sensitivity
+        dense_calib = timed("dense_calib_ppl", perplexity_of_windows, model, calib_ids, args.calib_batch_size,
+                            desc="dense calibration ppl")
+        results["ppl_calibration"] = {"dense": dense_calib}
+        check_ppl_target(args.ppl_target, dense_calib, args.calib_dataset)
     scales = timed("calibration", stage_scales, model, linears, calib_ids, args, fp)
     covs = (timed("covariance", stage_covariance, model, linears, calib_ids, args, fp)
             if decompositions.needs_covariance(args.method, args.u_mode) else None)
@@ -679,11 +840,28 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
                               **summarize_params(report)}
     results["model"]["params_compressed"] = sum(p.numel() for p in model.parameters())
     results["fallbacks"] = {k: v["fallback"] for k, v in report.items() if v["fallback"]}
+    if trace and "ppl_calibration" in results:  # the final model is the smallest accepted cut
+        accepted = [t for t in trace if t["ppl"] <= args.ppl_target]
+        if accepted:
+            results["ppl_calibration"]["compressed"] = min(accepted, key=lambda t: t["cut"])["ppl"]
+    flag = nothing_compressed(report, trace, args)
+    if flag:
+        results["nothing_compressed"] = flag
+        add_warning(results, f"NOTHING COMPRESSED: {flag['reason']}; the model stays dense and the "
+                             "perplexities below are the DENSE model's")
+    align = rank_align_warning(report, args.rank_align)
+    if align:
+        add_warning(results, align)
     if args.compress_kv_cache:
         results["kv_cache"] = stage_kv_cache(model, args)
     results["quantization"] = timed("quantize", quantization.quantize_model, model, args.weight_quant,
                                     args.quant_group_size, scales, include_lm_head=args.compress_lm_head)
-    results.setdefault("ppl", {})["compressed"] = timed("eval", stage_eval, model, tokenizer, args, "compressed")
+    results.setdefault("ppl", {})["compressed"] = timed("eval", stage_eval, model, tokenizer, args,
+                                                        "UNCOMPRESSED (dense)" if flag else "compressed")
+    broken = broken_result(results, args)
+    if broken:
+        results["broken_result"] = broken
+        add_warning(results, broken["summary"])
     if lm_eval_tasks(args):
         results["lm_eval"], results["lm_eval_info"] = timed("eval_lm", stage_eval_lm, model, tokenizer, args)
     results["output_file"] = str(write_results(results, args))
@@ -701,6 +879,8 @@ def print_summary(results: dict) -> None:
         print(f"KV cache dims (cached / original): target {kv['ratio_target']}  reached {kv['reached']:.4f}; "
               f"bytes/token {kv['bytes_per_token_dense']:,} -> {kv['bytes_per_token_compressed']:,} ({kv['dtype']})")
     for label, vals in results.get("ppl", {}).items():
+        if label == "compressed" and results.get("nothing_compressed"):
+            label = "UNCOMPRESSED (nothing compressed: dense)"
         for ds, v in vals.items():
             print(f"perplexity {label:10s} {ds:12s} {v:.4f}")
     for task, acc in results.get("lm_eval", {}).items():
@@ -708,18 +888,48 @@ def print_summary(results: dict) -> None:
             print(f"accuracy   {task:23s} {acc:.4f}")
     if results.get("fallbacks"):
         print(f"FALLBACKS TAKEN in {len(results['fallbacks'])} layers (see results JSON)")
+    for w in results.get("warnings", []):
+        print(f"WARNING: {w}")
     print("stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items()))
     print(f"results: {results['output_file']}")
 
 
+def interrupt_message(signame: str, args) -> str:
+    """The one line printed on SIGINT/SIGTERM: the stage, what is saved, how to resume."""
+    stage = _RUN_STATE.get("stage") or "startup"
+    saved = list(_RUN_STATE.get("saved", {}).values())
+    if saved:
+        return (f"acur.py: interrupted by {signame} during stage {stage}; saved: {'; '.join(saved)}; "
+                "resume: run the same command again (with --use_cache)")
+    if args.use_cache:
+        return f"acur.py: interrupted by {signame} during stage {stage}; nothing saved yet; rerun the same command"
+    return (f"acur.py: interrupted by {signame} during stage {stage}; nothing saved (no --use_cache); rerun "
+            "with --use_cache to keep finished stages and sensitivity layers across interrupts")
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (one line), 130 SIGINT / 143 SIGTERM (one line, caches kept)."""
     args = build_parser().parse_args(argv)
+    try:  # SIGINT already raises KeyboardInterrupt; SIGTERM gets the same treatment
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         _, _, results = run_pipeline(args)
     except UsageError as exc:
         print(f"acur.py: error: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as exc:
+        signame = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+        print(f"\n{interrupt_message(signame, args)}", file=sys.stderr, flush=True)
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if "output_file" in results:  # rank 0 (or the only process)

@@ -12,6 +12,8 @@ text under the download cache ($CUR4LLM_HOME, default ~/.cache/cur4llm), which o
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -183,7 +186,53 @@ def check_dataset_name(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or text:PATH")
 
 
+# ---------------------------------------------------------------- hub access
+HUB_PROBE_TIMEOUT_S = 3.0  # one probe; datasets/transformers themselves retry for ~25 s when offline
+_HUB_PROBE: dict[str, str] = {}  # endpoint -> "" (reachable) or why not, once per process
+
+
+class HubUnreachable(ValueError):
+    """The Hugging Face hub cannot be reached (or offline mode is on) and a hub resource was asked for."""
+
+
+def hub_offline_mode() -> bool:
+    """True when the user asked the HF libraries to stay offline (they then fail fast on their own)."""
+    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def offline_hint() -> str:
+    return (f"offline, use a model alias ({', '.join(OFFLINE_MODELS)}) or a local checkpoint dir and the offline "
+            f"texts ({', '.join(OFFLINE_DATASETS)}, or text:PATH); with the resource already in your "
+            "Hugging Face cache, set HF_HUB_OFFLINE=1")
+
+
+def check_hub_reachable(what: str) -> None:
+    """Probe the hub endpoint once (HUB_PROBE_TIMEOUT_S) before a hub download, so no access fails in
+    seconds with a hint instead of after the libraries' retries. Raises HubUnreachable.
+
+    Skipped under HF_HUB_OFFLINE (the libraries then read only their cache, without retries). Any HTTP
+    answer, even an error status, counts as reachable."""
+    if hub_offline_mode():
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if endpoint not in _HUB_PROBE:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"),
+                                   timeout=HUB_PROBE_TIMEOUT_S).close()
+            _HUB_PROBE[endpoint] = ""
+        except urllib.error.HTTPError:
+            _HUB_PROBE[endpoint] = ""
+        except (OSError, ValueError) as exc:  # URLError, timeout, refused, bad URL
+            reason = getattr(exc, "reason", exc)
+            _HUB_PROBE[endpoint] = f"{type(reason).__name__}: {str(reason)[:120]}"
+    if _HUB_PROBE[endpoint]:
+        raise HubUnreachable(f"{what} needs the Hugging Face hub, unreachable at {endpoint} "
+                             f"({_HUB_PROBE[endpoint]}); {offline_hint()}")
+
+
 def _hub_text(name: str, split: str) -> str:
+    check_hub_reachable(f"dataset {name}")
     from datasets import load_dataset  # imported late: slow import, and only the hub path needs it
     if name == "wikitext2":
         ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
@@ -277,15 +326,37 @@ def token_ids(name: str, split: str, tokenizer, text: str | None = None) -> torc
     return _IDS[key]
 
 
+def calib_overlap_warning(name: str, n_tokens: int, n_samples: int, seqlen: int) -> str | None:
+    """A warning when n_samples windows of seqlen tokens ask for more tokens than the text holds.
+
+    A warning, not an error: windows are cut at random offsets (ASVD's protocol), so they may overlap
+    anyway; asking for more than the text only makes repeats certain. The statistics stay valid
+    averages over the text, just over fewer distinct tokens than requested, and a small own text
+    (text:PATH) is a legitimate choice. The user must know, so it is printed and recorded."""
+    asked = n_samples * seqlen
+    if asked <= n_tokens:
+        return None
+    return (f"calibration asks for {n_samples} x {seqlen} = {asked:,} tokens but {name} holds only "
+            f"{n_tokens:,}: the windows overlap (about {n_tokens / seqlen:.1f} distinct windows' worth); "
+            "lower --n_calib_samples or --calib_seqlen, or use a larger text")
+
+
 def get_calib_data(name: str, tokenizer, n_samples: int, seqlen: int, seed: int,
-                   use_bos: bool = False, text: str | None = None) -> torch.Tensor:
+                   use_bos: bool = False, text: str | None = None,
+                   warnings: list[str] | None = None) -> torch.Tensor:
     """n_samples windows of seqlen tokens cut at seeded random offsets of the training text.
 
-    text: the calibration text itself when the run made it (selfgen); otherwise it is read by name."""
+    text: the calibration text itself when the run made it (selfgen); otherwise it is read by name.
+    warnings: where a calib_overlap_warning is appended (it is printed either way)."""
     ids = token_ids(name, "train", tokenizer, text)
     body = seqlen - 1 if use_bos else seqlen
     if ids.numel() <= body:
         raise ValueError(f"dataset {name} has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    overlap = calib_overlap_warning(name, ids.numel(), n_samples, body)
+    if overlap:
+        print(f"WARNING: {overlap}", flush=True)
+        if warnings is not None:
+            warnings.append(overlap)
     rng = random.Random(seed)
     rows = []
     for _ in range(n_samples):
@@ -412,6 +483,24 @@ def load_tensor_cache(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
     except Exception as exc:  # corrupt, truncated, foreign: recompute, never trust
         print(f"WARNING: ignoring cache {path.name}: {type(exc).__name__}: {exc}; recomputing")
         return None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, label: str = "cache"):
+    """Exclusive fcntl.flock on `path` (created, never deleted: removing a lock file races) for the
+    block; says so once when another process holds it, then waits. Released on exit, crash or kill."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[datautils] another run holds {path.name}; waiting for it to finish the {label}", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def save_json_cache(path: Path, key: dict, payload: dict) -> None:

@@ -412,6 +412,8 @@ def model_card(args, results: dict, sizes: dict, repo_dir: Path, family: str, ve
     if results.get("fallbacks"):
         lines += [f"**Fallbacks:** {len(results['fallbacks'])} layers fell back to uniform selection "
                   "(see acur_results.json).", ""]
+    if results.get("broken_result"):  # acur.broken_result: never publish a broken model as a normal one
+        lines += [f"**WARNING: broken result.** {results['broken_result']['summary']}", ""]
     lines += ["## Perplexity (measured by acur.py on this model)", ""]
     ppl = results.get("ppl", {})
     if ppl:

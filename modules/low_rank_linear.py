@@ -214,6 +214,8 @@ def compress_linear(linear: nn.Linear, ratio: float, method: str = "acur", scale
         return CURLinear.from_linear(linear, ratio, scale if dec.reads_scale(method) else None, alpha=alpha,
                                      rank_align=rank_align, selection=selection, u_mode=u_mode,
                                      svd=prep.svd if prep is not None else None, generator=generator)
+    if not torch.isfinite(W).all():  # (the seed's CUR path above records its own uniform fallback)
+        raise ValueError(f"{method}: the weight holds NaN/inf; no decomposition of it is meaningful")
     if prep is None or (prep.col_order is not None and prep.col_order.numel() < k) or \
             (prep.row_order is not None and prep.row_order.numel() < k):
         prep = prepare_layer(W, method, scale, alpha, cov, selection, u_mode, cov_damp, max_rank=k)
