@@ -8,11 +8,14 @@ The scales are returned as a plain dict {layer name: fp32 tensor (in_features,)}
 """
 from __future__ import annotations
 
+import copy
+from typing import Callable
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from modules.model_utils import LinearInfo
+from modules.model_utils import LinearInfo, capture_block_inputs, decoder_parts, run_block
 
 SCALING_METHODS = ("abs_mean", "abs_max", "fisher", "fisher_abs_mean")
 
@@ -156,3 +159,162 @@ def input_covariances(model: nn.Module, linears: list[LinearInfo], calib_ids: to
         print(f"WARNING: non-finite input covariance in {len(bad)} layers (e.g. {bad[0]}); their "
               "data-aware fits fall back to Frobenius and the results will record it")
     return out
+
+
+def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
+                  batch_size: int = 1) -> dict[str, torch.Tensor]:
+    """g_i = E_t[(dL/dy_{t,i})^2] for every output i of every linear (fp32, out_features), L = the
+    summed next-token NLL, from one backward pass over the calibration data.
+
+    Why: by a second-order expansion with the empirical Fisher, a perturbation dy of a layer's
+    output raises the mean NLL by about 1/2 sum_i g_i E[dy_i^2]; weighting each output's error by
+    g_i puts every layer's output error in the same unit (nats), so one budget can be split across
+    layers (binary_search.allocate) and a row ID keeps the rows the loss needs most. Weights are not
+    differentiated: only activations carry gradients (no weight-gradient memory)."""
+    device = next(model.parameters()).device
+    acc = {info.name: torch.zeros(info.module.out_features, device=device) for info in linears}
+    count = [0]
+    hooks, req = [], {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def make_hook(name):
+        def hook(_mod, _inputs, out):
+            def grad_hook(g):
+                acc[name].add_(g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0))  # returns None: grad unchanged
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return hook
+
+    def embed_hook(_mod, _inputs, out):
+        return out.requires_grad_(True)  # the graph starts here: weights stay frozen
+
+    hooks.append(model.get_input_embeddings().register_forward_hook(embed_hook))
+    hooks += [info.module.register_forward_hook(make_hook(info.name)) for info in linears]
+    try:
+        with torch.enable_grad():
+            for batch in tqdm(list(_batches(calib_ids, batch_size)), desc="output fisher"):
+                batch = batch.to(device)
+                logits = model(batch, use_cache=False).logits[:, :-1].float()
+                nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                  batch[:, 1:].reshape(-1), reduction="sum")
+                nll.backward()
+                count[0] += batch.numel()  # g is per token of the layer outputs, like the covariances
+                del logits, nll
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, r in req.items():
+            p.requires_grad_(r)
+    out = {name: (a / max(count[0], 1)).cpu() for name, a in acc.items()}
+    bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
+    if bad:
+        print(f"WARNING: non-finite output fisher in {len(bad)} layers (e.g. {bad[0]}); they are weighted uniformly")
+        for k in bad:
+            out[k] = torch.ones_like(out[k])
+    return out
+
+
+GroupFit = Callable[[list[LinearInfo], dict[str, dict]], None]
+
+
+class _Captured(Exception):
+    pass
+
+
+def _group_by_input(block: nn.Module, infos: list[LinearInfo], h: torch.Tensor, kwargs: dict) -> list[list[LinearInfo]]:
+    """The block's linears in execution order, grouped by the input tensor they share (q/k/v, gate/up)."""
+    seen: list[tuple[torch.Tensor, list[LinearInfo]]] = []
+
+    def make_hook(info):
+        def hook(_mod, inputs):
+            x = inputs[0]
+            for t, group in seen:
+                if t is x:
+                    group.append(info)
+                    return
+            seen.append((x, [info]))
+        return hook
+
+    hooks = [i.module.register_forward_pre_hook(make_hook(i)) for i in infos]
+    try:
+        run_block(block, h, kwargs)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return [g for _, g in seen]
+
+
+def _capture_input(block: nn.Module, module: nn.Module, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The input `module` receives when `block` runs on h (the block stops right there)."""
+    got: list[torch.Tensor] = []
+
+    def hook(_mod, inputs):
+        got.append(inputs[0].detach())
+        raise _Captured
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run_block(block, h, kwargs)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return got[0].reshape(-1, got[0].shape[-1]).float()
+
+
+@torch.no_grad()
+def sequential_calibration(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
+                           batch_size: int, fit_group: GroupFit, desc: str = "sequential calibration") -> None:
+    """Compress block by block, fitting every linear on the inputs the already-compressed model gives it.
+
+    Errors compound through depth when each layer is fitted to the dense model's inputs; here (as
+    GPTQ does for quantization) block b's linears are fitted, group by group in execution order
+    (a group = the linears that share one input), on x~ = the input the compressed blocks before them
+    produce, against the dense model's own input x at the same tokens. fit_group(group, stats)
+    replaces the group's modules; stats[name] = {"cov": E[x~ x~^T], "cross": E[x x~^T],
+    "n_tokens": N} in fp64. Two streams of hidden states (dense, compressed) advance block by
+    block; each group costs two partial block passes per batch. lm_head (block -1) is fitted last,
+    on the final norm's output."""
+    parts = decoder_parts(model)
+    if parts is None:
+        raise ValueError(f"{type(model).__name__}: sequential calibration needs a known decoder layout")
+    device = next(model.parameters()).device
+    batches = [calib_ids[i:i + batch_size].to(device) for i in range(0, calib_ids.shape[0], batch_size)]
+    h_c, kwargs = capture_block_inputs(model, parts.layers, batches)
+    h_d = [h.clone() for h in h_c]
+    for b, block in enumerate(tqdm(parts.layers, desc=desc)):
+        infos = [i for i in linears if i.block == b]
+        dense_block = copy.deepcopy(block) if infos else block
+        if infos:
+            twin = {id(m): name for name, m in block.named_modules()}
+            dense_of = dict(dense_block.named_modules())
+            for group in _group_by_input(block, infos, h_c[0], kwargs[0][b]):
+                cov = cross = None
+                n = 0
+                for j in range(len(batches)):
+                    x_d = _capture_input(dense_block, dense_of[twin[id(group[0].module)]], h_d[j], kwargs[j][b])
+                    x_c = _capture_input(block, group[0].module, h_c[j], kwargs[j][b])
+                    c, x = (x_c.T @ x_c).double(), (x_d.T @ x_c).double()
+                    cov, cross = (c, x) if cov is None else (cov + c, cross + x)
+                    n += x_c.shape[0]
+                stats = {"cov": cov / n, "cross": cross / n, "n_tokens": n}
+                fit_group(group, {i.name: stats for i in group})
+        for j in range(len(batches)):
+            h_d[j] = run_block(dense_block, h_d[j], kwargs[j][b])
+            h_c[j] = run_block(block, h_c[j], kwargs[j][b])
+        del dense_block
+    heads = [i for i in linears if i.block < 0]
+    if heads:
+        pre = parts.head_modules[:-1]  # final norm (+ projection) before lm_head
+        x_d = torch.cat([_apply(pre, h) for h in h_d]).reshape(-1, h_d[0].shape[-1]).float()
+        x_c = torch.cat([_apply(pre, h) for h in h_c]).reshape(-1, h_c[0].shape[-1]).float()
+        stats = {"cov": (x_c.T @ x_c).double() / x_c.shape[0], "cross": (x_d.T @ x_c).double() / x_c.shape[0],
+                 "n_tokens": x_c.shape[0]}
+        fit_group(heads, {i.name: stats for i in heads})
+
+
+def _apply(mods: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
+    for m in mods:
+        h = m(h)
+    return h

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -33,17 +34,31 @@ import evaluate_utils
 import quantization
 import selfgen_utils
 import sensitivity as sens
-from act_aware_utils import SCALING_METHODS, calib_scales, input_covariances
+from act_aware_utils import SCALING_METHODS, calib_scales, input_covariances, output_fisher, sequential_calibration
 from evaluate_utils import evaluate_perplexity, perplexity_of_windows
 import kv_compress
 from modules import kv_cache
-from modules.cur_math import SELECTIONS, U_MODES
-from modules import decompositions
-from modules.low_rank_linear import compress_linear
+from modules import registry
+from modules.low_rank_linear import LayerStats, compress_linear
 from modules.model_utils import LinearInfo, find_linears, replace_module
 
 RESULT_SCHEMA = "cur4llm.result/1"
-ALGO_VERSION = 1  # bump when a change alters cached sensitivities
+# the sources that fill each cache: a change to any of them changes the key, so a cache is never
+# reused across code that would compute something else (no version number to forget to bump)
+CACHE_SOURCES = {
+    "statistics": ("act_aware_utils.py", "modules/model_utils.py"),
+    "sensitivity": ("act_aware_utils.py", "sensitivity.py", "evaluate_utils.py", "kv_compress.py",
+                    "modules/model_utils.py", "modules/registry.py", "modules/cur_math.py",
+                    "modules/decompositions.py", "modules/low_rank_linear.py", "modules/cur_linear.py"),
+}
+
+
+def code_digest(kind: str) -> str:
+    """sha256 (16 hex) of the sources that fill a cache of this kind."""
+    h = hashlib.sha256()
+    for rel in CACHE_SOURCES["sensitivity" if kind == "sensitivity" else "statistics"]:
+        h.update(rel.encode() + b"\0" + (Path(__file__).resolve().parent / rel).read_bytes())
+    return h.hexdigest()[:16]
 
 
 class UsageError(ValueError):
@@ -93,17 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--act_aware", action="store_true", help="choose columns/rows on W diag(s^alpha)")
     g.add_argument("--alpha", type=float, default=0.5, help="exponent of the activation statistic")
     g.add_argument("--scaling_method", default="abs_mean", choices=SCALING_METHODS)
-    g.add_argument("--method", default="acur", choices=list(decompositions.METHODS),
+    g.add_argument("--method", default="acur", choices=list(registry.METHODS),
                    help="acur: three-factor CUR (activation-aware with --act_aware); cur: plain CUR; svd / asvd "
                         "(needs --act_aware) / wsvd (whitened by the input covariance): truncated SVD; rowid / "
                         "colid: one-sided interpolative decompositions keeping actual rows / columns")
-    g.add_argument("--selection", default="topk", choices=decompositions.CUR_SELECTIONS,
+    g.add_argument("--selection", default="topk", choices=registry.SELECTIONS,
                    help="CUR picks: topk: deterministic top leverage; sample: Mahoney-Drineas sampling (seeded); "
                         "deim: DEIM on the singular vectors")
-    g.add_argument("--u_mode", default="pinv", choices=decompositions.CUR_U_MODES,
+    g.add_argument("--u_mode", default="pinv", choices=registry.U_MODES,
                    help="pinv: U = C+ W R+; act_weighted: U = C+ (WS)(RS)+; data_aware: U minimising the "
                         "layer's output error on calibration inputs (input covariance)")
-    g.add_argument("--cov_damp", type=float, default=decompositions.DEFAULT_COV_DAMP,
+    g.add_argument("--cov_damp", type=float, default=registry.DEFAULT_COV_DAMP,
                    help="data-aware fits use Sigma + cov_damp * mean(diag Sigma) * I")
     g.add_argument("--rank_align", type=int, default=1, help="round ranks down to a multiple of this")
     g.add_argument("--compress_lm_head", action="store_true", help="also compress lm_head (tied on many models)")
@@ -119,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_bos", action="store_true", help="start every window with the BOS token")
     g = p.add_argument_group("sensitivity")
     g.add_argument("--sensitivity_metric", default="ppl", choices=sens.METRICS)
-    g.add_argument("--sensitivity_ratios", default=",".join(map(str, sens.DEFAULT_RATIOS)),
-                   help="candidate per-layer parameter ratios, comma separated")
+    g.add_argument("--sensitivity_ratios", default=None,
+                   help="candidate per-layer parameter ratios, comma separated (default: "
+                        f"{','.join(map(str, sens.DEFAULT_RATIOS))}; fisher_error: 0.10 to 0.98 in steps of 0.02)")
     g.add_argument("--no_fast_sensitivity", action="store_true",
                    help="straightforward full-model loop instead of the exact cached-block path")
     g.add_argument("--compile_blocks", default="auto", choices=["auto", "on", "off"],
@@ -172,6 +188,13 @@ def parse_ratios(text: str) -> list[float]:
     return parse_fractions(text, "--sensitivity_ratios")
 
 
+def sensitivity_ratios(args) -> list[float]:
+    """The candidate ratios: --sensitivity_ratios, else the metric's default grid."""
+    if args.sensitivity_ratios is not None:
+        return parse_ratios(args.sensitivity_ratios)
+    return list(sens.FINE_RATIOS if args.sensitivity_metric == "fisher_error" else sens.DEFAULT_RATIOS)
+
+
 def eval_datasets(args) -> list[str]:
     return [d.strip() for d in args.eval_ppl.split(",") if d.strip() and d.strip() != "none"]
 
@@ -196,7 +219,7 @@ def validate_args(args) -> None:
         raise UsageError("sequence lengths must be >= 2 (one predicted token)")
     if args.eval_max_windows < 0:
         raise UsageError(f"--eval_max_windows must be >= 0, got {args.eval_max_windows}")
-    parse_ratios(args.sensitivity_ratios)
+    sensitivity_ratios(args)
     validate_method_args(args)
     validate_quant_args(args)
     if args.layer_filter is not None:
@@ -234,6 +257,9 @@ def validate_kv_args(args) -> None:
     if args.param_ratio_target != -1 or args.raw_model:
         raise UsageError("--compress_kv_cache searches on --kv_cache_ratio_target; drop "
                          + ("--raw_model" if args.raw_model else "--param_ratio_target"))
+    if args.sensitivity_metric not in ("ppl", "spectral", "stable_rank"):
+        raise UsageError(f"--sensitivity_metric {args.sensitivity_metric} has no KV-mode form "
+                         "(use ppl, spectral or stable_rank with --compress_kv_cache)")
     t = args.kv_cache_ratio_target
     if t == -1:
         raise UsageError("--compress_kv_cache needs --kv_cache_ratio_target (cached K/V dims / original, 0 < r <= 1)")
@@ -245,18 +271,18 @@ def validate_kv_args(args) -> None:
 
 
 def validate_method_args(args) -> None:
-    if decompositions.needs_scale(args.method) and not args.act_aware:
+    if registry.get(args.method).scale == "required" and not args.act_aware:
         raise UsageError(f"--method {args.method} scales by activations: add --act_aware")
     if not args.cov_damp >= 0:
         raise UsageError(f"--cov_damp must be >= 0, got {args.cov_damp}")
     if args.method != "acur":
         if args.compress_kv_cache:
             raise UsageError(f"--compress_kv_cache builds CUR latents: it needs --method acur, not {args.method}")
-        if args.weight_quant != "none" and decompositions.method_form(args.method) != "cur":
+        if args.weight_quant != "none" and registry.get(args.method).form != "cur":
             raise UsageError(f"--weight_quant quantizes CUR factors: not supported with --method {args.method}")
-    if args.compress_kv_cache and (args.selection not in SELECTIONS or args.u_mode not in U_MODES):
-        raise UsageError(f"--compress_kv_cache supports --selection {'/'.join(SELECTIONS)} and "
-                         f"--u_mode {'/'.join(U_MODES)}")
+    if args.compress_kv_cache and not registry.is_seed_cur("acur", args.selection, args.u_mode):
+        raise UsageError(f"--compress_kv_cache supports --selection {'/'.join(registry.SEED_SELECTIONS)} and "
+                         f"--u_mode {'/'.join(registry.SEED_U_MODES)}")
 
 
 def validate_quant_args(args) -> None:
@@ -403,7 +429,7 @@ def check_rank_align(linears: list[LinearInfo], args) -> None:
 
     def top_rank(info: LinearInfo) -> int:
         m, n = info.module.weight.shape
-        return min(m, n) if kv else decompositions.rank_for_method(args.method, m, n, 1.0, 1)
+        return min(m, n) if kv else registry.get(args.method).rank(m, n, 1.0, 1)
     best = max(linears, key=top_rank)
     if args.rank_align > top_rank(best):
         raise UsageError(f"--rank_align {args.rank_align} exceeds every compressed layer's largest possible "
@@ -436,28 +462,61 @@ def layer_scale(scales: dict | None, name: str):
 
 
 def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: dict | None,
-                   args, desc: str | None = "CUR replacement", covs: dict | None = None) -> dict[str, dict]:
+                   args, desc: str | None = "CUR replacement", covs: dict | None = None,
+                   stats: dict[str, LayerStats] | None = None, sequential: tuple | None = None) -> dict[str, dict]:
     """Replace every linear whose ratio is below 1 by its low-rank module (--method; CURLinear for acur).
-    covs: input covariances, for the data-aware methods. Returns a per-layer report."""
+    covs: input covariances, for the data-aware methods; stats: everything calibration measured per
+    layer (layer_stats). sequential = (model, calib_ids): methods the registry marks sequential are
+    fitted block by block on the compressed model's own inputs. Returns a per-layer report."""
     if getattr(args, "compress_kv_cache", False):  # ratios are rank fractions of the K/V width
         return kv_compress.compress_kv_linears(linears, ratios, scales, args.alpha, cur_settings(args), args.seed,
                                                desc=desc and desc + " (KV)")
     report = {}
     gen = torch.Generator().manual_seed(args.seed)
-    for info in tqdm(linears, desc=desc, disable=desc is None):
+
+    def fit(info: LinearInfo, st: LayerStats | None) -> None:
         m, n = info.module.weight.shape
         r = ratios.get(info.name, 1.0)
         row = {"ratio": r, "shape": [m, n], "params_dense": m * n, "rank": None,
                "params": m * n, "fallback": ""}
         if r < 1:
             cur = compress_linear(info.module, r, scale=layer_scale(scales, info.name), alpha=args.alpha,
-                                  cov=layer_scale(covs, info.name), generator=gen, **method_settings(args))
+                                  cov=None if st is not None else layer_scale(covs, info.name), generator=gen,
+                                  stats=st, **method_settings(args))
             row.update(rank=cur.rank, params=cur.param_count(), fallback=cur.fallback)
             if cur.fallback:
                 print(f"WARNING: {info.name}: {cur.fallback}")
             replace_module(info, cur)
         report[info.name] = row
+
+    if sequential is not None and registry.get(args.method).sequential:
+        def fit_group(group: list[LinearInfo], measured: dict) -> None:
+            for info in group:
+                base = (stats or {}).get(info.name) or LayerStats()
+                m = measured[info.name]
+                fit(info, dataclasses.replace(base, cov=m["cov"], cross=m["cross"], n_tokens=m["n_tokens"]))
+        model, calib_ids = sequential
+        sequential_calibration(model, linears, calib_ids, args.calib_batch_size, fit_group,
+                               desc=desc or "sequential calibration")
+        return {i.name: report[i.name] for i in linears}  # execution order
+    for info in tqdm(linears, desc=desc, disable=desc is None):
+        fit(info, (stats or {}).get(info.name))
     return report
+
+
+def layer_stats(linears: list[LinearInfo], scales: dict | None, covs: dict | None, fisher: dict | None,
+                n_tokens: int) -> dict[str, LayerStats]:
+    """Everything calibration measured, per layer, as the registry's methods read it."""
+    return {i.name: LayerStats(scale=layer_scale(scales, i.name), cov=layer_scale(covs, i.name),
+                               row_weight=layer_scale(fisher, i.name), n_tokens=n_tokens) for i in linears}
+
+
+def needs_covariance(args) -> bool:
+    return registry.get(args.method).needs_covariance(args.u_mode) or args.sensitivity_metric == "fisher_error"
+
+
+def needs_fisher(args) -> bool:
+    return registry.get(args.method).fisher or args.sensitivity_metric == "fisher_error"
 
 
 def restore_model(linears: list[LinearInfo], originals: dict) -> None:
@@ -466,16 +525,16 @@ def restore_model(linears: list[LinearInfo], originals: dict) -> None:
 
 
 def cache_key(args, fp: dict, kind: str, linears: list[LinearInfo]) -> dict:
-    key = {**fp, "kind": kind, "algo": ALGO_VERSION, "dataset": args.calib_dataset,
+    key = {**fp, "kind": kind, "code": code_digest(kind), "dataset": args.calib_dataset,
            "n": args.n_calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed, "bos": args.use_bos,
            "scaling": args.scaling_method if args.act_aware else "none"}
     if kind == "sensitivity":
         key.update(metric=args.sensitivity_metric, alpha=args.alpha if args.act_aware else None,
-                   ratios=parse_ratios(args.sensitivity_ratios), layers=[i.name for i in linears],
+                   ratios=sensitivity_ratios(args), layers=[i.name for i in linears],
                    **cur_settings(args))
         if getattr(args, "method", "acur") != "acur":  # acur keys stay as before: existing caches stay valid
             key.update(method=args.method)
-        if decompositions.needs_covariance(getattr(args, "method", "acur"), args.u_mode):
+        if needs_covariance(args):
             key.update(cov_damp=args.cov_damp)
         if getattr(args, "compress_kv_cache", False):
             key.update(kv_cache=True, ratios=parse_kv_fractions(args.kv_rank_fractions))
@@ -508,12 +567,21 @@ def stage_scales(model, linears, calib_ids, args, fp) -> dict | None:
 
 
 def stage_covariance(model, linears, calib_ids, args, fp) -> dict | None:
-    """Input covariance E[x x^T] of every linear, only when --method/--u_mode fits to it (cached)."""
-    if not decompositions.needs_covariance(args.method, args.u_mode):
+    """Input covariance E[x x^T] of every linear, only when the method or the metric reads it (cached)."""
+    if not needs_covariance(args):
         return None
     return cached_layer_tensors(
         "covariance", {**cache_key(args, fp, "covariance", linears), "scaling": None}, args, linears,
         "input covariances", lambda: input_covariances(model, linears, calib_ids, args.calib_batch_size))
+
+
+def stage_fisher(model, linears, calib_ids, args, fp) -> dict | None:
+    """Output fisher (the loss's sensitivity to every output of every linear), when read (cached)."""
+    if not needs_fisher(args):
+        return None
+    return cached_layer_tensors(
+        "fisher", {**cache_key(args, fp, "fisher", linears), "scaling": None}, args, linears, "output fisher",
+        lambda: output_fisher(model, linears, calib_ids, 1))
 
 
 def sensitivity_cache(args, fp: dict, linears: list[LinearInfo]) -> tuple[dict, Path]:
@@ -524,7 +592,8 @@ def sensitivity_cache(args, fp: dict, linears: list[LinearInfo]) -> tuple[dict, 
                                      args.cache_dir, ".json")
 
 
-def stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs: dict | None = None) -> tuple[dict, dict]:
+def stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs: dict | None = None,
+                      stats: dict | None = None) -> tuple[dict, dict]:
     """(table, info). With --use_cache the table is saved after every layer and resumed, under an
     exclusive lock beside the cache file: a second identical run waits, then reads the finished table
     instead of computing every layer again. (Not under torchrun: the ranks share the work already.)"""
@@ -532,10 +601,11 @@ def stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs: dict | 
     lock = datautils.file_lock(path.with_name(path.name + ".lock"), "sensitivity") \
         if args.use_cache and sens.dist_rank_world()[1] == 1 else contextlib.nullcontext()
     with lock:
-        return sensitivity_table(model, linears, calib_ids, scales, args, fp, covs)
+        return sensitivity_table(model, linears, calib_ids, scales, args, fp, covs, stats)
 
 
-def sensitivity_table(model, linears, calib_ids, scales, args, fp, covs: dict | None = None) -> tuple[dict, dict]:
+def sensitivity_table(model, linears, calib_ids, scales, args, fp, covs: dict | None = None,
+                      stats: dict | None = None) -> tuple[dict, dict]:
     """(table, info) of stage_sensitivity, without the lock."""
     key, path = sensitivity_cache(args, fp, linears)
     kv_mode = getattr(args, "compress_kv_cache", False)
@@ -553,7 +623,7 @@ def sensitivity_table(model, linears, calib_ids, scales, args, fp, covs: dict | 
             datautils.save_json_cache(path, key, {"table": table, "complete": len(table) == len(linears)})
             _RUN_STATE["saved"]["sensitivity"] = f"sensitivity {len(table)}/{len(linears)} layers in {path}"
 
-    ratios = parse_ratios(args.sensitivity_ratios)
+    ratios = sensitivity_ratios(args)
     if kv_mode:  # candidates are rank fractions of the K/V width
         fractions = parse_kv_fractions(args.kv_rank_fractions)
         if args.sensitivity_metric == "ppl":
@@ -567,11 +637,15 @@ def sensitivity_table(model, linears, calib_ids, scales, args, fp, covs: dict | 
         else:
             raise UsageError(f"--sensitivity_metric {args.sensitivity_metric} has no KV-mode form "
                              "(use ppl, spectral or stable_rank)")
+    elif args.sensitivity_metric == "fisher_error":
+        table = sens.sensitivity_fisher_error(linears, ratios, stats, args.alpha, method_settings(args),
+                                              done=done, on_progress=save)
     elif args.sensitivity_metric == "ppl":
         table = sens.sensitivity_ppl(model, linears, calib_ids, ratios, scales, args.alpha,
                                      method_settings(args), args.calib_batch_size,
                                      fast=not args.no_fast_sensitivity, done=done, on_progress=save, covs=covs,
-                                     compile_blocks={"auto": None, "on": True, "off": False}[args.compile_blocks])
+                                     compile_blocks={"auto": None, "on": True, "off": False}[args.compile_blocks],
+                                     stats=stats)
     elif args.sensitivity_metric == "spectral":
         table = sens.sensitivity_spectral(linears, ratios, scales, args.alpha, args.rank_align, done=done,
                                           on_progress=save, method=args.method)
@@ -581,8 +655,12 @@ def sensitivity_table(model, linears, calib_ids, scales, args, fp, covs: dict | 
     return table, info
 
 
-def stage_search(model, linears, calib_ids, scales, table, args, covs: dict | None = None) -> tuple[dict, list]:
+def stage_search(model, linears, calib_ids, scales, table, args, covs: dict | None = None,
+                 stats: dict | None = None) -> tuple[dict, list]:
+    """Per-layer ratios from the sensitivity table: ASVD's sorted-triples cut for ppl-like scores, the
+    Lagrangian allocation for the additive loss estimates of --sensitivity_metric fisher_error."""
     shapes = {i.name: tuple(i.module.weight.shape) for i in linears}
+    additive = args.sensitivity_metric == "fisher_error"
     if getattr(args, "compress_kv_cache", False):
         try:
             return binary_search.search_kv_ratio(table, shapes, args.kv_cache_ratio_target, args.rank_align), []
@@ -590,19 +668,23 @@ def stage_search(model, linears, calib_ids, scales, table, args, covs: dict | No
             raise UsageError(str(exc)) from None
     if args.param_ratio_target != -1:
         try:
-            return binary_search.search_param_ratio(table, shapes, args.param_ratio_target, args.rank_align,
-                                                    method=args.method), []
+            search = binary_search.search_param_ratio_allocated if additive else binary_search.search_param_ratio
+            return search(table, shapes, args.param_ratio_target, args.rank_align, method=args.method), []
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     originals = {i.name: i.module for i in linears}
 
     def evaluate(ratios):
-        compress_model(linears, ratios, scales, args, desc=None, covs=covs)
+        compress_model(linears, ratios, scales, args, desc=None, covs=covs, stats=stats,
+                       sequential=(model, calib_ids))
         try:
             return perplexity_of_windows(model, calib_ids, args.calib_batch_size, desc="ppl search")
         finally:
             restore_model(linears, originals)
 
+    if additive:
+        return binary_search.search_ppl_allocated(table, shapes, args.ppl_target, evaluate, args.rank_align,
+                                                  args.method)
     return binary_search.search_ppl(table, shapes, args.ppl_target, evaluate)
 
 
@@ -824,13 +906,16 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
         results["ppl_calibration"] = {"dense": dense_calib}
         check_ppl_target(args.ppl_target, dense_calib, args.calib_dataset)
     scales = timed("calibration", stage_scales, model, linears, calib_ids, args, fp)
-    covs = (timed("covariance", stage_covariance, model, linears, calib_ids, args, fp)
-            if decompositions.needs_covariance(args.method, args.u_mode) else None)
-    table, sens_info = timed("sensitivity", stage_sensitivity, model, linears, calib_ids, scales, args, fp, covs)
+    covs = timed("covariance", stage_covariance, model, linears, calib_ids, args, fp) if needs_covariance(args) else None
+    fisher = timed("fisher", stage_fisher, model, linears, calib_ids, args, fp) if needs_fisher(args) else None
+    stats = layer_stats(linears, scales, covs, fisher, calib_ids.numel())
+    table, sens_info = timed("sensitivity", stage_sensitivity, model, linears, calib_ids, scales, args, fp, covs,
+                             stats)
     if rank != 0:  # the other ranks only shared the sensitivity; rank 0 finishes and writes the run
         return model, tokenizer, results
-    ratios, trace = timed("search", stage_search, model, linears, calib_ids, scales, table, args, covs)
-    report = timed("compress", compress_model, linears, ratios, scales, args, covs=covs)
+    ratios, trace = timed("search", stage_search, model, linears, calib_ids, scales, table, args, covs, stats)
+    report = timed("compress", compress_model, linears, ratios, scales, args, covs=covs, stats=stats,
+                   sequential=(model, calib_ids))
     results["method"] = args.method
     results["sensitivity"] = sens_info
     if trace:

@@ -34,13 +34,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from evaluate_utils import nll_to_ppl, perplexity_of_windows, token_nll_tensor
-from modules.low_rank_linear import compress_candidates
+from modules.low_rank_linear import LayerStats, compress_candidates, prepare_layer
+from modules import decompositions as dec
 from modules.cur_math import scaled_weight, stable_rank
-from modules.decompositions import rank_for_method
-from modules.model_utils import LinearInfo, decoder_parts, replace_module
+from modules import registry
+from modules.model_utils import LinearInfo, capture_block_inputs, decoder_parts, replace_module
 
-METRICS = ("ppl", "stable_rank", "spectral")
+METRICS = ("ppl", "fisher_error", "stable_rank", "spectral")
 DEFAULT_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# fisher_error costs no forward pass per candidate: a fine grid lets the allocation place every layer
+FINE_RATIOS = tuple(round(0.1 + 0.02 * i, 2) for i in range(45))  # 0.10, 0.12, ..., 0.98
 PREFETCH = 4  # layers whose candidates are decomposed ahead on the GPU's side stream
 
 Progress = Callable[[dict], None]
@@ -79,39 +82,9 @@ class BlockRunner:
         self.block = 0
         self._capture()
 
-    @torch.no_grad()
     def _capture(self) -> None:
-        """One embedding pass per batch; hooks record block 0's input and every block's kwargs."""
-        class _Stop(Exception):
-            pass
-
-        for batch in self.batches:
-            per_block: list[dict] = [None] * len(self.layers)
-            first: list[torch.Tensor] = []
-
-            def make_hook(i):
-                def hook(_mod, args, kwargs):
-                    kw = dict(kwargs)
-                    h = args[0] if args else kw.pop("hidden_states")
-                    kw.pop("hidden_states", None)
-                    per_block[i] = kw
-                    if i == 0:
-                        first.append(h.detach())
-                    if i == len(self.layers) - 1:
-                        raise _Stop
-                return hook
-
-            hooks = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
-                     for i, layer in enumerate(self.layers)]
-            try:
-                self.model(batch, use_cache=False)  # batches already sit on the device
-            except _Stop:
-                pass
-            finally:
-                for h in hooks:
-                    h.remove()
-            self.hidden.append(first[0])
-            self.kwargs.append(per_block)
+        """One embedding pass per batch records block 0's input and every block's kwargs."""
+        self.hidden, self.kwargs = capture_block_inputs(self.model, self.layers, self.batches)
 
     def _guarded(self, compiled: Callable, eager: Callable, *args, **kwargs):
         """compiled(...) while compiling works; on a compiler failure: a loud warning, then eager for good."""
@@ -207,7 +180,7 @@ def dense_equivalent(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 def decompose_candidates(info: LinearInfo, ratios: list[float], scales: dict | None, alpha: float,
                          cur_kwargs: dict, stream: "torch.cuda.Stream | None" = None,
-                         covs: dict | None = None, dense: bool = False) -> list:
+                         covs: dict | None = None, dense: bool = False, stats: dict | None = None) -> list:
     """The layer's CURLinear (or --method module) at every candidate ratio, all from one SVD; with
     `dense`, each one's dense equivalent weight instead. With a CUDA stream the work runs there (a
     worker thread overlaps it with the previous layer's forward passes: same kernels, same numbers)
@@ -218,7 +191,8 @@ def decompose_candidates(info: LinearInfo, ratios: list[float], scales: dict | N
             stack.enter_context(torch.cuda.stream(stream))
         # one factory for every --method (cur_kwargs may hold method, cov_damp); acur: same SVD reuse as before
         curs = compress_candidates(info.module, ratios, scales.get(info.name) if scales else None, alpha,
-                                   covs.get(info.name) if covs else None, **cur_kwargs)
+                                   covs.get(info.name) if covs else None,
+                                   stats=stats.get(info.name) if stats else None, **cur_kwargs)
         if dense:
             dtype = info.module.weight.dtype
             curs = [dense_equivalent(c, dtype) for c in curs]
@@ -231,7 +205,7 @@ def sensitivity_ppl(model: nn.Module, linears: list[LinearInfo], calib_ids: torc
                     ratios: list[float], scales: dict | None, alpha: float, cur_kwargs: dict,
                     batch_size: int = 4, fast: bool = True, done: dict | None = None,
                     on_progress: Progress | None = None, covs: dict | None = None,
-                    compile_blocks: bool | None = None) -> dict[str, dict[str, float]]:
+                    compile_blocks: bool | None = None, stats: dict | None = None) -> dict[str, dict[str, float]]:
     """{layer: {ratio: calibration ppl}} with one layer at a time replaced by its CUR (or the module
     of cur_kwargs["method"]; covs: input covariances for the data-aware methods).
 
@@ -265,7 +239,7 @@ def sensitivity_ppl(model: nn.Module, linears: list[LinearInfo], calib_ids: torc
     # on a GPU the next layer's decompositions run on a side stream while this layer's forwards run
     stream = torch.cuda.Stream(device) if device.type == "cuda" and len(mine) > 1 else None
     pool = ThreadPoolExecutor(1, thread_name_prefix="cur-decompose") if stream is not None else None
-    args = (ratios, scales, alpha, cur_kwargs, stream, covs, dense)
+    args = (ratios, scales, alpha, cur_kwargs, stream, covs, dense, stats)
     # decompositions run up to PREFETCH layers ahead: the late blocks' short forwards cannot hide an SVD
     # each, the early blocks' long ones hide several (memory: the candidates of PREFETCH layers)
     pending: collections.deque = collections.deque()
@@ -367,11 +341,69 @@ def sensitivity_spectral(linears: list[LinearInfo], ratios: list[float], scales:
         if torch.isfinite(w).all():
             energy = torch.linalg.svdvals(w).double().pow(2)
             cum = torch.cumsum(energy, 0) / energy.sum()
-            row = {ratio_key(r): float(1 - cum[rank_for_method(method, m, n, r, rank_align) - 1]) for r in ratios}
+            row = {ratio_key(r): float(1 - cum[registry.get(method).rank(m, n, r, rank_align) - 1]) for r in ratios}
         else:
             print(f"WARNING: {info.name}: non-finite scaled weight; scored as maximally sensitive")
             row = {ratio_key(r): 1.0 for r in ratios}
         results[info.name] = row
+        if on_progress is not None:
+            on_progress(results)
+    return results
+
+
+def layer_loss(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor, row_weight: torch.Tensor | None) -> float:
+    """1/2 sum_i g_i E[((W - W_hat) x)_i^2]: the predicted rise of the mean NLL (output_fisher's expansion)."""
+    D = weight.detach().double() - approx.detach().double()
+    per_row = ((D @ cov.double()) * D).sum(1)
+    g = row_weight.double() if row_weight is not None else torch.ones_like(per_row)
+    return 0.5 * float((g.to(per_row.device) * per_row).sum())
+
+
+def fisher_error_row(info: LinearInfo, ratios: list[float], stats: LayerStats, alpha: float,
+                     settings: dict) -> dict[str, float]:
+    """{ratio: predicted NLL rise} of one layer under its method, without a forward pass.
+
+    Exact in the damped covariance's metric for every form: the row ID reads it off its pivoted
+    Cholesky (residual trace at each rank, one pass), the whitened SVD off its weighted singular-value
+    tail, and every other method is decomposed at each candidate and measured (one m x n x n product
+    per candidate)."""
+    spec = registry.get(settings.get("method", "acur"))
+    W = info.module.weight.data
+    m, n = W.shape
+    align = settings.get("rank_align", 1)
+    ranks = [spec.rank(m, n, r, align) for r in ratios]
+    g = None if stats.row_weight is None else stats.row_weight.to(W.device).double()
+    cov = dec.damped_covariance(stats.cov.to(W.device), settings.get("cov_damp", registry.DEFAULT_COV_DAMP))
+    prep_kw = {k: settings[k] for k in ("selection", "u_mode", "cov_damp") if k in settings}
+    if (spec.form == "rowid" and spec.fisher and g is not None) or spec.name == "wsvd":
+        prep = prepare_layer(W, spec.name, stats.scale, alpha, stats.cov, max_rank=max(ranks), stats=stats, **prep_kw)
+        if spec.form == "rowid":  # fisher-weighted picks: the residual trace is the weighted error
+            return {ratio_key(r): 0.5 * float(prep.row_residual[k]) for r, k in zip(ratios, ranks)}
+        U, S, _ = prep.svd_tuple  # SVD of W L: truncation error of output i = sum_{j>k} U_ij^2 s_j^2
+        per_dir = (U.pow(2) * (g.unsqueeze(1) if g is not None else 1.0)).sum(0) * S.pow(2)
+        tail = torch.cat([per_dir.flip(0).cumsum(0).flip(0), per_dir.new_zeros(1)])
+        return {ratio_key(r): 0.5 * float(tail[k]) for r, k in zip(ratios, ranks)}
+    mods = compress_candidates(info.module, ratios, stats.scale, alpha, stats.cov, stats=stats, **settings)
+    return {ratio_key(r): layer_loss(W, mod.dense_weight().float(), cov, g) for r, mod in zip(ratios, mods)}
+
+
+def sensitivity_fisher_error(linears: list[LinearInfo], ratios: list[float], stats: dict[str, LayerStats],
+                             alpha: float, settings: dict, done: dict | None = None,
+                             on_progress: Progress | None = None) -> dict[str, dict[str, float]]:
+    """{layer: {ratio: predicted rise of the calibration NLL}}, no forward passes: the layer's output
+    error E||(W - W_hat) x||^2 under the calibration input covariance, each output weighted by the
+    loss's sensitivity to it (act_aware_utils.output_fisher), halved (second-order expansion).
+
+    The numbers are additive across layers (to first approximation), so binary_search.allocate splits
+    one budget over them, and one table serves every --param_ratio_target."""
+    results = dict(done or {})
+    for info in tqdm([i for i in linears if i.name not in results], desc="sensitivity (fisher error)"):
+        st = stats[info.name]
+        if st.cov is None or not torch.isfinite(st.cov).all():
+            print(f"WARNING: {info.name}: no finite input covariance; scored as maximally sensitive")
+            results[info.name] = {ratio_key(r): math.inf for r in ratios}
+        else:
+            results[info.name] = fisher_error_row(info, ratios, st, alpha, settings)
         if on_progress is not None:
             on_progress(results)
     return results

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modules.cur_math import (CURFactors, LayerSVD, cur_decompose, cur_param_count,
-                              rank_for_ratio)
+from modules import registry
+from modules.cur_math import CURFactors, LayerSVD, cur_decompose
 
 
 class CURLinear(nn.Module):
@@ -60,14 +60,14 @@ class CURLinear(nn.Module):
         """
         W = linear.weight.data
         m, n = W.shape
-        k = rank_for_ratio(m, n, param_ratio, rank_align)
+        k = registry.get("acur").rank(m, n, param_ratio, rank_align)
         factors = cur_decompose(W, k, scale=act_scale, alpha=alpha, selection=selection,
                                 u_mode=u_mode, svd=svd, generator=generator)
         bias = linear.bias.data if linear.bias is not None else None
         return cls.from_factors(factors, bias, W.dtype, W.device)
 
     def param_count(self) -> int:
-        return cur_param_count(self.out_features, self.in_features, self.rank)
+        return registry.get("acur").param_count(self.out_features, self.in_features, self.rank)
 
     def dense_weight(self) -> torch.Tensor:
         """C U R as a dense matrix (for checks and reports, not for the forward pass)."""
@@ -104,7 +104,7 @@ class GradCURLinear(nn.Module):
                     alpha: float = 0.5, rank_align: int = 1, selection: str = "topk",
                     u_mode: str = "pinv") -> "GradCURLinear":
         W = linear.weight.data
-        k = rank_for_ratio(*W.shape, param_ratio, rank_align)
+        k = registry.get("acur").rank(*W.shape, param_ratio, rank_align)
         f = cur_decompose(W, k, scale=act_scale, alpha=alpha, selection=selection, u_mode=u_mode)
         return cls(W, linear.bias.data if linear.bias is not None else None, f.cols, f.rows,
                    act_scale, alpha, u_mode)

@@ -6,40 +6,14 @@ S = diag(s^alpha + eps). One SVD per layer serves every candidate rank (cumulati
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-SELECTIONS = ("topk", "sample")
-U_MODES = ("pinv", "act_weighted")
+from modules.registry import SEED_SELECTIONS as SELECTIONS, SEED_U_MODES as U_MODES
+
 EPS = 1e-6
-
-
-def cur_param_count(m: int, n: int, k: int) -> int:
-    """Parameters of C (m x k) + U (k x k) + R (k x n), without bias."""
-    return m * k + k * k + k * n
-
-
-def rank_for_ratio(m: int, n: int, ratio: float, rank_align: int = 1) -> int:
-    """Largest rank k (a multiple of rank_align when possible) with k(m+n) + k^2 <= ratio*m*n.
-
-    Never exceeds the budget: if even the smallest aligned rank overshoots, falls back to the
-    largest unaligned rank that fits (at least 1).
-    """
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    if rank_align < 1:
-        raise ValueError(f"rank_align must be >= 1, got {rank_align}")
-    budget = ratio * m * n
-    # positive root of k^2 + (m+n)k - budget = 0
-    k = int(math.floor((-(m + n) + math.sqrt((m + n) ** 2 + 4 * budget)) / 2))
-    k = min(k, m, n)
-    while k > 0 and cur_param_count(m, n, k) > budget:  # guard against round-off
-        k -= 1
-    aligned = (k // rank_align) * rank_align
-    return max(aligned if aligned > 0 else k, 1)
 
 
 def scaled_weight(weight: torch.Tensor, scale: torch.Tensor | None, alpha: float) -> torch.Tensor:

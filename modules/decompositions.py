@@ -11,6 +11,7 @@ Sigma = E[x x^T] the input covariance collected during calibration.
   colid              W ~ C Z: C = k actual columns, Z = C+ W (also the output-error optimum for any Sigma);
                      Z's kept columns are the identity: k(m+n-k) parameters.
   cur (three factor) the seed's C U R (modules/cur_math.py) plus DEIM selection and a data-aware U.
+Which method uses which of these, and its parameter count, is modules/registry.py's.
 """
 from __future__ import annotations
 
@@ -19,88 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.cur_math import (CURFactors, LayerSVD, cur_decompose, cur_param_count, leverage_scores,
-                              rank_for_ratio, select_indices)
-
-# method -> (form, activation scale needed, input covariance needed)
-METHODS = {
-    "acur": ("cur", False, False),   # the seed's ACUR (scaled by --act_aware when given)
-    "cur": ("cur", False, False),    # plain CUR: never activation scaled
-    "svd": ("svd", False, False),    # plain truncated SVD
-    "asvd": ("svd", True, False),    # ASVD: SVD of W diag(s^alpha)
-    "wsvd": ("svd", False, True),    # whitened SVD (SVD of W L): the rank-k optimum, a reference
-    "rowid": ("rowid", False, True),  # row interpolative decomposition, data-aware Z
-    "colid": ("colid", False, True),  # column interpolative decomposition
-}
-FORMS = ("cur", "svd", "rowid", "colid")
-CUR_SELECTIONS = ("topk", "sample", "deim")
-CUR_U_MODES = ("pinv", "act_weighted", "data_aware")
-DEFAULT_COV_DAMP = 0.01
-
-
-def method_form(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    return METHODS[method][0]
-
-
-def needs_scale(method: str) -> bool:
-    """True when the method cannot run without the activation statistic (asvd)."""
-    method_form(method)
-    return METHODS[method][1]
-
-
-def reads_scale(method: str) -> bool:
-    """True when the method uses the activation statistic if there is one (acur, asvd)."""
-    return method == "acur" or needs_scale(method)
-
-
-def needs_covariance(method: str, u_mode: str = "pinv") -> bool:
-    """True when the decomposition reads the input covariance (the data-aware U reads it too)."""
-    method_form(method)
-    return METHODS[method][2] or (METHODS[method][0] == "cur" and u_mode == "data_aware")
-
-
-# ---------------------------------------------------------------- parameter counting
-def param_count(method: str, m: int, n: int, k: int) -> int:
-    """Parameters (without bias) a method keeps for an m x n weight at rank k."""
-    form = method_form(method)
-    if form == "cur":
-        return cur_param_count(m, n, k)
-    if form == "svd":
-        return k * (m + n)
-    return k * (m + n - k)  # interpolative forms: the k x k identity block is not stored
-
-
-def rank_for_method(method: str, m: int, n: int, ratio: float, rank_align: int = 1) -> int:
-    """Largest rank whose parameters stay within ratio*m*n (multiple of rank_align when possible).
-
-    CUR forms use cur_math.rank_for_ratio unchanged, so the default method's ranks never move."""
-    form = method_form(method)
-    if form == "cur":
-        return rank_for_ratio(m, n, ratio, rank_align)
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    if rank_align < 1:
-        raise ValueError(f"rank_align must be >= 1, got {rank_align}")
-    budget = ratio * m * n
-    if form == "svd":
-        k = int(budget // (m + n))
-    else:  # smaller root of k^2 - (m+n)k + budget = 0; k(m+n-k) grows up to k = min(m, n)
-        disc = max((m + n) ** 2 - 4 * budget, 0.0)
-        k = int(math.floor(((m + n) - math.sqrt(disc)) / 2))
-    k = min(k + 1, m, n)
-    while k > 0 and param_count(method, m, n, k) > budget:  # guard against round-off
-        k -= 1
-    aligned = (k // rank_align) * rank_align
-    return max(aligned if aligned > 0 else k, 1)
-
-
-def params_for_ratio(method: str, m: int, n: int, ratio: float, rank_align: int = 1) -> int:
-    """Parameters one layer keeps at a ratio: dense at 1.0, else the method's count at its rank."""
-    if ratio >= 1:
-        return m * n
-    return param_count(method, m, n, rank_for_method(method, m, n, ratio, rank_align))
+from modules.cur_math import CURFactors, LayerSVD, cur_decompose, leverage_scores, select_indices
+from modules.registry import DEFAULT_COV_DAMP, SELECTIONS, U_MODES
 
 
 # ---------------------------------------------------------------- covariance helpers
@@ -116,7 +37,7 @@ def damped_covariance(cov: torch.Tensor, damp: float = DEFAULT_COV_DAMP) -> torc
         raise ValueError("covariance contains NaN/inf")
     c = (c + c.T) / 2
     mean_diag = float(c.diagonal().mean())
-    return c + (damp * mean_diag if mean_diag > 0 else damp) * torch.eye(c.shape[0], dtype=c.dtype)
+    return c + (damp * mean_diag if mean_diag > 0 else damp) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
 
 
 def whitening_factor(cov: torch.Tensor) -> torch.Tensor:
@@ -151,44 +72,58 @@ def deim_order(basis: torch.Tensor, k: int | None = None) -> torch.Tensor:
     V = basis.detach().double()
     k = V.shape[1] if k is None else min(k, V.shape[1])
     if k == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=V.device)
     _, pivots = torch.linalg.lu_factor(V[:, :k].contiguous())
     perm = list(range(V.shape[0]))
     for i, p in enumerate(pivots.tolist()):  # LAPACK row swaps (1-based) -> permutation
         perm[i], perm[p - 1] = perm[p - 1], perm[i]
-    return torch.tensor(perm[:k], dtype=torch.long)
+    return torch.tensor(perm[:k], dtype=torch.long, device=V.device)
 
 
-def pivoted_cholesky_order(gram: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
-    """First k pivots of the greedy pivoted Cholesky of a PSD Gram matrix G = A^T A, in pick order.
+def pivoted_cholesky(gram: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first k pivots, residual trace before each pick and after the last: k+1 values) of the greedy
+    pivoted Cholesky of a PSD Gram matrix G = A^T A.
 
-    These are the column pivots of QR with column pivoting of A (Businger-Golub: take the column of
-    largest residual norm, project it out), computed on the Gram with blocked (BLAS-3) updates, which
-    is ~10x faster than rank-1 QR updates. Deterministic and prefix-consistent. Residuals below
-    1e-13 of the largest diagonal count as zero (rank reached): the remaining picks are the lowest
-    unpicked indices."""
+    The pivots are the column pivots of QR with column pivoting of A (Businger-Golub: take the column
+    of largest residual norm, project it out), computed on the Gram with blocked (BLAS-3) updates,
+    ~10x faster than rank-1 QR updates. Deterministic and prefix-consistent. The residual trace after
+    j picks is tr(G) - tr(G restricted to the span of the picks): for G = W Sigma W^T it is exactly
+    the output error E||(W - Z R) x||^2 of the row ID on those j rows, so one pass gives the error at
+    every rank. Residuals below 1e-13 of the largest diagonal count as zero (rank reached): the
+    remaining picks are the lowest unpicked indices."""
     G = gram.detach().double().clone()
     m = G.shape[0]
     k = min(k, m)
     d = G.diagonal().clone()
-    picked = torch.zeros(m, dtype=torch.bool)
-    tol = float(d.abs().max()) * 1e-13 if m else 0.0
-    order: list[int] = []
-    while len(order) < k:
-        b = min(block, k - len(order))
+    picked = torch.zeros(m, dtype=torch.bool, device=G.device)
+    order = torch.zeros(k, dtype=torch.long, device=G.device)
+    residual = G.new_zeros(k + 1)
+    residual[0] = d.clamp_min(0).sum()
+    tol = d.abs().max() * 1e-13 if m else G.new_zeros(())
+    done = 0
+    while done < k:  # no host synchronisation inside: every step is a device op
+        b = min(block, k - done)
         P = G.new_zeros(m, b)
         for t in range(b):
-            p = int(torch.argmax(d.masked_fill(picked, -math.inf)))
-            if float(d[p]) <= tol:
-                p = int(torch.nonzero(~picked)[0])
-            else:
-                col = (G[p] - P[:, :t] @ P[p, :t]) / math.sqrt(float(d[p]))  # G symmetric: row = column
-                P[:, t] = col
-                d.sub_(col * col)
+            p = torch.argmax(d.masked_fill(picked, -math.inf))
+            ok = d[p] > tol
+            p = torch.where(ok, p, torch.argmax((~picked).to(torch.int8)))  # rank reached: lowest unpicked
+            inv_root = torch.where(ok, d[p].clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 0.0)
+            col = (G[p] - P[:, :t] @ P[p, :t]) * inv_root  # G symmetric: row = column
+            P[:, t] = col
+            d.sub_(col * col)
             picked[p] = True
-            order.append(p)
+            d[p] = 0.0
+            order[done + t] = p
+            residual[done + t + 1] = d.masked_fill(picked, 0.0).clamp_min(0).sum()
         G.addmm_(P, P.T, alpha=-1.0)
-    return torch.tensor(order, dtype=torch.long)
+        done += b
+    return order, residual
+
+
+def pivoted_cholesky_order(gram: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
+    """First k pivots of the greedy pivoted Cholesky of a PSD Gram matrix (see pivoted_cholesky)."""
+    return pivoted_cholesky(gram, k, block)[0]
 
 
 def pivoted_qr_order(A: torch.Tensor, k: int) -> torch.Tensor:
@@ -254,25 +189,64 @@ def _solve_gram(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return rhs @ torch.linalg.pinv(G, hermitian=True)
 
 
-def data_aware_rows_fit(weight: torch.Tensor, rows: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
+def data_aware_rows_fit(weight: torch.Tensor, rows: torch.Tensor, cov: torch.Tensor | None,
+                        cross: torch.Tensor | None = None) -> torch.Tensor:
     """Z = argmin_Z E||(W - Z R) x||^2 = W Sigma R^T (R Sigma R^T)^+ for R = W[rows] (Frobenius: W R^+).
 
-    Z[rows] is the identity whenever R has full row rank: the kept outputs pass through exactly."""
+    Z[rows] is the identity whenever R has full row rank: the kept outputs pass through exactly.
+    Sequential calibration (`cross` = E[x x~^T] with x the dense model's input and x~ the input the
+    already-compressed layers produce, `cov` = E[x~ x~^T]): Z = argmin E||W x - Z R x~||^2 =
+    W cross R^T (R cov R^T)^+, which also undoes the error the layers before it made."""
     W = weight.detach().double()
     R = W[rows]
     if cov is None:
         return W @ torch.linalg.pinv(R)
-    c = cov.double()
-    RS = R @ c
-    return _solve_gram(RS @ R.T, W @ RS.T)
+    RS = R @ cov.double()
+    target = RS if cross is None else R @ cross.double().T  # rows of (W cross R^T)^T / W
+    return _solve_gram(RS @ R.T, W @ target.T)
 
 
-def row_pick_order(weight: torch.Tensor, k: int, cov: torch.Tensor | None = None) -> torch.Tensor:
+def row_gram(weight: torch.Tensor, cov: torch.Tensor | None = None,
+             row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """D W Sigma W^T D with D = diag(sqrt(row_weight)). Its diagonal is each output's weighted energy
+    E[g_i (w_i^T x)^2]; with g_i the loss's sensitivity to output i (act_aware_utils.output_fisher)
+    the residual trace of its pivoted Cholesky estimates the loss increase of the row ID at every
+    rank. Row weights change which rows are kept, not how the others are fitted (each row's fit is
+    its own least-squares problem)."""
+    W = weight.detach().double()
+    G = W @ cov.double() @ W.T if cov is not None else W @ W.T
+    if row_weight is not None:
+        r = row_weight.detach().to(device=G.device, dtype=G.dtype).clamp_min(0).sqrt()
+        G = G * r.unsqueeze(0) * r.unsqueeze(1)
+    return G
+
+
+def row_pick_order(weight: torch.Tensor, k: int, cov: torch.Tensor | None = None,
+                   row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Rows by pivoted QR of the whitened weight W L (L L^T = Sigma), i.e. pivoted Cholesky of
     W Sigma W^T: each pick is the output whose response to calibration inputs is least explained
-    by the outputs already kept."""
-    W = weight.detach().double()
-    return pivoted_cholesky_order(W @ cov.double() @ W.T if cov is not None else W @ W.T, k)
+    by the outputs already kept (weighted by row_weight, see row_gram)."""
+    return pivoted_cholesky(row_gram(weight, cov, row_weight), k)[0]
+
+
+def row_error_curve(weight: torch.Tensor, k: int, cov: torch.Tensor | None = None,
+                    row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row pick order, weighted output error of the row ID at ranks 0..k): one pivoted Cholesky."""
+    return pivoted_cholesky(row_gram(weight, cov, row_weight), k)
+
+
+def shrunk_covariance(cov: torch.Tensor, n_tokens: int, damp: float = DEFAULT_COV_DAMP) -> torch.Tensor:
+    """(1 - lam) Sigma + lam diag(Sigma) with lam = d / (d + n_tokens), then damped_covariance.
+
+    With fewer calibration tokens than input channels d the sample covariance is singular and the
+    data-aware fits chase its noise (wsvd and rowid collapse at 2 x 128 tokens); shrinking toward the
+    diagonal (the per-channel energy that diagonal scalings like ASVD's use) by how little data there
+    is keeps them sane and costs little when tokens are plentiful (lam ~ 0.02 at 32k tokens, d 576)."""
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+    c = cov.detach().double()
+    lam = c.shape[0] / (c.shape[0] + n_tokens)
+    return damped_covariance((1 - lam) * c + lam * torch.diag_embed(c.diagonal()), damp)
 
 
 def col_pick_order(weight: torch.Tensor, k: int, cov: torch.Tensor | None = None) -> torch.Tensor:
@@ -285,7 +259,7 @@ def col_pick_order(weight: torch.Tensor, k: int, cov: torch.Tensor | None = None
 
 def complement(kept: torch.Tensor, size: int) -> torch.Tensor:
     """The sorted indices of range(size) not in `kept`: the rows/columns an ID rebuilds."""
-    mask = torch.ones(size, dtype=torch.bool)
+    mask = torch.ones(size, dtype=torch.bool, device=kept.device)
     mask[kept] = False
     return torch.nonzero(mask).flatten()
 
@@ -300,7 +274,7 @@ class RowIDFactors:
 
 
 def row_id(weight: torch.Tensor, k: int, cov: torch.Tensor | None = None,
-           order: torch.Tensor | None = None) -> RowIDFactors:
+           order: torch.Tensor | None = None, cross: torch.Tensor | None = None) -> RowIDFactors:
     """W ~ Z R with R = k actual rows. Rows by pivoted QR of the whitened W (W L); Z data-aware.
 
     `order`: a precomputed pick order (prefix-consistent), reused across ranks."""
@@ -311,7 +285,7 @@ def row_id(weight: torch.Tensor, k: int, cov: torch.Tensor | None = None,
         order = row_pick_order(W, k, cov)
     rows = torch.sort(order[:k]).values
     others = complement(rows, m)
-    Z = data_aware_rows_fit(W, rows, cov)
+    Z = data_aware_rows_fit(W, rows, cov, cross)
     return RowIDFactors(rows, others, W[rows], Z[others], k)
 
 
@@ -366,10 +340,10 @@ def cur_decompose_ext(weight: torch.Tensor, rank: int, scale: torch.Tensor | Non
 
     cov: the (damped) input covariance, needed by u_mode data_aware. Like cur_math.cur_decompose, a
     failed SVD falls back to uniform selection and says so in `fallback`."""
-    if selection not in CUR_SELECTIONS:
-        raise ValueError(f"unknown selection {selection!r}; choose from {CUR_SELECTIONS}")
-    if u_mode not in CUR_U_MODES:
-        raise ValueError(f"unknown U mode {u_mode!r}; choose from {CUR_U_MODES}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; choose from {SELECTIONS}")
+    if u_mode not in U_MODES:
+        raise ValueError(f"unknown U mode {u_mode!r}; choose from {U_MODES}")
     if u_mode == "data_aware" and cov is None:
         raise ValueError("u_mode data_aware needs the input covariance")
     orders = {"cols": col_order, "rows": row_order}

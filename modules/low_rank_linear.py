@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from modules.cur_linear import CURLinear
-from modules.cur_math import EPS, SELECTIONS, U_MODES, LayerSVD, safe_svd, scaled_weight
-from modules import decompositions as dec
+from modules import decompositions as dec, registry
+from modules.cur_math import EPS, LayerSVD, safe_svd, scaled_weight
 
 
 class _LowRankBase(nn.Module):
@@ -32,7 +32,7 @@ class _LowRankBase(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def param_count(self) -> int:
-        return dec.param_count(self.method, self.out_features, self.in_features, self.rank)
+        return registry.get(self.method).param_count(self.out_features, self.in_features, self.rank)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -113,16 +113,25 @@ class ColIDLinear(_LowRankBase):
         return self._add_bias(F.linear(z, self.C))
 
 
-LOW_RANK_TYPES = (CURLinear, SVDLinear, RowIDLinear, ColIDLinear)
-
-
 # ---------------------------------------------------------------- factory
+@dataclass
+class LayerStats:
+    """What calibration measured for one linear; a method reads the parts its registry entry names."""
+    scale: torch.Tensor | None = None       # per-input activation statistic (acur, asvd)
+    cov: torch.Tensor | None = None         # E[x x^T] of the inputs it is fitted on
+    cross: torch.Tensor | None = None       # E[x x~^T]: dense inputs x against the fitted-on inputs x~ (sequential)
+    row_weight: torch.Tensor | None = None  # output fisher: the loss's sensitivity to each output
+    n_tokens: int | None = None             # calibration tokens behind cov (covariance shrinkage)
+
+
 @dataclass
 class LayerPrep:
     """What every candidate ratio of one layer shares for one method."""
     method: str
     scale: torch.Tensor | None = None        # activation statistic actually used (None: unscaled)
-    cov: torch.Tensor | None = None          # damped covariance actually used (None: not data-aware)
+    cov: torch.Tensor | None = None          # damped (and shrunk) covariance actually used
+    cross: torch.Tensor | None = None
+    row_weight: torch.Tensor | None = None
     svd: LayerSVD | None = None              # CUR forms: SVD of the scaled weight
     svd_tuple: tuple | None = None           # SVD forms: (U, s, Vh) of the transformed weight
     transform: str = "none"
@@ -130,55 +139,69 @@ class LayerPrep:
     whiten: torch.Tensor | None = None
     col_order: torch.Tensor | None = None    # DEIM / pivoted-QR pick orders (prefix-consistent)
     row_order: torch.Tensor | None = None
+    row_residual: torch.Tensor | None = None  # row ID: weighted output error at ranks 0..len(row_order)
     fallback: str = ""
 
 
-def is_legacy_cur(method: str, selection: str, u_mode: str) -> bool:
-    """The seed's CURLinear.from_linear path: kept verbatim so method acur's numbers never move."""
-    return method in ("acur", "cur") and selection in SELECTIONS and u_mode in U_MODES
+def _on(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """Statistics follow the weight's device (caches load them on the CPU)."""
+    return None if t is None else t.detach().to(like.device)
 
 
 def prepare_layer(weight: torch.Tensor, method: str = "acur", scale: torch.Tensor | None = None,
                   alpha: float = 0.5, cov: torch.Tensor | None = None, selection: str = "topk",
-                  u_mode: str = "pinv", cov_damp: float = dec.DEFAULT_COV_DAMP,
-                  max_rank: int | None = None) -> LayerPrep:
+                  u_mode: str = "pinv", cov_damp: float = registry.DEFAULT_COV_DAMP,
+                  max_rank: int | None = None, stats: LayerStats | None = None) -> LayerPrep:
     """One SVD / whitening / pick order per layer, reused for every rank up to max_rank.
 
-    A non-finite activation statistic or covariance is dropped with a recorded fallback (the layer
-    is then decomposed without it), never silently used."""
-    form = dec.method_form(method)
+    `stats` carries what the registry entry may read beyond scale and cov (cross-covariance, output
+    fisher, token count). A non-finite activation statistic or covariance is dropped with a recorded
+    fallback (the layer is then decomposed without it), never silently used."""
+    spec = registry.get(method)
+    stats = stats or LayerStats()
+    scale = _on(scale if scale is not None else stats.scale, weight)
+    cov = _on(cov if cov is not None else stats.cov, weight)
     m, n = weight.shape
     max_rank = min(m, n) if max_rank is None else max(1, min(max_rank, m, n))
     prep = LayerPrep(method)
-    if not dec.reads_scale(method):
+    if spec.scale == "none":
         scale = None
-    if dec.needs_scale(method) and scale is None:
+    if spec.scale == "required" and scale is None:
         raise ValueError(f"method {method} needs the activation statistic (run with --act_aware)")
     if scale is not None and not torch.isfinite(scale).all() and method != "acur":
         # (acur keeps it: its SVD fails and the seed's uniform-selection fallback is recorded)
         prep.fallback = "non-finite activation statistic: decomposed without it"
         scale = None
-    if dec.needs_covariance(method, u_mode if form == "cur" else "pinv"):
+    if spec.needs_covariance(u_mode):
         if cov is None:
             raise ValueError(f"method {method} (u_mode {u_mode}) needs the input covariance")
         if not torch.isfinite(cov).all():
             prep.fallback = "non-finite input covariance: fitted without it (Frobenius)"
             cov = None
+        elif spec.shrink and stats.n_tokens:
+            cov = dec.shrunk_covariance(cov, stats.n_tokens, cov_damp)
         else:
             cov = dec.damped_covariance(cov, cov_damp)
     else:
         cov = None
+    if spec.sequential and cov is not None and stats.cross is not None and torch.isfinite(stats.cross).all():
+        prep.cross = _on(stats.cross, weight)
+    if spec.fisher and stats.row_weight is not None:
+        if torch.isfinite(stats.row_weight).all():
+            prep.row_weight = _on(stats.row_weight, weight)
+        else:
+            prep.fallback = "non-finite output fisher: rows weighted uniformly"
     prep.scale, prep.cov = scale, cov
     W = weight.detach()
-    if form == "cur":
+    if spec.form == "cur":
         prep.svd = safe_svd(scaled_weight(W, scale, alpha))
         if selection == "deim" and prep.svd.ok:
             prep.col_order = dec.deim_order(prep.svd.Vh.T, max_rank)
             prep.row_order = dec.deim_order(prep.svd.U, max_rank)
         return prep
-    if form == "svd":
+    if spec.form == "svd":
         if method == "asvd" and scale is not None:
-            prep.transform, prep.scale_diag = "scale", scale.detach().to(weight.device).double().clamp_min(0) ** alpha + EPS
+            prep.transform, prep.scale_diag = "scale", scale.double().clamp_min(0) ** alpha + EPS
         elif method == "wsvd" and cov is not None:
             prep.transform, prep.whiten = "whiten", dec.whitening_factor(cov)
         Wt = dec.transformed_weight(W.double(), prep.transform, prep.scale_diag, prep.whiten)
@@ -189,86 +212,86 @@ def prepare_layer(weight: torch.Tensor, method: str = "acur", scale: torch.Tenso
         svd = torch.linalg.svd(Wt if W.dtype == torch.float64 else Wt.float(), full_matrices=False)
         prep.svd_tuple = tuple(t.double() for t in svd)
         return prep
-    if form == "rowid":
-        prep.row_order = dec.row_pick_order(W, max_rank, cov)
+    if spec.form == "rowid":
+        prep.row_order, prep.row_residual = dec.row_error_curve(W, max_rank, cov, prep.row_weight)
     else:
         prep.col_order = dec.col_pick_order(W, max_rank, cov)
     return prep
 
 
+def _module(cls, W: torch.Tensor, rank: int, bias: torch.Tensor | None, method: str, **factors) -> nn.Module:
+    """A low-rank module of class `cls` holding `factors` (parameters by name) and the layer's bias."""
+    m, n = W.shape
+    module = cls(n, m, rank, bias=bias is not None, method=method, dtype=W.dtype, device=W.device)
+    with torch.no_grad():
+        for name, value in factors.items():
+            getattr(module, name).copy_(value)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
 def compress_linear(linear: nn.Linear, ratio: float, method: str = "acur", scale: torch.Tensor | None = None,
                     alpha: float = 0.5, cov: torch.Tensor | None = None, rank_align: int = 1,
-                    selection: str = "topk", u_mode: str = "pinv", cov_damp: float = dec.DEFAULT_COV_DAMP,
-                    prep: LayerPrep | None = None, generator: torch.Generator | None = None) -> nn.Module:
+                    selection: str = "topk", u_mode: str = "pinv", cov_damp: float = registry.DEFAULT_COV_DAMP,
+                    prep: LayerPrep | None = None, generator: torch.Generator | None = None,
+                    stats: LayerStats | None = None) -> nn.Module:
     """The low-rank module of `method` keeping at most `ratio` of the linear's weight parameters.
 
     scale: per-input-channel activation statistic (acur, asvd); cov: input covariance E[x x^T]
-    (wsvd, rowid, colid, u_mode data_aware). Decompositions run in fp32/fp64, the module gets the
-    weight's dtype. `prep` (from prepare_layer with the same arguments) is reused across ratios."""
+    (wsvd, rowid, colid, srid, u_mode data_aware); stats: the rest a method may read (LayerStats).
+    Decompositions run in fp32/fp64, the module gets the weight's dtype. `prep` (from prepare_layer
+    with the same arguments) is reused across ratios."""
     W = linear.weight.data
     m, n = W.shape
-    form = dec.method_form(method)
+    spec = registry.get(method)
     bias = linear.bias.data if linear.bias is not None else None
-    k = dec.rank_for_method(method, m, n, ratio, rank_align)
-    if is_legacy_cur(method, selection, u_mode):
-        return CURLinear.from_linear(linear, ratio, scale if dec.reads_scale(method) else None, alpha=alpha,
+    k = spec.rank(m, n, ratio, rank_align)
+    if registry.is_seed_cur(method, selection, u_mode):
+        if scale is None and stats is not None:
+            scale = stats.scale
+        return CURLinear.from_linear(linear, ratio, _on(scale, W) if spec.scale != "none" else None, alpha=alpha,
                                      rank_align=rank_align, selection=selection, u_mode=u_mode,
                                      svd=prep.svd if prep is not None else None, generator=generator)
     if not torch.isfinite(W).all():  # (the seed's CUR path above records its own uniform fallback)
         raise ValueError(f"{method}: the weight holds NaN/inf; no decomposition of it is meaningful")
     if prep is None or (prep.col_order is not None and prep.col_order.numel() < k) or \
             (prep.row_order is not None and prep.row_order.numel() < k):
-        prep = prepare_layer(W, method, scale, alpha, cov, selection, u_mode, cov_damp, max_rank=k)
-    kw = dict(bias=bias is not None, method=method, dtype=W.dtype, device=W.device)
-    if form == "cur":
+        prep = prepare_layer(W, method, scale, alpha, cov, selection, u_mode, cov_damp, max_rank=k, stats=stats)
+    if spec.form == "cur":
         u = "pinv" if u_mode == "data_aware" and prep.cov is None else u_mode  # fallback already recorded
         f = dec.cur_decompose_ext(W, k, prep.scale, alpha, selection, u, prep.cov, prep.svd, generator,
                                   prep.col_order, prep.row_order)
         module = CURLinear.from_factors(f, bias, W.dtype, W.device)
         module.fallback = "; ".join(x for x in (prep.fallback, f.fallback) if x)
         return module
-    if form == "svd":
+    if spec.form == "svd":
         f = dec.svd_factors(W, k, prep.transform, prep.scale_diag, prep.whiten, prep.svd_tuple)
-        module = SVDLinear(n, m, f.rank, **kw)
-        with torch.no_grad():
-            module.A.copy_(f.A)
-            module.B.copy_(f.B)
-    elif form == "rowid":
-        f = dec.row_id(W, k, prep.cov, prep.row_order)
-        module = RowIDLinear(n, m, f.rank, **kw)
-        with torch.no_grad():
-            module.R.copy_(f.R)
-            module.Z.copy_(f.Z)
-            module.set_indices(f.rows, f.others)
+        module = _module(SVDLinear, W, f.rank, bias, method, A=f.A, B=f.B)
+    elif spec.form == "rowid":
+        f = dec.row_id(W, k, prep.cov, prep.row_order, prep.cross)
+        module = _module(RowIDLinear, W, f.rank, bias, method, R=f.R, Z=f.Z)
+        module.set_indices(f.rows, f.others)
     else:
         f = dec.col_id(W, k, prep.cov, prep.col_order)
-        module = ColIDLinear(n, m, f.rank, **kw)
-        with torch.no_grad():
-            module.C.copy_(f.C)
-            module.Z.copy_(f.Z)
-            module.set_indices(f.cols, f.others)
-    if bias is not None:
-        with torch.no_grad():
-            module.bias.copy_(bias)
+        module = _module(ColIDLinear, W, f.rank, bias, method, C=f.C, Z=f.Z)
+        module.set_indices(f.cols, f.others)
     if not all(torch.isfinite(p).all() for p in module.parameters()):
         raise FloatingPointError(f"{method} produced non-finite factors from a finite weight")
     module.fallback = prep.fallback
     return module
 
 
-def kept_indices(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(kept input columns, kept output rows) a low-rank module records; None where it keeps none."""
-    return getattr(module, "col_indices", None), getattr(module, "row_indices", None)
-
-
 def compress_candidates(linear: nn.Linear, ratios: list[float], scale: torch.Tensor | None = None,
-                        alpha: float = 0.5, cov: torch.Tensor | None = None, **settings) -> list[nn.Module]:
+                        alpha: float = 0.5, cov: torch.Tensor | None = None, stats: LayerStats | None = None,
+                        **settings) -> list[nn.Module]:
     """The layer's module at every candidate ratio, from one prepare_layer (one SVD / pick order).
 
     settings: method, rank_align, selection, u_mode, cov_damp, generator (as compress_linear)."""
-    method = settings.get("method", "acur")
+    spec = registry.get(settings.get("method", "acur"))
     m, n = linear.weight.shape
-    max_rank = max(dec.rank_for_method(method, m, n, r, settings.get("rank_align", 1)) for r in ratios)
+    max_rank = max(spec.rank(m, n, r, settings.get("rank_align", 1)) for r in ratios)
     prep_kw = {k: settings[k] for k in ("selection", "u_mode", "cov_damp") if k in settings}
-    prep = prepare_layer(linear.weight.data, method, scale, alpha, cov, max_rank=max_rank, **prep_kw)
-    return [compress_linear(linear, r, scale=scale, alpha=alpha, cov=cov, prep=prep, **settings) for r in ratios]
+    prep = prepare_layer(linear.weight.data, spec.name, scale, alpha, cov, max_rank=max_rank, stats=stats, **prep_kw)
+    return [compress_linear(linear, r, scale=scale, alpha=alpha, cov=cov, prep=prep, stats=stats, **settings)
+            for r in ratios]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -77,3 +78,50 @@ def decoder_parts(model: nn.Module) -> DecoderParts | None:
                 if m is not None]
         return DecoderParts(dec.layers, mods + [lm_head])
     return None
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, layers: nn.ModuleList,
+                         batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """(hidden state entering block 0, keyword arguments every block receives) for each batch.
+
+    One embedding pass per batch, stopped at the last block: what lets a stage run blocks one at a
+    time from cached inputs (masks and rotary embeddings are whatever the model computed)."""
+    hidden, kwargs = [], []
+    for batch in batches:
+        per_block: list[dict] = [None] * len(layers)
+        first: list[torch.Tensor] = []
+
+        def make_hook(i):
+            def hook(_mod, args, kw):
+                kw = dict(kw)
+                h = args[0] if args else kw.pop("hidden_states")
+                kw.pop("hidden_states", None)
+                per_block[i] = kw
+                if i == 0:
+                    first.append(h.detach())
+                if i == len(layers) - 1:
+                    raise _StopForward
+            return hook
+
+        hooks = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            model(batch, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        hidden.append(first[0])
+        kwargs.append(per_block)
+    return hidden, kwargs
+
+
+def run_block(block: nn.Module, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """A decoder block's output hidden state (blocks return a tensor or a tuple, by version)."""
+    out = block(h, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

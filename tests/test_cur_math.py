@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
+from modules import registry
 from modules import cur_math
 
 from modules.cur_linear import CURLinear, GradCURLinear
-from modules.cur_math import (cur_decompose, cur_param_count, leverage_scores, rank_for_ratio,
+from modules.cur_math import (cur_decompose, leverage_scores,
                               safe_svd, scaled_weight, select_indices, uniform_indices)
 
 
@@ -58,21 +59,21 @@ def test_topk_selection_takes_highest_scores_sorted():
 @pytest.mark.parametrize("align", [1, 8, 32])
 def test_rank_for_ratio_respects_budget_and_alignment(m, n, align):
     for ratio in (0.05, 0.3, 0.5, 0.8, 0.9, 1.0):
-        k = rank_for_ratio(m, n, ratio, align)
+        k = registry.get("acur").rank(m, n, ratio, align)
         assert 1 <= k <= min(m, n)
-        if k > 1 or cur_param_count(m, n, 1) <= ratio * m * n:
-            assert cur_param_count(m, n, k) <= ratio * m * n  # C + U + R counted
-        aligned_possible = cur_param_count(m, n, align) <= ratio * m * n and align <= min(m, n)
+        if k > 1 or registry.get("acur").param_count(m, n, 1) <= ratio * m * n:
+            assert registry.get("acur").param_count(m, n, k) <= ratio * m * n  # C + U + R counted
+        aligned_possible = registry.get("acur").param_count(m, n, align) <= ratio * m * n and align <= min(m, n)
         if aligned_possible:
             assert k % align == 0
             nxt = k + align  # maximal: the next aligned rank would break the budget
-            assert nxt > min(m, n) or cur_param_count(m, n, nxt) > ratio * m * n
+            assert nxt > min(m, n) or registry.get("acur").param_count(m, n, nxt) > ratio * m * n
 
 
 def test_rank_for_ratio_rejects_bad_ratio():
     for bad in (0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError):
-            rank_for_ratio(10, 10, bad)
+            registry.get("acur").rank(10, 10, bad)
 
 
 def test_nan_scale_takes_uniform_fallback_and_records_it():
@@ -107,7 +108,7 @@ def test_curlinear_forward_equals_cur_product_plus_bias():
     x = torch.randn(3, 5, 24)
     expected = x @ (cur.C @ cur.U @ cur.R).T + cur.bias
     assert torch.allclose(cur(x), expected, atol=1e-5)
-    assert cur.param_count() == cur_param_count(16, 24, cur.rank) <= 0.6 * 16 * 24
+    assert cur.param_count() == registry.get("acur").param_count(16, 24, cur.rank) <= 0.6 * 16 * 24
     assert cur.col_indices.numel() == cur.rank and cur.row_indices.numel() == cur.rank
     assert torch.equal(cur.C.data, lin.weight.data[:, cur.col_indices])  # actual columns kept
 

@@ -1,4 +1,4 @@
-"""Export of every --method (read from modules.decompositions.METHODS) and of the KV mode, for LLaMA, OPT and
+"""Export of every --method (read from modules.registry.METHODS) and of the KV mode, for LLaMA, OPT and
 Qwen2 (tiny random-initialised checkpoints: the numbers mean nothing, the code paths are the real ones).
 
 Every repo is reloaded in ONE fresh Python process whose sys.path holds nothing of the project:
@@ -18,6 +18,7 @@ import torch
 import datautils
 from conftest import ROOT, tiny_args
 from evaluate_utils import windows
+from modules import registry
 from modules import decompositions
 
 sys.path.insert(0, str(ROOT / "huggingface_repos"))
@@ -25,7 +26,7 @@ import build_acur_repo as bar  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
-METHODS = list(decompositions.METHODS)  # whatever the registry lists today
+METHODS = list(registry.METHODS)  # whatever the registry lists today
 CASES = [("llama", m, False) for m in METHODS] + [("opt", "acur", False), ("qwen2", "acur", False),
                                                    ("qwen2", "acur", True)]
 EVAL_SEQLEN, EVAL_WINDOWS = 64, 4
@@ -88,7 +89,7 @@ def exported(request, tiny_llama_dir, tiny_opt_dir, tiny_qwen2_dir, tiny_text_fi
         family, method, kv = case
         repo = tmp / case_id(case)
         extra = ["--compress_kv_cache", "--kv_cache_ratio_target", "0.5"] if kv else ["--param_ratio_target", "0.8"]
-        if decompositions.needs_scale(method) or method == "acur":
+        if (registry.get(method).scale == "required") or method == "acur":
             extra.append("--act_aware")
         argv = tiny_args(dirs[family], tiny_text_file, tmp / f"work-{case_id(case)}", *extra, "--method", method,
                          "--sensitivity_metric", "stable_rank", "--eval_seqlen", str(EVAL_SEQLEN),

@@ -12,9 +12,9 @@ import acur
 import binary_search
 from act_aware_utils import input_covariances
 from conftest import tiny_args
+from modules import registry
 from modules import decompositions as dec
 from modules.cur_linear import CURLinear
-from modules.cur_math import cur_param_count, rank_for_ratio
 from modules.low_rank_linear import (ColIDLinear, RowIDLinear, SVDLinear, compress_candidates,
                                      compress_linear, prepare_layer)
 from modules.model_utils import find_linears
@@ -103,7 +103,7 @@ def test_data_aware_u_beats_plain_u_on_its_covariance():
         scale = cov.diagonal().sqrt()
         base = dec.cur_decompose_ext(W, 6, scale=scale, u_mode="pinv")
         errs = {}
-        for mode in dec.CUR_U_MODES:
+        for mode in registry.U_MODES:
             f = dec.cur_decompose_ext(W, 6, scale=scale, u_mode=mode, cov=cov)
             assert torch.equal(f.cols, base.cols) and torch.equal(f.rows, base.rows)  # same C and R
             errs[mode] = dec.relative_output_error(W, f.C @ f.U @ f.R, cov)
@@ -128,7 +128,7 @@ def test_whitened_svd_is_the_output_error_optimum():
     errs = {m: dec.relative_output_error(W, compress_linear(lin, 0.6, m, scale=cov.diagonal().sqrt(), cov=cov,
                                                             cov_damp=0.0).dense_weight().detach(), cov)
             for m in ("svd", "asvd", "wsvd")}
-    k = dec.rank_for_method("wsvd", 20, 12, 0.6)
+    k = registry.get("wsvd").rank(20, 12, 0.6)
     s = torch.linalg.svdvals(W @ dec.whitening_factor(cov))
     assert errs["wsvd"] == pytest.approx(math.sqrt(float(s[k:].pow(2).sum() / s.pow(2).sum())), rel=1e-6)
     assert errs["wsvd"] <= min(errs["svd"], errs["asvd"]) + 1e-12
@@ -161,22 +161,22 @@ def test_row_id_data_aware_z_beats_frobenius_z():
 
 
 # ---------------------------------------------------------------- parameter counting and modules
-@pytest.mark.parametrize("method", list(dec.METHODS))
+@pytest.mark.parametrize("method", list(registry.METHODS))
 def test_params_for_ratio_within_budget_and_acur_unchanged(method):
     for m, n in ((64, 64), (32, 64), (128, 64), (64, 128), (7, 300)):
         for ratio in (0.05, 0.3, 0.5, 0.9, 0.99):
             for align in (1, 8):
-                k = dec.rank_for_method(method, m, n, ratio, align)
-                p = dec.params_for_ratio(method, m, n, ratio, align)
-                assert p == dec.param_count(method, m, n, k)
-                if dec.param_count(method, m, n, 1) <= ratio * m * n:
+                k = registry.get(method).rank(m, n, ratio, align)
+                p = registry.get(method).params(m, n, ratio, align)
+                assert p == registry.get(method).param_count(m, n, k)
+                if registry.get(method).param_count(m, n, 1) <= ratio * m * n:
                     assert p <= ratio * m * n
                 if method in ("acur", "cur"):  # the seed's count, bit for bit
-                    assert k == rank_for_ratio(m, n, ratio, align)
-                    assert binary_search.layer_params(m, n, ratio, align) == cur_param_count(m, n, k)
+                    assert k == registry.get("acur").rank(m, n, ratio, align)
+                    assert binary_search.layer_params(m, n, ratio, align) == registry.get("acur").param_count(m, n, k)
                 elif align == 1 and k < min(m, n):  # the largest rank that fits
-                    assert dec.param_count(method, m, n, k + 1) > ratio * m * n
-    assert dec.params_for_ratio(method, 10, 20, 1.0) == 200
+                    assert registry.get(method).param_count(m, n, k + 1) > ratio * m * n
+    assert registry.get(method).params(10, 20, 1.0) == 200
 
 
 @pytest.mark.parametrize("method,kw,cls", [
@@ -221,7 +221,7 @@ def test_bad_inputs_fail_loudly():
     with pytest.raises(ValueError, match="covariance"):
         compress_linear(lin, 0.5, "rowid")
     with pytest.raises(ValueError, match="unknown method"):
-        dec.params_for_ratio("pca", 4, 4, 0.5)
+        registry.get("pca").params(4, 4, 0.5)
     bad = torch.eye(8)
     bad[0, 0] = float("nan")
     mod = compress_linear(lin, 0.5, "rowid", cov=bad)
@@ -274,8 +274,8 @@ def test_method_acur_unchanged_random_llama(tiny_llama_dir, tiny_text_file, tmp_
     assert next(iter(res["ppl"]["compressed"].values())) == pytest.approx(ppl, rel=1e-5)
     for name, row in res["layers"].items():
         m, n = row["shape"]
-        assert row["rank"] == rank_for_ratio(m, n, row["ratio"])
-        assert row["params"] == cur_param_count(m, n, row["rank"])
+        assert row["rank"] == registry.get("acur").rank(m, n, row["ratio"])
+        assert row["params"] == registry.get("acur").param_count(m, n, row["rank"])
     _, _, res2 = _run(tiny_llama_dir, tiny_text_file, tmp_path, *flags, "--method", "acur")
     assert res2["ppl"]["compressed"] == res["ppl"]["compressed"]
 
@@ -342,7 +342,7 @@ def test_compare_random_llama_writes_table_and_plot(tiny_llama_dir, tiny_text_fi
     cell = json.loads((out / "cmpu.json").read_text())["cells"][0]
     shapes = {i.name: tuple(i.module.weight.shape) for i in find_linears(
         __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_llama_dir))}
-    assert cell["ranks"] == {k: dec.rank_for_method("rowid", *shapes[k], 0.6) for k in shapes}
+    assert cell["ranks"] == {k: registry.get("rowid").rank(*shapes[k], 0.6) for k in shapes}
 
 
 def test_cur_report_random_llama(tiny_llama_dir, tiny_text_file, tmp_path):

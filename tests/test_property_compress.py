@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from modules import registry
 from modules import decompositions as dec
 from modules.low_rank_linear import compress_linear
 
@@ -35,7 +36,7 @@ def cases(draw):
                 true_rank=draw(st.integers(1, max(1, min(m, n) - 1))),
                 ratio=draw(st.floats(0.05, 0.99)), rank_align=draw(st.sampled_from([1, 1, 2, 4, 8, 64])),
                 alpha=draw(st.sampled_from([0.0, 0.5, 1.0])), bias=draw(st.booleans()),
-                selection=draw(st.sampled_from(dec.CUR_SELECTIONS)), u_mode=draw(st.sampled_from(dec.CUR_U_MODES)),
+                selection=draw(st.sampled_from(registry.SELECTIONS)), u_mode=draw(st.sampled_from(registry.U_MODES)),
                 seed=draw(st.integers(0, 2**16)))
 
 
@@ -89,7 +90,7 @@ def check_property(method: str, c: dict) -> None:
         assert not weight_finite, f"{method}: clear error {exc!r} on a finite weight"
         assert str(exc), "an error without a message"
         return
-    expected_rank = dec.rank_for_method(method, c["m"], c["n"], c["ratio"], c["rank_align"])
+    expected_rank = registry.get(method).rank(c["m"], c["n"], c["ratio"], c["rank_align"])
     assert module.rank == expected_rank, (module.rank, expected_rank)
     assert module.param_count() <= c["ratio"] * c["m"] * c["n"] + 1e-9 or module.rank == 1  # rank >= 1 always
     with torch.no_grad():
@@ -109,21 +110,21 @@ def check_property(method: str, c: dict) -> None:
             assert float(w_hat.abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("method", list(dec.METHODS))
+@pytest.mark.parametrize("method", list(registry.METHODS))
 @PROPERTY
 @given(c=cases())
 def test_compress_linear_is_finite_or_fallback_or_clear_error(method, c):
     check_property(method, c)
 
 
-@pytest.mark.parametrize("method", [m for m in dec.METHODS if dec.method_form(m) == "svd"])
+@pytest.mark.parametrize("method", [m for m in registry.METHODS if registry.get(m).form == "svd"])
 @PROPERTY
 @given(c=cases())
 def test_svd_forms_are_exact_on_rank_deficient_weights(method, c):
     """A weight of rank r <= k is represented exactly by a rank-k truncated SVD (any transform)."""
     c = {**c, "kind": "rank_deficient", "magnitude": 1.0, "rank_align": 1}
     lin, scale, cov, _ = make_inputs(c)
-    k = dec.rank_for_method(method, c["m"], c["n"], c["ratio"])
+    k = registry.get(method).rank(c["m"], c["n"], c["ratio"])
     if c["true_rank"] > k:
         return
     module = compress_linear(lin, c["ratio"], method, scale=scale, alpha=c["alpha"], cov=cov)
@@ -136,7 +137,7 @@ def test_svd_forms_are_exact_on_rank_deficient_weights(method, c):
 @pytest.mark.xfail(strict=True, reason="known bug: acur + u_mode act_weighted + a NaN activation statistic "
                                        "raises torch.linalg.LinAlgError (cur_math.compute_u's pinv of R diag(s)) "
                                        "instead of the recorded pinv-U fallback")
-@pytest.mark.parametrize("selection", dec.CUR_SELECTIONS)
+@pytest.mark.parametrize("selection", registry.SELECTIONS)
 def test_known_bug_acur_act_weighted_nan_statistic(selection):
     lin = torch.nn.Linear(8, 6)
     scale = torch.rand(8)

@@ -47,13 +47,13 @@ def test_rank_align_beyond_every_layer_is_an_error_before_calibration(tiny_llama
 def test_rank_align_check_uses_the_largest_rank_any_layer_can_take(tiny_llama_dir, tiny_text_file, tmp_path,
                                                                    monkeypatch):
     # CUR: the 128x64 MLP layers take the largest ranks (k(m+n)+k^2 <= mn), below min(m, n) = 64
-    from modules.decompositions import rank_for_method
-    top = rank_for_method("acur", 128, 64, 1.0)
+    from modules import registry
+    top = registry.get("acur").rank(128, 64, 1.0)
     assert 30 < top < 64
     with pytest.raises(acur.UsageError, match=f"at most {top}"):
         run(tiny_llama_dir, tiny_text_file, tmp_path, "--param_ratio_target", "0.8", "--act_aware",
             "--rank_align", str(top + 1))
-    top_svd = rank_for_method("svd", 128, 64, 1.0)  # the method's own rank: SVD pays k(m+n)
+    top_svd = registry.get("svd").rank(128, 64, 1.0)  # the method's own rank: SVD pays k(m+n)
     assert top_svd > top
     run(tiny_llama_dir, tiny_text_file, tmp_path, "--param_ratio_target", "0.8", "--method", "svd",
         "--rank_align", str(top_svd), "--sensitivity_metric", "stable_rank", "--eval_ppl", "none")

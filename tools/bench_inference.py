@@ -27,7 +27,7 @@ from torch import nn  # noqa: E402
 
 from bench_pipeline import SHAPES, build_model, sync  # noqa: E402
 from modules.cur_linear import CURLinear  # noqa: E402
-from modules.cur_math import rank_for_ratio  # noqa: E402
+from modules import registry  # noqa: E402
 from modules.model_utils import find_linears, replace_module  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def random_cur(linear: nn.Linear, ratio: float, gen: torch.Generator, rank_align
     """A CURLinear of the rank `ratio` gives: actual columns/rows of the weight, a random core U."""
     W = linear.weight.data
     m, n = W.shape
-    k = rank_for_ratio(m, n, ratio, rank_align)
+    k = registry.get("acur").rank(m, n, ratio, rank_align)
     cur = CURLinear(n, m, k, bias=linear.bias is not None, dtype=W.dtype, device=W.device)
     cols = torch.randperm(n, generator=gen)[:k].sort().values.to(W.device)
     rows = torch.randperm(m, generator=gen)[:k].sort().values.to(W.device)
@@ -120,10 +120,10 @@ def layer_orders(shapes: list[tuple[int, int]], ratio: float, tokens: list[int],
     rows = []
     F = nn.functional
     for m, n in shapes:
-        k = rank_for_ratio(m, n, ratio)
+        k = registry.get("acur").rank(m, n, ratio)
         W = torch.randn(m, n, device=device, dtype=dtype) / n ** 0.5
         row = {}
-        for label, kk in (("cur", k), ("cur_align8", rank_for_ratio(m, n, ratio, 8))):
+        for label, kk in (("cur", k), ("cur_align8", registry.get("acur").rank(m, n, ratio, 8))):
             C, U, R = W[:, :kk].contiguous(), torch.randn(kk, kk, device=device, dtype=dtype) / kk ** 0.5, W[:kk].contiguous()
             row[label] = (C, U, R)
         C, U, R = row["cur"]

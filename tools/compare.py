@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import acur  # noqa: E402
 import datautils  # noqa: E402
-from modules import decompositions  # noqa: E402
+from modules import registry  # noqa: E402
 
 SCHEMA = "cur4llm.compare/1"
 SPEC_FLAGS = ("selection", "u_mode", "cov_damp", "alpha", "rank_align")
@@ -39,8 +39,8 @@ DEFAULT_RATIOS = "0.95,0.9,0.85,0.8"
 def parse_spec(spec: str, base: argparse.Namespace) -> argparse.Namespace:
     """acur.py arguments of one method spec METHOD[:flag=value...] (values typed like the defaults)."""
     method, *pairs = spec.split(":")
-    if method not in decompositions.METHODS:
-        raise acur.UsageError(f"unknown method {method!r} in {spec!r}; choose from {', '.join(decompositions.METHODS)}")
+    if method not in registry.METHODS:
+        raise acur.UsageError(f"unknown method {method!r} in {spec!r}; choose from {', '.join(registry.METHODS)}")
     args = copy.deepcopy(base)
     args.method = method
     for pair in pairs:
@@ -117,7 +117,7 @@ def run_grid(base: argparse.Namespace, specs: list[str], ratios: list[float], de
     timings["calibration"] = round(time.perf_counter() - t0, 2)
     spec_args = {spec: parse_spec(spec, base) for spec in specs}
     covs = None
-    cov_user = next((a for a in spec_args.values() if decompositions.needs_covariance(a.method, a.u_mode)), None)
+    cov_user = next((a for a in spec_args.values() if registry.get(a.method).needs_covariance(a.u_mode)), None)
     if cov_user is not None:
         t0 = time.perf_counter()
         covs = acur.stage_covariance(model, linears, calib_ids, cov_user, fp)

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import acur  # noqa: E402
 import datautils  # noqa: E402
-from modules import decompositions as dec  # noqa: E402
+from modules import decompositions as dec, registry  # noqa: E402
 from modules.cur_math import leverage_scores, safe_svd, scaled_weight  # noqa: E402
 
 SCHEMA = "cur4llm.cur_report/1"
@@ -256,12 +256,12 @@ def from_pipeline(args, want_cov: bool) -> dict:
     calib_ids = datautils.get_calib_data(args.calib_dataset, tokenizer, args.n_calib_samples, args.calib_seqlen,
                                          args.seed, args.use_bos)
     scales = acur.stage_scales(model, linears, calib_ids, args, fp)
-    need = dec.needs_covariance(args.method, args.u_mode)
+    need = registry.get(args.method).needs_covariance(args.u_mode)
     covs = acur.stage_covariance(model, linears, calib_ids, _cov_args(args), fp) if need or want_cov else None
     table, _ = acur.stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs if need else None)
     ratios, _ = acur.stage_search(model, linears, calib_ids, scales, table, args, covs if need else None)
     acur.compress_model(linears, ratios, scales, args, covs=covs if need else None)
-    scale_used = scales if dec.reads_scale(args.method) else None
+    scale_used = scales if registry.get(args.method).scale != "none" else None
     records = []
     for info in linears:
         mod = info.module
@@ -279,7 +279,7 @@ def from_pipeline(args, want_cov: bool) -> dict:
 def _cov_args(args):
     """Arguments that make acur.stage_covariance collect covariances whatever the method."""
     a = argparse.Namespace(**vars(args))
-    if not dec.needs_covariance(a.method, a.u_mode):
+    if not registry.get(a.method).needs_covariance(a.u_mode):
         a.method = "rowid"
     return a
 
