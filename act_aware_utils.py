@@ -106,27 +106,53 @@ def calib_scales(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.T
 @torch.no_grad()
 def input_covariances(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
                       batch_size: int = 1) -> dict[str, torch.Tensor]:
-    """Sigma = E[x x^T] (fp32, n x n) of every linear's input, in one pass over the calibration data.
+    """Sigma = E[x x^T] (fp32, n x n, on the CPU) of every linear's input.
 
+    Computed block by block from cached block inputs, so the GPU holds one block's accumulators at a
+    time (a 7B model's covariances are ~44 GB in fp64: they go to the CPU as each block finishes).
     Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator and one result
     tensor, which cuts time and memory (and cache size: torch.save stores a shared tensor once)."""
+    parts = decoder_parts(model)
     device = next(model.parameters()).device
+    batches = [calib_ids[i:i + batch_size].to(device) for i in range(0, calib_ids.shape[0], batch_size)]
+    if parts is None:  # unknown layout: one pass over the whole model
+        return _covariances_of(lambda: [model(b, use_cache=False) for b in batches], linears)
+    hidden, kwargs = capture_block_inputs(model, parts.layers, batches)
+    out: dict[str, torch.Tensor] = {}
+    for b, block in enumerate(tqdm(parts.layers, desc="input covariances")):
+        infos = [i for i in linears if i.block == b]
+
+        def run(b=b, block=block):
+            for j in range(len(batches)):
+                hidden[j] = run_block(block, hidden[j], kwargs[j][b])
+        out.update(_covariances_of(run, infos))
+    heads = [i for i in linears if i.block < 0]
+    if heads:
+        out.update(_covariances_of(lambda: [_apply(parts.head_modules, h) for h in hidden], heads))
+    bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
+    if bad:
+        print(f"WARNING: non-finite input covariance in {len(bad)} layers (e.g. {bad[0]}); their "
+              "data-aware fits fall back to Frobenius and the results will record it")
+    return out
+
+
+def _covariances_of(run: Callable[[], object], linears: list[LinearInfo]) -> dict[str, torch.Tensor]:
+    """E[x x^T] of the given linears' inputs over whatever `run()` feeds them (shared inputs once)."""
     acc: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     owner: dict[str, str] = {}        # linear -> linear whose accumulator it shares
-    seen: list[tuple[torch.Tensor, str]] = []  # inputs of the current forward pass
-    first_pass = [True]
+    seen: list[tuple[torch.Tensor, str]] = []  # inputs of the current call
+    if not linears:
+        run()
+        return {}
 
     def make_hook(name):
         def hook(_mod, inputs, _out):
             x = inputs[0]
             src = next((o for t, o in seen if t is x), None)
-            if first_pass[0]:
-                if src is not None:
-                    owner[name] = src
-                    return
-                owner[name] = name
-            elif owner.get(name, name) != name:
+            if name not in owner:
+                owner[name] = src if src is not None else name
+            if owner[name] != name:
                 if src != owner[name]:
                     raise RuntimeError(f"{name}: input sharing changed between calibration batches; "
                                        "cannot reuse the shared covariance")
@@ -142,23 +168,18 @@ def input_covariances(model: nn.Module, linears: list[LinearInfo], calib_ids: to
                 acc[name], counts[name] = cov, flat.shape[0]
         return hook
 
+    first = linears[0].module
+    clear = first.register_forward_pre_hook(lambda *_: seen.clear())  # each call starts a new input
     hooks = [info.module.register_forward_hook(make_hook(info.name)) for info in linears]
     try:
-        for batch in tqdm(list(_batches(calib_ids, batch_size)), desc="input covariances"):
-            seen.clear()
-            model(batch.to(device), use_cache=False)
-            first_pass[0] = False
+        run()
     finally:
         seen.clear()
+        clear.remove()
         for h in hooks:
             h.remove()
     result = {name: (acc[name] / counts[name]).float().cpu() for name in acc}
-    out = {info.name: result[owner[info.name]] for info in linears if info.name in owner}
-    bad = [k for k, v in result.items() if not torch.isfinite(v).all()]
-    if bad:
-        print(f"WARNING: non-finite input covariance in {len(bad)} layers (e.g. {bad[0]}); their "
-              "data-aware fits fall back to Frobenius and the results will record it")
-    return out
+    return {info.name: result[owner[info.name]] for info in linears if info.name in owner}
 
 
 def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,

@@ -235,6 +235,20 @@ def row_error_curve(weight: torch.Tensor, k: int, cov: torch.Tensor | None = Non
     return pivoted_cholesky(row_gram(weight, cov, row_weight), k)
 
 
+def shrinkage(n_features: int, n_tokens: int | None) -> float:
+    """lam = d / (d + n_tokens): how far a covariance of d channels from n_tokens tokens is trusted."""
+    return 0.0 if not n_tokens else n_features / (n_features + n_tokens)
+
+
+def corrected_cross(cross: torch.Tensor, cov_raw: torch.Tensor, cov_used: torch.Tensor, lam: float) -> torch.Tensor:
+    """E[x x~^T] as the sequential fit should read it: cov_used + (1 - lam) (cross - cov_raw).
+
+    cross - cov_raw = E[(x - x~) x~^T] is the part that corrects the earlier layers' error; it is
+    estimated from as few tokens as the covariance, so it is shrunk by the same lam, and the damping
+    and shrinkage of cov_used carry over (with no data the fit falls back to the plain one on x~)."""
+    return cov_used.double() + (1 - lam) * (cross.double() - cov_raw.double())
+
+
 def shrunk_covariance(cov: torch.Tensor, n_tokens: int, damp: float = DEFAULT_COV_DAMP) -> torch.Tensor:
     """(1 - lam) Sigma + lam diag(Sigma) with lam = d / (d + n_tokens), then damped_covariance.
 
@@ -245,7 +259,7 @@ def shrunk_covariance(cov: torch.Tensor, n_tokens: int, damp: float = DEFAULT_CO
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
     c = cov.detach().double()
-    lam = c.shape[0] / (c.shape[0] + n_tokens)
+    lam = shrinkage(c.shape[0], n_tokens)
     return damped_covariance((1 - lam) * c + lam * torch.diag_embed(c.diagonal()), damp)
 
 

@@ -184,8 +184,9 @@ def prepare_layer(weight: torch.Tensor, method: str = "acur", scale: torch.Tenso
             cov = dec.damped_covariance(cov, cov_damp)
     else:
         cov = None
-    if spec.sequential and cov is not None and stats.cross is not None and torch.isfinite(stats.cross).all():
-        prep.cross = _on(stats.cross, weight)
+    if spec.correct and cov is not None and stats.cross is not None and torch.isfinite(stats.cross).all():
+        lam = dec.shrinkage(cov.shape[0], stats.n_tokens) if spec.shrink else 0.0
+        prep.cross = dec.corrected_cross(_on(stats.cross, weight), _on(stats.cov, weight), cov, lam)
     if spec.fisher and stats.row_weight is not None:
         if torch.isfinite(stats.row_weight).all():
             prep.row_weight = _on(stats.row_weight, weight)

@@ -9,6 +9,7 @@ parameters without loading anything.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ class Method:
     scale: str = "none"       # activation statistic: "none" (never read), "optional" (--act_aware), "required"
     covariance: bool = False  # fits to the input covariance E[x x^T]
     sequential: bool = False  # fitted block by block on the inputs the already-compressed model produces
+    correct: bool = False     # sequential fit targets the dense model's output (undoes earlier layers' error)
     fisher: bool = False      # output rows weighted by the loss's sensitivity to them (output fisher)
     shrink: bool = False      # covariance shrunk toward its diagonal by the calibration token count
 
@@ -87,8 +89,23 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            covariance=True),
     Method("srid", "rowid", "sequential Fisher-weighted row ID: actual rows picked by the loss-weighted "
            "output error, the others fitted block by block on the compressed model's inputs, covariance "
-           "shrunk by the token count", covariance=True, sequential=True, fisher=True, shrink=True),
+           "shrunk by the token count", covariance=True, sequential=True, correct=True, fisher=True, shrink=True),
 )}
+
+
+ABLATION_FLAGS = ("sequential", "correct", "fisher", "shrink")
+
+
+def variant(base: str, **flags: bool) -> Method:
+    """A registered copy of `base` with some of its ideas switched off or on, named after what changed
+    (e.g. "srid[sequential=0]"): what an ablation compares, through the same stages as any method."""
+    bad = set(flags) - set(ABLATION_FLAGS)
+    if bad:
+        raise ValueError(f"unknown method flags {sorted(bad)}; choose from {', '.join(ABLATION_FLAGS)}")
+    spec = get(base)
+    name = base + "[" + ",".join(f"{k}={int(v)}" for k, v in sorted(flags.items())) + "]"
+    METHODS[name] = dataclasses.replace(spec, name=name, **flags)
+    return METHODS[name]
 
 
 def get(name: str) -> Method:

@@ -247,7 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_calib_samples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch_size", type=int, default=4, help="calibration samples per forward pass")
-    p.add_argument("--sensitivity_ratios", default=",".join(map(str, sens.DEFAULT_RATIOS)))
+    p.add_argument("--sensitivity_ratios", default=None, help="default: the metric's (acur.py)")
+    p.add_argument("--sensitivity_metric", default="ppl", choices=["ppl", "fisher_error"],
+                   help="fisher_error: the closed-form pipeline (covariance, output fisher, loss curves, "
+                        "allocation), always run in full")
+    p.add_argument("--method", default="acur", help="acur.py's --method (with fisher_error: e.g. srid, wsvd)")
     p.add_argument("--param_ratio_target", type=float, default=0.9)
     p.add_argument("--max_layers", type=int, default=0,
                    help="sensitivity/compression on this many linears spread over the depth, then "
@@ -269,8 +273,34 @@ def acur_args(a) -> argparse.Namespace:
     return acur.build_parser().parse_args([
         "--model_id", a.shape, "--param_ratio_target", str(a.param_ratio_target), "--act_aware",
         "--n_calib_samples", str(a.n_calib_samples), "--calib_seqlen", str(a.seqlen),
-        "--calib_batch_size", str(a.batch_size), "--sensitivity_ratios", a.sensitivity_ratios,
-        "--seed", str(a.seed), "--device", a.device, "--dtype", a.dtype, "--compile_blocks", a.compile_blocks])
+        "--calib_batch_size", str(a.batch_size), "--sensitivity_metric", a.sensitivity_metric,
+        "--method", a.method, "--seed", str(a.seed), "--device", a.device, "--dtype", a.dtype,
+        "--compile_blocks", a.compile_blocks]
+        + (["--sensitivity_ratios", a.sensitivity_ratios] if a.sensitivity_ratios else []))
+
+
+def run_closed_form(a, args, rep: dict, stage, model, calib_ids, linears) -> dict:
+    """--sensitivity_metric fisher_error: every stage in full (nothing extrapolated): activation
+    statistics, input covariances, output fisher, loss curves, allocation, compression (sequential
+    when the method is), evaluation; peak GPU memory per stage."""
+    scales = stage("calibration", acur.stage_scales, model, linears, calib_ids, args, {})
+    covs = stage("covariance", acur.stage_covariance, model, linears, calib_ids, args, {})
+    fisher = stage("fisher", acur.stage_fisher, model, linears, calib_ids, args, {})
+    stats = acur.layer_stats(linears, scales, covs, fisher, calib_ids.numel())
+    table, _ = stage("sensitivity", acur.stage_sensitivity, model, linears, calib_ids, scales, args, {}, covs, stats)
+    rep["sensitivity_table"] = table
+    ratios, _ = stage("search", acur.stage_search, model, linears, calib_ids, scales, table, args, covs, stats)
+    report = stage("compress", acur.compress_model, linears, ratios, scales, args, desc=None, covs=covs,
+                   stats=stats, sequential=(model, calib_ids))
+    rep["param_ratio_reached"] = acur.summarize_params(report)["reached"]
+    gen = torch.Generator().manual_seed(a.seed + 1)
+    eval_ids = torch.randint(0, model.config.vocab_size, (a.eval_windows, a.seqlen), generator=gen)
+    rep["eval_ppl_random"] = stage("eval_ppl", perplexity_of_windows, model, eval_ids, 1, desc=None)
+    pipeline = ("calibration", "covariance", "fisher", "sensitivity", "search", "compress")
+    rep["pipeline_s"] = round(sum(rep["stages"][k]["seconds"] for k in pipeline), 1)
+    rep["total_full_estimate_s"] = round(rep["pipeline_s"] + rep["stages"]["eval_ppl"]["seconds"], 1)
+    rep["model_gib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)
+    return rep
 
 
 def run_bench(a) -> dict:
@@ -280,7 +310,7 @@ def run_bench(a) -> dict:
     rank = acur.init_distributed(args)
     world = sens.dist_rank_world()[1]
     device, dtype = acur.pick_device_dtype(args)
-    ratios = acur.parse_ratios(args.sensitivity_ratios)
+    ratios = acur.sensitivity_ratios(args)
     rep: dict = {"shape": a.shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "world_size": world, "dtype": str(dtype), "torch": torch.__version__,
                  "settings": {k: v for k, v in vars(a).items() if k != "json_out"}, "stages": {}}
@@ -311,6 +341,8 @@ def run_bench(a) -> dict:
     n_tokens = a.n_calib_samples * a.seqlen
     rep.update(params=sum(p.numel() for p in model.parameters()), n_linears=len(linears),
                n_blocks=n_blocks, n_sens_linears=len(subset), calib_tokens=n_tokens)
+    if a.sensitivity_metric == "fisher_error":
+        return run_closed_form(a, args, rep, stage, model, calib_ids, linears)
 
     scales = stage("calibration", acur.stage_scales, model, linears, calib_ids, args, {})
     profile = SensitivityProfile(device)
@@ -376,6 +408,16 @@ def run_bench(a) -> dict:
 
 def print_report(rep: dict) -> None:
     print("=" * 78)
+    if "pipeline_s" in rep:  # closed-form pipeline: every stage measured in full
+        print(f"{rep['shape']} ({rep['params'] / 1e9:.2f} B params, {rep['model_gib']} GiB, {rep['n_linears']} linears) "
+              f"on {rep['device']}, {rep['dtype']}, {rep['calib_tokens']} calibration tokens, "
+              f"method {rep['settings']['method']}, sensitivity fisher_error")
+        for name, s in rep["stages"].items():
+            pk = f"{s['peak_gib']:.1f}" if s.get("peak_gib") is not None else "-"
+            print(f"{name:14s} {s['seconds']:9.2f} s   peak {pk:>6s} GiB")
+        print(f"pipeline (calibration, covariance, fisher, sensitivity, search, compression): {rep['pipeline_s']:.1f} s "
+              f"= {rep['pipeline_s'] / 60:.2f} min; reached ratio {rep['param_ratio_reached']:.4f}")
+        return
     print(f"{rep['shape']} ({rep['params'] / 1e9:.2f} B params, {rep['n_linears']} linears) on "
           f"{rep['world_size']} x {rep['device']}, {rep['dtype']}, {rep['calib_tokens']} calibration tokens")
     print(f"{'stage':18s} {'measured s':>11s}  {'scope':22s} {'full est. s':>11s} {'peak GiB':>9s}")

@@ -31,28 +31,36 @@ import datautils  # noqa: E402
 from modules import registry  # noqa: E402
 
 SCHEMA = "cur4llm.compare/1"
-SPEC_FLAGS = ("selection", "u_mode", "cov_damp", "alpha", "rank_align")
+SPEC_FLAGS = ("selection", "u_mode", "cov_damp", "alpha", "rank_align", "sensitivity_metric")
 DEFAULT_METHODS = "acur,acur:u_mode=data_aware,asvd,rowid,colid"
 DEFAULT_RATIOS = "0.95,0.9,0.85,0.8"
 
 
 def parse_spec(spec: str, base: argparse.Namespace) -> argparse.Namespace:
-    """acur.py arguments of one method spec METHOD[:flag=value...] (values typed like the defaults)."""
+    """acur.py arguments of one method spec METHOD[:flag=value...] (values typed like the defaults).
+    Flags sequential / fisher / shrink (0 or 1) switch one idea of a method off or on: an ablation
+    (the method runs as registry.variant, named e.g. srid[sequential=0])."""
     method, *pairs = spec.split(":")
     if method not in registry.METHODS:
         raise acur.UsageError(f"unknown method {method!r} in {spec!r}; choose from {', '.join(registry.METHODS)}")
     args = copy.deepcopy(base)
     args.method = method
+    ablate = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
+        if sep and key in registry.ABLATION_FLAGS and value in ("0", "1"):
+            ablate[key] = value == "1"
+            continue
         if not sep or key not in SPEC_FLAGS:
             raise acur.UsageError(f"bad method option {pair!r} in {spec!r}: use flag=value with flag in "
-                                  f"{', '.join(SPEC_FLAGS)}")
+                                  f"{', '.join(SPEC_FLAGS + registry.ABLATION_FLAGS)}")
         default = getattr(base, key)
         try:
             setattr(args, key, type(default)(value))
         except ValueError:
             raise acur.UsageError(f"bad value for {key} in {spec!r}: {value!r}") from None
+    if ablate:
+        args.method = registry.variant(method, **ablate).name
     return args
 
 
@@ -116,12 +124,18 @@ def run_grid(base: argparse.Namespace, specs: list[str], ratios: list[float], de
     scales = acur.stage_scales(model, linears, calib_ids, base, fp)
     timings["calibration"] = round(time.perf_counter() - t0, 2)
     spec_args = {spec: parse_spec(spec, base) for spec in specs}
-    covs = None
-    cov_user = next((a for a in spec_args.values() if registry.get(a.method).needs_covariance(a.u_mode)), None)
+    covs = fisher = None
+    cov_user = next((a for a in spec_args.values() if acur.needs_covariance(a)), None)
     if cov_user is not None:
         t0 = time.perf_counter()
         covs = acur.stage_covariance(model, linears, calib_ids, cov_user, fp)
         timings["covariance"] = round(time.perf_counter() - t0, 2)
+    fisher_user = next((a for a in spec_args.values() if acur.needs_fisher(a)), None)
+    if fisher_user is not None:
+        t0 = time.perf_counter()
+        fisher = acur.stage_fisher(model, linears, calib_ids, fisher_user, fp)
+        timings["fisher"] = round(time.perf_counter() - t0, 2)
+    stats = acur.layer_stats(linears, scales, covs, fisher, calib_ids.numel())
     results: dict = {"schema": SCHEMA, "args": vars(base).copy(), "model": fp, "methods": specs,
                      "ratios": ratios, "datasets": acur.eval_datasets(base), "timings": timings, "cells": [],
                      "allocation": "uniform" if uniform else f"sensitivity {base.sensitivity_metric}"}
@@ -133,7 +147,7 @@ def run_grid(base: argparse.Namespace, specs: list[str], ratios: list[float], de
         args = spec_args[spec]
         t0 = time.perf_counter()
         if not uniform:
-            table, sens_info = acur.stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs)
+            table, sens_info = acur.stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs, stats)
             acur.restore_model(linears, originals)
             timings[f"sensitivity {spec}"] = round(time.perf_counter() - t0, 2)
             results.setdefault("sensitivity", {})[spec] = sens_info
@@ -143,9 +157,10 @@ def run_grid(base: argparse.Namespace, specs: list[str], ratios: list[float], de
             if uniform:
                 ratios_l = {i.name: r for i in linears}
             else:
-                ratios_l, _ = acur.stage_search(model, linears, calib_ids, scales, table, args, covs)
+                ratios_l, _ = acur.stage_search(model, linears, calib_ids, scales, table, args, covs, stats)
             try:
-                report = acur.compress_model(linears, ratios_l, scales, args, desc=f"{spec} @ {r}", covs=covs)
+                report = acur.compress_model(linears, ratios_l, scales, args, desc=f"{spec} @ {r}", covs=covs,
+                                             stats=stats, sequential=(model, calib_ids))
                 t1 = time.perf_counter()
                 ppl = acur.stage_eval(model, tokenizer, args, f"{spec} @ {r}")
             finally:
@@ -174,7 +189,7 @@ def markdown(results: dict) -> str:
              f"act_aware={a['act_aware']} ({a['scaling_method']}, alpha {a['alpha']}), "
              + ("every linear at the target ratio (uniform, no sensitivity search)"
                 if results.get("allocation") == "uniform" else
-                f"sensitivity {a['sensitivity_metric']} over ratios {a['sensitivity_ratios']}")
+                f"sensitivity {a['sensitivity_metric']} (per method where the method says)")
              + f"; perplexity windows of "
              f"{a['eval_seqlen']} tokens" + (f" (first {a['eval_max_windows']})" if a["eval_max_windows"] else "") + ".",
              "Cells: perplexity (reached parameter ratio of the compressed linears). Lower is better.", ""]
