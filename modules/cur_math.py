@@ -69,15 +69,17 @@ def select_indices(scores: torch.Tensor, k: int, mode: str = "topk",
         order = torch.argsort(-scores.double(), stable=True)
         idx = order[:k]
     else:
+        # drawn where the seeded generator lives (the CPU's, usually): the same picks on every device
         p = scores.double().clamp_min(0) + 1e-12
-        idx = torch.multinomial(p / p.sum(), k, replacement=False, generator=generator)
+        p = p.to(generator.device) if generator is not None else p
+        idx = torch.multinomial(p / p.sum(), k, replacement=False, generator=generator).to(scores.device)
     return torch.sort(idx).values
 
 
-def uniform_indices(size: int, k: int) -> torch.Tensor:
+def uniform_indices(size: int, k: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Evenly spaced indices: the fallback when leverage scores cannot be computed."""
     k = min(k, size)
-    return torch.linspace(0, size - 1, k).round().long().unique()
+    return torch.linspace(0, size - 1, k, device=device).round().long().unique()
 
 
 def compute_u(weight: torch.Tensor, C: torch.Tensor, R: torch.Tensor, mode: str = "pinv",
@@ -154,7 +156,7 @@ def cur_decompose(weight: torch.Tensor, rank: int, scale: torch.Tensor | None = 
         rows = pick(svd.U, rank, "rows")
     else:
         fallback = f"uniform selection: {svd.reason}"
-        cols, rows = uniform_indices(n, rank), uniform_indices(m, rank)
+        cols, rows = uniform_indices(n, rank, w.device), uniform_indices(m, rank, w.device)
     C, R = w[:, cols], w[rows, :]
     s_diag = None
     if scale is not None:

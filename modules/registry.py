@@ -89,7 +89,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            covariance=True),
     Method("srid", "rowid", "sequential Fisher-weighted row ID: actual rows picked by the loss-weighted "
            "output error, the others fitted block by block on the compressed model's inputs, covariance "
-           "shrunk by the token count", covariance=True, sequential=True, correct=True, fisher=True, shrink=True),
+           "shrunk by the token count", covariance=True, sequential=True, fisher=True, shrink=True),
 )}
 
 
