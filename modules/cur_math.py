@@ -161,6 +161,9 @@ def cur_decompose(weight: torch.Tensor, rank: int, scale: torch.Tensor | None = 
     s_diag = None
     if scale is not None:
         s_diag = scale.detach().to(device=w.device, dtype=w.dtype).clamp_min(0) ** alpha + EPS
+    if u_mode != "pinv" and s_diag is not None and not torch.isfinite(s_diag).all():
+        fallback = (fallback + "; " if fallback else "") + f"non-finite activation statistic: {u_mode} U replaced by pinv U"
+        u_mode = "pinv"
     U = fit_u(w, C, rows).to(w.dtype) if fit_u is not None else compute_u(w, C, R, u_mode, s_diag)
     if not torch.isfinite(U).all() and u_mode != "pinv":
         fallback = (fallback + "; " if fallback else "") + f"{u_mode} U not finite, used pinv U"

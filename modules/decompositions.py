@@ -278,6 +278,15 @@ def complement(kept: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nonzero(mask).flatten()
 
 
+def _kept(order: torch.Tensor | None, k: int, size: int, pick) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first k of a pick order, sorted; the rest of range(size)); pick() computes the order when
+    none long enough is given (orders are prefix-consistent, so one serves every smaller rank)."""
+    if order is None or order.numel() < k:
+        order = pick()
+    kept = torch.sort(order[:k]).values
+    return kept, complement(kept, size)
+
+
 @dataclass
 class RowIDFactors:
     rows: torch.Tensor     # k kept output rows (sorted)
@@ -293,12 +302,8 @@ def row_id(weight: torch.Tensor, k: int, cov: torch.Tensor | None = None,
 
     `order`: a precomputed pick order (prefix-consistent), reused across ranks."""
     W = weight.detach().double()
-    m, n = W.shape
-    k = max(1, min(k, m, n))
-    if order is None or order.numel() < k:
-        order = row_pick_order(W, k, cov)
-    rows = torch.sort(order[:k]).values
-    others = complement(rows, m)
+    k = max(1, min(k, *W.shape))
+    rows, others = _kept(order, k, W.shape[0], lambda: row_pick_order(W, k, cov))
     Z = data_aware_rows_fit(W, rows, cov, cross)
     return RowIDFactors(rows, others, W[rows], Z[others], k)
 
@@ -319,12 +324,8 @@ def col_id(weight: torch.Tensor, k: int, cov: torch.Tensor | None = None,
     C+ W minimises E||(W - C Z) x||^2 for every covariance, so Z needs no data; the data enters
     through the pick (column j's weight scaled by how large input j is)."""
     W = weight.detach().double()
-    m, n = W.shape
-    k = max(1, min(k, m, n))
-    if order is None or order.numel() < k:
-        order = col_pick_order(W, k, cov)
-    cols = torch.sort(order[:k]).values
-    others = complement(cols, n)
+    k = max(1, min(k, *W.shape))
+    cols, others = _kept(order, k, W.shape[1], lambda: col_pick_order(W, k, cov))
     C = W[:, cols]
     Z = torch.linalg.lstsq(C, W[:, others]).solution if others.numel() else W.new_zeros(k, 0)
     return ColIDFactors(cols, others, C, Z, k)

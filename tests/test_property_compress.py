@@ -71,15 +71,7 @@ def make_inputs(c: dict):
     return lin, scale.float().to(dev), cov.float().to(dev), x[:5].to(dev, c["dtype"])
 
 
-def known_bug(method: str, c: dict) -> bool:
-    """Cases that crash today, reported to the lead (modules/cur_math.py is being redesigned); each one
-    is pinned by a strict xfail below, so a fix shows up as XPASS and this exclusion is then dropped."""
-    return method == "acur" and c["kind"] == "nan_scale" and c["u_mode"] == "act_weighted"
-
-
 def check_property(method: str, c: dict) -> None:
-    if known_bug(method, c):
-        return
     lin, scale, cov, x = make_inputs(c)
     weight_finite = bool(torch.isfinite(lin.weight).all())
     try:
@@ -134,11 +126,9 @@ def test_svd_forms_are_exact_on_rank_deficient_weights(method, c):
     assert rel <= tol, f"{method} rank {k} >= true rank {c['true_rank']}: relative error {rel:.3g}"
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: acur + u_mode act_weighted + a NaN activation statistic "
-                                       "raises torch.linalg.LinAlgError (cur_math.compute_u's pinv of R diag(s)) "
-                                       "instead of the recorded pinv-U fallback")
 @pytest.mark.parametrize("selection", registry.SELECTIONS)
-def test_known_bug_acur_act_weighted_nan_statistic(selection):
+def test_acur_act_weighted_nan_statistic_takes_the_recorded_pinv_fallback(selection):
+    """Was a LinAlgError from cur_math.compute_u's pinv of R diag(s); now the recorded pinv-U fallback."""
     lin = torch.nn.Linear(8, 6)
     scale = torch.rand(8)
     scale[0] = math.nan

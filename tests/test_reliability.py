@@ -128,6 +128,8 @@ def test_cache_with_code_is_never_executed(tmp_path, capsys):
 KILL_AFTER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads({threads})  # the parent's: BLAS round-off depends on the thread count
 import datautils, acur
 n = {{"saves": 0}}
 orig = datautils.save_json_cache
@@ -144,7 +146,7 @@ sys.exit(acur.main(sys.argv[1:]))
 def test_kill_mid_sensitivity_then_resume_gives_identical_results(tiny_llama_dir, tiny_text_file, tmp_path):
     args = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path / "a", "--param_ratio_target", "0.8",
                      "--act_aware", "--use_cache", "--run_name", "killed")
-    proc = subprocess.run([sys.executable, "-c", KILL_AFTER.format(root=str(ROOT)), *args],
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER.format(root=str(ROOT), threads=torch.get_num_threads()), *args],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == -9, proc.stderr[-2000:]
     partial = [json.loads(p.read_text()) for p in (tmp_path / "a" / "cache").glob("*sensitivity*.json")]
