@@ -260,9 +260,6 @@ def validate_kv_args(args) -> None:
     if args.param_ratio_target != -1 or args.raw_model:
         raise UsageError("--compress_kv_cache searches on --kv_cache_ratio_target; drop "
                          + ("--raw_model" if args.raw_model else "--param_ratio_target"))
-    if args.sensitivity_metric not in ("ppl", "spectral", "stable_rank"):
-        raise UsageError(f"--sensitivity_metric {args.sensitivity_metric} has no KV-mode form "
-                         "(use ppl, spectral or stable_rank with --compress_kv_cache)")
     t = args.kv_cache_ratio_target
     if t == -1:
         raise UsageError("--compress_kv_cache needs --kv_cache_ratio_target (cached K/V dims / original, 0 < r <= 1)")
@@ -635,6 +632,9 @@ def sensitivity_table(model, linears, calib_ids, scales, args, fp, covs: dict | 
         elif args.sensitivity_metric == "spectral":
             table = kv_compress.kv_sensitivity_spectral(linears, fractions, scales, args.alpha, args.rank_align,
                                                         done, save)
+        elif args.sensitivity_metric == "fisher_error":
+            table = kv_compress.kv_sensitivity_fisher_error(linears, fractions, stats, args.alpha, cur_settings(args),
+                                                            done, save)
         elif args.sensitivity_metric == "stable_rank":
             table = kv_compress.kv_sensitivity_stable_rank(linears, fractions, scales, args.alpha, done, save)
         else:
@@ -666,7 +666,8 @@ def stage_search(model, linears, calib_ids, scales, table, args, covs: dict | No
     additive = args.sensitivity_metric == "fisher_error"
     if getattr(args, "compress_kv_cache", False):
         try:
-            return binary_search.search_kv_ratio(table, shapes, args.kv_cache_ratio_target, args.rank_align), []
+            search = binary_search.search_kv_ratio_allocated if additive else binary_search.search_kv_ratio
+            return search(table, shapes, args.kv_cache_ratio_target, args.rank_align), []
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     if args.param_ratio_target != -1:

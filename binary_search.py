@@ -243,3 +243,14 @@ def search_kv_ratio(sensitivity: dict[str, dict[str, float]], shapes: Shapes, ta
         elif fill > ratios[name]:
             ratios[name] = fill
     return ratios
+
+
+def search_kv_ratio_allocated(loss: dict[str, dict[str, float]], shapes: Shapes, target: float,
+                              rank_align: int = 1) -> dict[str, float]:
+    """KV-cache mode on additive loss tables: the Lagrangian allocation of the cached dims
+    target * (original K/V dims) over the rank fractions."""
+    budget = target * sum(m for m, _ in shapes.values())
+    try:
+        return allocate(loss, lambda name, f: kv_cached_dims(*shapes[name], f, rank_align), budget)
+    except ValueError as exc:
+        raise ValueError(f"kv_cache_ratio_target {target}: {exc} (--kv_rank_fractions)") from None

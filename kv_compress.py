@@ -7,6 +7,8 @@ evaluation), so the runtime never imports it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -78,6 +80,32 @@ def kv_sensitivity_spectral(linears: list, fractions: list[float], scales: dict 
             print(f"WARNING: {info.name}: non-finite scaled weight; scored as maximally sensitive")
             row = {sens.ratio_key(f): 1.0 for f in fractions}
         results[info.name] = row
+        if on_progress is not None:
+            on_progress(results)
+    return results
+
+def kv_sensitivity_fisher_error(linears: list, fractions: list[float], stats: dict, alpha: float,
+                                cur_kwargs: dict, done: dict | None = None, on_progress=None) -> dict[str, dict[str, float]]:
+    """Predicted NLL rise (sensitivity.layer_loss: output error weighted by the output fisher) of each k/v
+    projection's CUR at every rank fraction; no forward passes. Additive, so binary_search allocates the
+    cached dims on it (search_kv_ratio_allocated)."""
+    results = dict(done or {})
+    for info in tqdm([i for i in linears if i.name not in results], desc="KV sensitivity (fisher error)"):
+        st = stats[info.name]
+        W = info.module.weight.data
+        m, n = W.shape
+        if st.cov is None or not torch.isfinite(st.cov).all():
+            print(f"WARNING: {info.name}: no finite input covariance; scored as maximally sensitive")
+            results[info.name] = {sens.ratio_key(f): math.inf for f in fractions}
+        else:
+            scale = st.scale.to(W.device) if st.scale is not None else None
+            svd = safe_svd(scaled_weight(W, scale, alpha))
+            cov = st.cov.to(W.device).float()
+            g = st.row_weight.to(W.device) if st.row_weight is not None else None
+            results[info.name] = {
+                sens.ratio_key(f): sens.layer_loss(W, _cur_at_rank(info.module, kv_rank(m, n, f, cur_kwargs.get(
+                    "rank_align", 1)), scale, alpha, cur_kwargs, svd=svd).dense_weight(), cov, g)
+                for f in fractions}
         if on_progress is not None:
             on_progress(results)
     return results

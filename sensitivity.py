@@ -385,7 +385,6 @@ def fisher_error_row(info: LinearInfo, ratios: list[float], stats: LayerStats, a
     align = settings.get("rank_align", 1)
     ranks = [spec.rank(m, n, r, align) for r in ratios]
     g = None if stats.row_weight is None else stats.row_weight.to(W.device).double()
-    cov = dec.damped_covariance(stats.cov.to(W.device), settings.get("cov_damp", registry.DEFAULT_COV_DAMP))
     prep_kw = {k: settings[k] for k in ("selection", "u_mode", "cov_damp") if k in settings}
     if has_loss_curve(spec.name) and (g is not None or spec.name == "wsvd"):
         prep = prepare_layer(W, spec.name, stats.scale, alpha, stats.cov, max_rank=max(ranks), stats=stats, **prep_kw)
@@ -395,6 +394,7 @@ def fisher_error_row(info: LinearInfo, ratios: list[float], stats: LayerStats, a
         per_dir = (U.pow(2) * (g.unsqueeze(1) if g is not None else 1.0)).sum(0) * S.pow(2)
         tail = torch.cat([per_dir.flip(0).cumsum(0).flip(0), per_dir.new_zeros(1)])
         return {ratio_key(r): 0.5 * float(tail[k]) for r, k in zip(ratios, ranks)}
+    cov = dec.damped_covariance(stats.cov.to(W.device), settings.get("cov_damp", registry.DEFAULT_COV_DAMP))
     mods = compress_candidates(info.module, ratios, stats.scale, alpha, stats.cov, stats=stats, **settings)
     return {ratio_key(r): layer_loss(W, mod.dense_weight().float(), cov, g) for r, mod in zip(ratios, mods)}
 

@@ -102,3 +102,13 @@ def test_tiny_pipeline_every_method_on_device(device, method, tiny_llama_dir, ti
     _, _, res = acur.run_pipeline(acur.build_parser().parse_args(argv))
     assert 0.75 <= res["param_ratio"]["reached"] <= 0.8
     assert all(math.isfinite(v) for v in res["ppl"]["compressed"].values())
+
+
+def test_kv_mode_with_fisher_error_reaches_the_kv_target(tiny_llama_dir, tiny_text_file, tmp_path):
+    """KV-cache mode on the closed-form sensitivity: the allocation spends the cached-dims budget."""
+    argv = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--compress_kv_cache", "--kv_cache_ratio_target",
+                     "0.5", "--act_aware", "--sensitivity_metric", "fisher_error")
+    _, _, res = acur.run_pipeline(acur.build_parser().parse_args(argv))
+    assert 0.4 <= res["kv_cache"]["reached"] <= 0.5
+    assert set(res["layers"]) and all(n.rsplit(".", 1)[1] in ("k_proj", "v_proj") for n in res["layers"])
+    assert all(math.isfinite(v) for v in res["ppl"]["compressed"].values())
