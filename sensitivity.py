@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from evaluate_utils import nll_to_ppl, perplexity_of_windows, token_nll_tensor
-from modules.low_rank_linear import LayerStats, compress_candidates, prepare_layer
+from modules.low_rank_linear import LayerStats, compress_candidates, prepare_candidates
 from modules import decompositions as dec
 from modules.cur_math import scaled_weight, stable_rank
 from modules import registry
@@ -385,9 +385,8 @@ def fisher_error_row(info: LinearInfo, ratios: list[float], stats: LayerStats, a
     align = settings.get("rank_align", 1)
     ranks = [spec.rank(m, n, r, align) for r in ratios]
     g = None if stats.row_weight is None else stats.row_weight.to(W.device).double()
-    prep_kw = {k: settings[k] for k in ("selection", "u_mode", "cov_damp") if k in settings}
     if has_loss_curve(spec.name) and (g is not None or spec.name == "wsvd"):
-        prep = prepare_layer(W, spec.name, stats.scale, alpha, stats.cov, max_rank=max(ranks), stats=stats, **prep_kw)
+        prep = prepare_candidates(info.module, ratios, stats.scale, alpha, stats.cov, stats, **settings)
         if spec.form == "rowid":  # fisher-weighted picks: the residual trace is the weighted error
             return {ratio_key(r): 0.5 * float(prep.row_residual[k]) for r, k in zip(ratios, ranks)}
         U, S, _ = prep.svd_tuple  # SVD of W L: truncation error of output i = sum_{j>k} U_ij^2 s_j^2

@@ -283,16 +283,23 @@ def compress_linear(linear: nn.Linear, ratio: float, method: str = "acur", scale
     return module
 
 
+def prepare_candidates(linear: nn.Linear, ratios: list[float], scale: torch.Tensor | None = None,
+                       alpha: float = 0.5, cov: torch.Tensor | None = None, stats: LayerStats | None = None,
+                       **settings) -> LayerPrep:
+    """prepare_layer for the largest rank any of `ratios` buys (settings as compress_candidates)."""
+    spec = registry.get(settings.get("method", "acur"))
+    m, n = linear.weight.shape
+    max_rank = max(spec.rank(m, n, r, settings.get("rank_align", 1)) for r in ratios)
+    prep_kw = {k: settings[k] for k in ("selection", "u_mode", "cov_damp") if k in settings}
+    return prepare_layer(linear.weight.data, spec.name, scale, alpha, cov, max_rank=max_rank, stats=stats, **prep_kw)
+
+
 def compress_candidates(linear: nn.Linear, ratios: list[float], scale: torch.Tensor | None = None,
                         alpha: float = 0.5, cov: torch.Tensor | None = None, stats: LayerStats | None = None,
                         **settings) -> list[nn.Module]:
     """The layer's module at every candidate ratio, from one prepare_layer (one SVD / pick order).
 
     settings: method, rank_align, selection, u_mode, cov_damp, generator (as compress_linear)."""
-    spec = registry.get(settings.get("method", "acur"))
-    m, n = linear.weight.shape
-    max_rank = max(spec.rank(m, n, r, settings.get("rank_align", 1)) for r in ratios)
-    prep_kw = {k: settings[k] for k in ("selection", "u_mode", "cov_damp") if k in settings}
-    prep = prepare_layer(linear.weight.data, spec.name, scale, alpha, cov, max_rank=max_rank, stats=stats, **prep_kw)
+    prep = prepare_candidates(linear, ratios, scale, alpha, cov, stats, **settings)
     return [compress_linear(linear, r, scale=scale, alpha=alpha, cov=cov, prep=prep, stats=stats, **settings)
             for r in ratios]
