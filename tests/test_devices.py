@@ -64,6 +64,25 @@ def test_pivoted_cholesky_residual_is_the_row_id_output_error_on_device(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,rank,k", [(200, 200, 150), (130, 40, 130), (64, 64, 64)])
+def test_pivoted_cholesky_graph_equals_eager_and_cpu(device, m, rank, k):
+    """The CUDA-graph block replay gives the picks and residuals of the kernels issued one by one, and of
+    the CPU (rank-deficient Grams included: past the rank the lowest unpicked indices follow)."""
+    g = torch.Generator().manual_seed(m + k)
+    A = torch.randn(rank, m, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2.0, m, dtype=torch.float64)
+    G = A.T @ A
+    o_cpu, r_cpu = dec.pivoted_cholesky(G, k)
+    for graph in (True, False):
+        o, r = dec.pivoted_cholesky(G.to(device), k, cuda_graph=graph)
+        assert o.device.type == device
+        assert torch.equal(o.cpu(), o_cpu)
+        torch.testing.assert_close(r.cpu(), r_cpu, rtol=1e-9, atol=1e-9 * float(r_cpu[0]))
+    assert len(set(o_cpu.tolist())) == k  # distinct picks
+    o2, r2 = dec.pivoted_cholesky(G.to(device), k)  # a second Gram of the same shape reuses the cached graph
+    assert torch.equal(o2.cpu(), o_cpu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_tiny_model_stages_on_device(device, tiny_llama_dir, tiny_text_file, tmp_path):
     """Calibration statistics, output fisher and sequential calibration keep every tensor on the device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -3,6 +3,7 @@ a tiny random model, tools/compare.py and tools/cur_report.py."""
 from __future__ import annotations
 
 import json
+import sys
 import math
 
 import pytest
@@ -343,6 +344,43 @@ def test_compare_random_llama_writes_table_and_plot(tiny_llama_dir, tiny_text_fi
     shapes = {i.name: tuple(i.module.weight.shape) for i in find_linears(
         __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_llama_dir))}
     assert cell["ranks"] == {k: registry.get("rowid").rank(*shapes[k], 0.6) for k in shapes}
+
+
+def test_compare_jobs_merge_equals_one_process(tiny_llama_dir, tiny_text_file, tmp_path):
+    """--jobs 2 runs the specs in two child processes; the merged table holds the same cells as one process."""
+    from tools import compare
+    flags = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--eval_max_windows", "1")
+    base = ["--methods", "rowid,asvd:alpha=0.5", "--ratios", "0.7", "--uniform"]
+    assert compare.main(base + ["--name", "one", "--", *flags, "--act_aware"]) == 0
+    assert compare.main(base + ["--name", "two", "--jobs", "2", "--", *flags, "--act_aware"]) == 0
+    out = tmp_path / "output"
+    one, two = (json.loads((out / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["jobs"] == {"n": 2, "failed": []} and two["methods"] == one["methods"]
+    cells = lambda r: {(c["method"], c["target"]): (c["ppl"], c["ranks"]) for c in r["cells"]}
+    assert cells(two) == cells(one) and two["dense"] == one["dense"]
+    assert (out / "two.part1.json").exists() and "| asvd:alpha=0.5 " in (out / "two.md").read_text()
+
+
+def test_compare_jobs_failed_part_is_reported(tiny_llama_dir, tiny_text_file, tmp_path, monkeypatch):
+    """A child that dies leaves its cells missing and says so in the table; the run exits 1, the other
+    part's cells are kept."""
+    from tools import compare
+    real = compare.subprocess.Popen
+
+    def popen(cmd, **kw):
+        if "bad.part1" in cmd:
+            cmd = [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
+        return real(cmd, **kw)
+    monkeypatch.setattr(compare.subprocess, "Popen", popen)
+    flags = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--eval_max_windows", "1")
+    argv = ["--methods", "rowid,colid", "--ratios", "0.7", "--uniform", "--jobs", "2", "--name", "bad", "--", *flags]
+    assert compare.main(argv) == 1
+    out = tmp_path / "output"
+    res = json.loads((out / "bad.json").read_text())
+    assert [c["method"] for c in res["cells"]] == ["rowid"]
+    assert res["jobs"]["failed"][0]["returncode"] == 3 and res["jobs"]["failed"][0]["methods"] == ["colid"]
+    assert "**Part 1 failed** (exit 3" in (out / "bad.md").read_text()
+    assert "boom" in (out / "bad.part1.log").read_text()
 
 
 def test_cur_report_random_llama(tiny_llama_dir, tiny_text_file, tmp_path):

@@ -19,6 +19,8 @@ import copy
 import datetime as dt
 import json
 import re
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,11 +74,17 @@ def parse_grid(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], l
     p.add_argument("--ratios", default=DEFAULT_RATIOS, help="comma list of parameter ratio targets")
     p.add_argument("--name", default=None, help="output file stem (default: compare_<model>_<time>)")
     p.add_argument("--no_dense", action="store_true", help="skip the dense model's perplexity")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run the method specs in this many child processes at once (one GPU serves several "
+                        "when the model is small), then merge their tables into one")
     p.add_argument("--uniform", action="store_true",
                    help="no sensitivity search: every linear at the target ratio (compares the decompositions "
                         "alone, without the allocation heuristic)")
     opts, rest = p.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
+    opts.acur_flags = rest
+    if opts.jobs < 1:
+        raise acur.UsageError(f"--jobs must be >= 1, got {opts.jobs}")
     if any(a.split("=")[0] in ("--param_ratio_target", "--ppl_target") for a in rest):
         raise acur.UsageError("give the ratios with --ratios, not --param_ratio_target / --ppl_target")
     try:
@@ -105,9 +113,10 @@ def parse_grid(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], l
 
 
 def run_grid(base: argparse.Namespace, specs: list[str], ratios: list[float], dense: bool = True,
-             uniform: bool = False) -> dict:
+             uniform: bool = False, on_cell=None) -> dict:
     """Every (method spec, ratio) cell on one loaded model; returns the results dict (no files written).
-    uniform: every linear at the target ratio (sensitivity and search skipped)."""
+    uniform: every linear at the target ratio (sensitivity and search skipped). on_cell(results) runs
+    after every finished cell (main writes the files there, so a cut run keeps what it measured)."""
     t_start = time.perf_counter()
     datautils.set_seed(base.seed)
     acur.fetch_texts(base)
@@ -171,7 +180,9 @@ def run_grid(base: argparse.Namespace, specs: list[str], ratios: list[float], de
                     "compress_s": round(t1 - t0, 2), "eval_s": round(time.perf_counter() - t1, 2)}
             results["cells"].append(cell)
             print(f"[compare] {spec} @ {r}: reached {cell['reached']:.4f}  "
-                  + "  ".join(f"{d} {v:.3f}" for d, v in ppl.items()))
+                  + "  ".join(f"{d} {v:.3f}" for d, v in ppl.items()), flush=True)
+            if on_cell is not None:
+                on_cell(results)
     timings["total"] = round(time.perf_counter() - t_start, 2)
     results["finished"] = dt.datetime.now().isoformat(timespec="seconds")
     return results
@@ -206,6 +217,11 @@ def markdown(results: dict) -> str:
                    if (spec, r) in cells else "-" for r in results["ratios"]]
             lines.append(f"| {spec} | " + " | ".join(row) + " |")
         lines.append("")
+    if results.get("unfinished"):
+        lines += ["**Unfinished run**: the cells above are those measured so far.", ""]
+    for f in results.get("jobs", {}).get("failed", []):
+        lines += [f"**Part {f['part']} failed** (exit {f['returncode']}, log {f['log']}): "
+                  f"cells of {', '.join(f['methods'])} may be missing.", ""]
     t = results["timings"]
     lines.append("Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
     per_cell = [f"{c['method']}@{c['target']:g} {c['compress_s'] + c['eval_s']:.1f}" for c in results["cells"]]
@@ -239,30 +255,110 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(results: dict, output_dir: str, name: str | None) -> dict[str, str]:
+def write_outputs(results: dict, output_dir: str, name: str | None, plot_too: bool = True) -> dict[str, str]:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = name or "compare_{}_{}".format(re.sub(r"[^\w.\-]", "_", results["args"]["model_id"])[-40:],
-                                          dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    stem = output_stem(results["args"], name)
     paths = {"markdown": out / f"{stem}.md", "plot": out / f"{stem}.png", "json": out / f"{stem}.json"}
     results["files"] = {k: str(v) for k, v in paths.items()}
     datautils.atomic_write_bytes(paths["markdown"], markdown(results).encode())
-    plot(results, paths["plot"])
+    if plot_too:
+        plot(results, paths["plot"])
     datautils.atomic_write_bytes(paths["json"], json.dumps(results, indent=1, default=str).encode())
     return results["files"]
+
+
+def run_jobs(opts: argparse.Namespace, specs: list[str], base: argparse.Namespace, stem: str) -> dict:
+    """--jobs N: the specs split round-robin over N child compare.py runs sharing the device, merged
+    into one results dict. A child that fails leaves its cells missing ('-' in the table) and its log
+    (<stem>.part<i>.log) behind; the merged results say which parts failed."""
+    out = Path(base.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = [g for g in (specs[i::opts.jobs] for i in range(opts.jobs)) if g]
+    t0 = time.perf_counter()
+    procs = []
+    for i, group in enumerate(groups):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--methods", ",".join(group), "--ratios", opts.ratios,
+               "--name", f"{stem}.part{i}"] + (["--no_dense"] if i or opts.no_dense else []) + \
+              (["--uniform"] if opts.uniform else []) + ["--"] + opts.acur_flags
+        log = open(out / f"{stem}.part{i}.log", "w")
+        procs.append((i, group, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+        print(f"[compare] part {i}: {', '.join(group)} (log {out / f'{stem}.part{i}.log'})", flush=True)
+    parts, failed, cut = [], [], None
+
+    def stop(signum, frame):
+        raise acur.Terminated(signal.Signals(signum).name)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        for _, _, _, proc in procs:
+            proc.wait()
+    except (KeyboardInterrupt, acur.Terminated) as exc:  # cut: stop the children, keep what they measured
+        cut = type(exc).__name__ if isinstance(exc, KeyboardInterrupt) else str(exc)
+        for _, _, _, proc in procs:
+            proc.terminate()
+        for _, _, _, proc in procs:
+            proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for i, group, log, proc in procs:
+        rc = proc.returncode
+        log.close()
+        path = out / f"{stem}.part{i}.json"
+        if path.exists():
+            parts.append(json.loads(path.read_text()))
+        if rc != 0:
+            failed.append({"part": i, "methods": group, "returncode": rc, "log": str(out / f"{stem}.part{i}.log")})
+            print(f"[compare] part {i} FAILED (exit {rc}): see {out / f'{stem}.part{i}.log'}", file=sys.stderr)
+    if not parts:
+        raise RuntimeError(f"every compare.py part failed: {failed}")
+    merged = merge_results(parts, specs)
+    merged["timings"]["total"] = round(time.perf_counter() - t0, 2)
+    merged["jobs"] = {"n": len(groups), "failed": failed}
+    if cut:
+        merged["unfinished"] = True
+        print(f"[compare] stopped by {cut}: the merged table holds the cells measured so far", file=sys.stderr)
+    return merged
+
+
+def merge_results(parts: list[dict], specs: list[str]) -> dict:
+    """One results dict from compare runs of the same model and flags on different method specs."""
+    merged = copy.deepcopy(parts[0])
+    merged["methods"], merged["cells"], merged["timings"], merged["sensitivity"] = list(specs), [], {}, {}
+    for i, part in enumerate(parts):
+        if part["args"] | {"method": None} != parts[0]["args"] | {"method": None}:
+            raise ValueError("merge_results: parts ran with different acur.py flags")
+        merged["cells"] += part["cells"]
+        merged["sensitivity"].update(part.get("sensitivity", {}))
+        merged["timings"].update({(k if k.startswith("sensitivity ") else f"{k} (part {i})"): v
+                                  for k, v in part["timings"].items()})
+        if "dense" in part:
+            merged["dense"] = part["dense"]
+    return merged
+
+
+def output_stem(results_args: dict, name: str | None) -> str:
+    return name or "compare_{}_{}".format(re.sub(r"[^\w.\-]", "_", results_args["model_id"])[-40:],
+                                          dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         opts, specs, ratios, base = parse_grid(argv)
-        results = run_grid(base, specs, ratios, dense=not opts.no_dense, uniform=opts.uniform)
+        stem = output_stem(vars(base), opts.name)
+        if opts.jobs > 1:
+            results = run_jobs(opts, specs, base, stem)
+        else:
+            def keep(partial: dict) -> None:
+                write_outputs(dict(partial, timings=dict(partial["timings"]), unfinished=True), base.output_dir,
+                              stem, plot_too=False)
+            results = run_grid(base, specs, ratios, dense=not opts.no_dense, uniform=opts.uniform, on_cell=keep)
     except acur.UsageError as exc:
         print(f"compare.py: error: {exc}", file=sys.stderr)
         return 2
-    files = write_outputs(results, base.output_dir, opts.name)
+    files = write_outputs(results, base.output_dir, stem)
     print(markdown(results))
     print("\n".join(f"{k}: {v}" for k, v in files.items()))
-    return 0
+    return 1 if results.get("jobs", {}).get("failed") else 0
 
 
 if __name__ == "__main__":
