@@ -360,22 +360,23 @@ def table_rows(rep: dict) -> list[tuple[str, list]]:
     keys = [("weight_mib", "weights MiB")] + [(k, k) for k in speed] + list(METRICS[1:])
     out = [("methods", ["dense"] + ["/".join(m["methods"]) for m in list(models.values())[1:]]),
            ("layer class", [m["class"] for m in models.values()])]
+    dense = models["dense"]
     for k, label in keys:
         out.append((label, [m.get(k) for m in models.values()]))
-    dense_us = models["dense"]["linears_1tok_us"]
-    out.append(("linears vs dense", [m["linears_1tok_us"] / dense_us if dense_us else None for m in models.values()]))
+        if k.endswith("_tok_s") or k == "linears_1tok_us":  # speed-up (tok/s) or time ratio (us) against dense
+            out.append(("  x dense", [m[k] / dense[k] if dense.get(k) else None for m in models.values()]))
     return out
 
 
 def print_report(rep: dict) -> None:
     print("=" * 78)
     print(f"{rep['shape']} on {rep['device']}, {rep['dtype']}: tokens/s (higher is better); ratios = kept "
-          "fraction of the decoder linears' parameters")
+          "fraction of the decoder linears' parameters; 'x dense' = tok/s over dense's, or linears' time over dense's")
     models = rep["models"]
     w = max(14, max(len(m) for m in models) + 2)
     print(f"{'':20s}" + "".join(f"{m:>{w}s}" for m in models))
     for label, vals in table_rows(rep):
-        if label == "linears vs dense":
+        if label == "  x dense":
             print(f"{label:20s}" + "".join((f"{v:.2f}x" if v is not None else "n/a").rjust(w) for v in vals))
         else:
             print(f"{label:20s}" + "".join(_fmt(v, w) for v in vals))
