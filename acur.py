@@ -921,7 +921,7 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
     report = timed("compress", compress_model, linears, ratios, scales, args, covs=covs, stats=stats,
                    sequential=(model, calib_ids))
     results["method"] = args.method
-    results["sensitivity"] = sens_info
+    results["sensitivity"] = {**sens_info, "table": table}  # the table itself: tools/cur_report.py --run_json
     if trace:
         results["ppl_search_trace"] = trace
     results["layers"] = report

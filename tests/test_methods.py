@@ -397,8 +397,9 @@ def test_cur_report_random_llama(tiny_llama_dir, tiny_text_file, tmp_path):
         assert 0 <= r["rel_output_error"] < 1.5 and 0 <= r["rel_frobenius_error"] < 1.5
     assert {a["group"] for a in rep["agreement"]} == {"qkv", "gate_up"}
     assert "leverage mass" in (out / "rep.txt").read_text()
-    for suffix in ("_kept.png", "_layers.png", "_agreement.png"):
+    for suffix in ("_kept.png", "_layers.png", "_agreement.png", "_ranks.png", "_sensitivity.png"):
         assert (out / f"rep{suffix}").exists()
+    assert set(rep["run_layers"]) == set(rep["sensitivity_table"]) and len(rep["run_layers"]) == 14
 
 
 def test_cur_report_random_llama_exported_repo(tiny_llama_dir, tiny_text_file, tmp_path):
@@ -421,6 +422,7 @@ def test_cur_report_random_llama_exported_repo(tiny_llama_dir, tiny_text_file, t
                             "--cache_dir", str(tmp_path / "cache")]) == 0
     rep = json.loads((out / "rrep.json").read_text())
     assert {r["name"] for r in rep["layers"]} == set(exported)
+    assert set(rep["run_layers"]) == set(exported) and (out / "rrep_ranks.png").exists()
     for r in rep["layers"]:
         assert (r["cols"], r["rows"]) == kept[r["name"]]
         assert 0 < r["col_leverage_mass"] <= 1 + 1e-6 and 0 <= r["rel_frobenius_error"] < 1.5

@@ -6,6 +6,7 @@ The tiny-model fast == slow test lives in test_pipeline_random.py."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -165,14 +166,56 @@ def test_random_bench_inference_runs_on_cpu(tmp_path):
     rc = bench_inference.main(["--shape", "tiny-llama", "--device", "cpu", "--prefill_batches", "1",
                                "--prefill_len", "16", "--decode_batches", "1", "--prompt_len", "8",
                                "--decode_tokens", "2", "--reps", "1", "--layer_tokens", "4",
+                               "--methods", "acur", "--ratios", "0.9,0.8",
                                "--rank_aligns", "1,8", "--json_out", str(out)])
     assert rc == 0
     rep = json.loads(out.read_text())
     m = rep["models"]
     assert list(m) == ["dense", "acur_0.9", "acur_0.9_a8", "acur_0.8", "acur_0.8_a8"]
     assert m["dense"]["weight_mib"] > m["acur_0.9"]["weight_mib"] > m["acur_0.8"]["weight_mib"]
-    assert all(v > 0 for row in m.values() for v in row.values())
+    assert all(v > 0 for row in m.values() for k, v in row.items()
+               if k.endswith(("_tok_s", "_mib", "_us")) and v is not None)
+    assert m["acur_0.8_a8"]["rank_align"] == 8 and all(k % 8 == 0 for k in m["acur_0.8_a8"]["ranks"].values())
     assert {r["shape"] for r in rep["layer_orders"]} == {"32x64", "64x64", "128x64", "64x128"}
+
+
+def test_random_bench_inference_every_method_one_row_per_form(tmp_path, capsys):
+    """Default --methods: one row per layer form of the registry, labelled with every method that shares
+    it, layers of the real classes at the registry's ranks, every number finite; peak memory n/a on CPU."""
+    from modules import registry
+    out = tmp_path / "bi.json"
+    rc = bench_inference.main(["--shape", "tiny", "--device", "cpu", "--prefill_batches", "1",
+                               "--prefill_len", "16", "--decode_batches", "1,16", "--prompt_len", "8",
+                               "--decode_tokens", "2", "--reps", "1", "--layer_tokens", "1",
+                               "--json_out", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    m = rep["models"]
+    forms = {name: spec.form for name, spec in registry.METHODS.items() if "[" not in name}
+    assert list(m)[0] == "dense" and len(m) == 1 + len(set(forms.values()))
+    rows = list(m.values())[1:]
+    assert sorted(x for r in rows for x in r["methods"]) == sorted(forms)  # every method in exactly one row
+    assert {r["form"] for r in rows} == set(forms.values())
+    assert all(forms[x] == r["form"] for r in rows for x in r["methods"])
+    assert {r["form"]: r["class"] for r in rows} == {"cur": "CURLinear", "svd": "SVDLinear",
+                                                     "rowid": "RowIDLinear", "colid": "ColIDLinear"}
+    for r in rows:
+        assert r["ratio"] == 0.8
+        for shape, k in r["ranks"].items():
+            mm, nn_ = map(int, shape.split("x"))
+            assert k == registry.get(r["methods"][0]).rank(mm, nn_, 0.8)
+        assert r["weight_mib"] < m["dense"]["weight_mib"]
+    keys = ("weight_mib", "prefill_b1_tok_s", "decode_b1_tok_s", "decode_b16_tok_s", "linears_1tok_us")
+    for row in m.values():
+        assert all(math.isfinite(row[k]) and row[k] > 0 for k in keys)
+        assert row["peak_mib"] is None
+    text = capsys.readouterr().out
+    assert "rowid/srid" in text and "svd/asvd/wsvd" in text and "peak GPU MiB" in text and "n/a" in text
+
+
+def test_random_bench_inference_rejects_unknown_method():
+    with pytest.raises(SystemExit):
+        bench_inference.main(["--shape", "tiny", "--device", "cpu", "--methods", "nope"])
 
 
 @pytest.mark.integration

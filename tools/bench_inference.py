@@ -1,18 +1,33 @@
-"""Inference speed and weight memory of a dense model vs its ACUR versions, on a random model of a real shape.
+"""Inference speed and memory of a dense model vs its compressed versions, every method of the registry,
+on a random model of a real shape.
 
-    python tools/bench_inference.py --shape llama-2-7b                 # GPU, fp16, dense vs ACUR 0.9 / 0.8
-    python tools/bench_inference.py --shape tiny-llama --device cpu --prefill_len 64 --prompt_len 16
+    python tools/bench_inference.py --shape llama-2-7b                 # GPU, fp16: dense vs every form at 0.8
+    python tools/bench_inference.py --shape llama-2-7b --methods acur,srid --ratios 0.9,0.8 --rank_aligns 1,8
+    python tools/bench_inference.py --shape tiny --device cpu --prefill_len 64 --prompt_len 16
 
-Every decoder linear is replaced by a CURLinear of the rank a uniform parameter ratio gives (C and R are
-actual columns and rows of the weight, U is random): speed depends on the shapes only, so no
-decomposition is needed. Prefill: one forward over the prompt (logits of the last position, as in
-generation). Decode: greedy steps with the KV cache, one token per step. A per-layer table compares
-CURLinear's multiplication order with a dense nn.Linear and with U folded into C (two products).
+Methods are benchmarked per layer form (modules/registry.py: Method.form), since the speed of a layer
+depends on its class and shapes only: acur and cur share CURLinear (form cur); svd, asvd and wsvd share
+SVDLinear; rowid and srid share RowIDLinear; colid is ColIDLinear. Each row of the table is one form at
+one ratio (and rank alignment), labelled with the methods that share it. Its layers are built by the
+pipeline's own factory (modules.low_rank_linear.compress_linear, as acur.compress_model calls it) from a
+random weight of each distinct shape (identity input covariance for the data-aware forms) and copied to
+every decoder linear of that shape, so the layer classes, ranks and index buffers are the real ones;
+the weights' values are not (speed does not depend on them). After the dense case the dense linears are
+freed, so each case's memory is its own model's.
+
+Per case: weights MiB (parameters and buffers); prefill tok/s (one forward over the prompt, logits of the
+last position, as in generation); decode tok/s (greedy steps with the KV cache, one token per step);
+the device time of all decoder linears for one token (on CUDA: the layers in execution order captured in
+one CUDA graph, so launch overhead drops out); peak GPU memory of the prefill and decode runs
+(torch.cuda.max_memory_allocated, reset at the start of every case; n/a on CPU). A per-layer table
+compares CURLinear's multiplication order with a dense nn.Linear and with U folded into C (two products).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import statistics
 import sys
 import time
@@ -26,33 +41,68 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench_pipeline import SHAPES, build_model, sync  # noqa: E402
-from modules.cur_linear import CURLinear  # noqa: E402
 from modules import registry  # noqa: E402
+from modules.low_rank_linear import compress_linear  # noqa: E402
 from modules.model_utils import find_linears, replace_module  # noqa: E402
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (the CUR index buffers included)."""
+    """Bytes of every parameter and buffer (the index buffers of CUR / ID layers included)."""
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def random_cur(linear: nn.Linear, ratio: float, gen: torch.Generator, rank_align: int = 1) -> CURLinear:
-    """A CURLinear of the rank `ratio` gives: actual columns/rows of the weight, a random core U."""
-    W = linear.weight.data
-    m, n = W.shape
-    k = registry.get("acur").rank(m, n, ratio, rank_align)
-    cur = CURLinear(n, m, k, bias=linear.bias is not None, dtype=W.dtype, device=W.device)
-    cols = torch.randperm(n, generator=gen)[:k].sort().values.to(W.device)
-    rows = torch.randperm(m, generator=gen)[:k].sort().values.to(W.device)
-    with torch.no_grad():
-        cur.C.copy_(W[:, cols])
-        cur.R.copy_(W[rows, :])
-        cur.U.copy_(torch.randn(k, k, generator=gen).to(W) / k ** 0.5)
-        if linear.bias is not None:
-            cur.bias.copy_(linear.bias)
-        cur.col_indices.copy_(cols)
-        cur.row_indices.copy_(rows)
-    return cur
+SHAPE_ALIASES = {"tiny": "tiny-llama"}
+# the method whose compress_linear path builds a form's layer: it needs nothing a random model lacks
+# (asvd needs an activation statistic, srid a sequential calibration; their layer classes are these)
+FORM_BUILDER = {"cur": "acur", "svd": "svd", "rowid": "rowid", "colid": "colid"}
+
+
+def form_groups(methods: list[str]) -> list[tuple[str, list[str]]]:
+    """[(form, the given methods of that form)] in the order the forms first appear."""
+    groups: dict[str, list[str]] = {}
+    for name in methods:
+        groups.setdefault(registry.get(name).form, []).append(name)
+    return list(groups.items())
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if text.strip() in ("all", ""):
+        names = list(registry.METHODS)
+    bad = [x for x in names if x not in registry.METHODS]
+    if bad or len(set(names)) != len(names):
+        raise SystemExit(f"bench_inference.py: error: --methods must be distinct names among "
+                         f"{', '.join(registry.METHODS)}, got {text!r}")
+    return names
+
+
+def build_layer(linear: nn.Linear, ratio: float, form: str, rank_align: int,
+                gen: torch.Generator) -> nn.Module:
+    """The module compress_linear (the pipeline's factory) makes of `linear` for a method of `form`.
+    Data-aware forms get an identity input covariance (the layer's class and rank do not depend on it)."""
+    method = FORM_BUILDER[form]
+    n = linear.in_features
+    cov = torch.eye(n, device=linear.weight.device) if registry.get(method).needs_covariance() else None
+    return compress_linear(linear, ratio, method=method, cov=cov, rank_align=rank_align, generator=gen)
+
+
+@torch.no_grad()
+def install_form(linears, shapes: dict, sources: dict, ratio: float, form: str, rank_align: int, device,
+                 gen: torch.Generator) -> dict:
+    """Every linear replaced by a copy of the layer built from the random weight of its shape (shapes:
+    {linear name: (out, in)}); returns {"outxin": (class name, rank)}."""
+    protos: dict[tuple, nn.Module] = {}
+    for shape, src in sources.items():
+        dense = copy.deepcopy(src).to(device)
+        protos[shape] = build_layer(dense, ratio, form, rank_align, gen)
+        del dense
+    used: set = set()
+    for info in linears:
+        shape = shapes[info.name]
+        mod = protos[shape] if shape not in used else copy.deepcopy(protos[shape])
+        used.add(shape)
+        replace_module(info, mod)
+    return {"x".join(map(str, s)): (type(p).__name__, int(p.rank)) for s, p in protos.items()}
 
 
 def timeit(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
@@ -139,21 +189,39 @@ def layer_orders(shapes: list[tuple[int, int]], ratio: float, tokens: list[int],
     return rows
 
 
+
+@torch.no_grad()
+def linears_us(linears, device, dtype, reps: int) -> float:
+    """Device microseconds of every decoder linear, in execution order, applied to one token each
+    (one CUDA graph holding all of them on a GPU; wall time on the CPU)."""
+    mods = [info.module for info in linears]
+    xs = {m.in_features: torch.randn(1, 1, m.in_features, device=device, dtype=dtype) for m in mods}
+
+    def run():
+        for m in mods:
+            m(xs[m.in_features])
+    return device_us(run, device, reps, calls=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--shape", default="llama-2-7b", choices=list(SHAPES))
+    p.add_argument("--shape", default="llama-2-7b", choices=list(SHAPES) + list(SHAPE_ALIASES),
+                   help="a published config with random weights (tiny = tiny-llama, for CPU tests)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--ratios", default="0.9,0.8", help="uniform ACUR parameter ratios to compare with dense")
-    p.add_argument("--rank_aligns", default="1,8", help="rank alignments (acur.py --rank_align) to compare")
+    p.add_argument("--methods", default=",".join(registry.METHODS),
+                   help="registry methods (or 'all'); one row per distinct layer form, labelled with its methods")
+    p.add_argument("--ratios", default="0.8", help="uniform parameter ratios (kept fraction) to compare with dense")
+    p.add_argument("--rank_aligns", default="1", help="rank alignments (acur.py --rank_align) to compare")
     p.add_argument("--prefill_batches", default="1,4")
     p.add_argument("--prefill_len", type=int, default=2048)
     p.add_argument("--decode_batches", default="1,16")
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--decode_tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--layer_tokens", default="1,16,8192", help="token counts of the per-layer order table")
+    p.add_argument("--layer_tokens", default="1,16,8192",
+                   help="token counts of the per-layer order table (synthetic CUR orders)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json_out", default=None)
     return p
@@ -169,7 +237,30 @@ def ints(text: str, flag: str) -> list[int]:
     return vals
 
 
-def run_bench(a) -> dict:
+def _mib(x: float | None) -> float | None:
+    return None if x is None else x / 2**20
+
+
+def measure(model, linears, a, device, dtype, pb: list[int], db: list[int]) -> dict:
+    """One case's row: weights, prefill and decode speed, peak memory, one-token device time of the linears."""
+    cuda = device.type == "cuda"
+    vocab = model.config.vocab_size
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    row = {"weight_mib": weight_bytes(model) / 2**20,
+           "allocated_mib": _mib(torch.cuda.memory_allocated(device)) if cuda else None}
+    for b in pb:
+        row[f"prefill_b{b}_tok_s"] = prefill_tps(model, vocab, b, a.prefill_len, device, a.reps)
+    for b in db:
+        row[f"decode_b{b}_tok_s"] = decode_tps(model, vocab, b, a.prompt_len, a.decode_tokens, device, a.reps)
+    row["peak_mib"] = _mib(torch.cuda.max_memory_allocated(device)) if cuda else None
+    row["linears_1tok_us"] = linears_us(linears, device, dtype, max(a.reps, 5))
+    return row
+
+
+def run_bench(a, on_case=None) -> dict:
+    """Every case (dense, then form x ratio x rank alignment); on_case(rep) after each one (partial results)."""
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     dtype = (torch.float16 if device.type == "cuda" else torch.float32) if a.dtype == "auto" else getattr(torch, a.dtype)
@@ -179,40 +270,68 @@ def run_bench(a) -> dict:
         raise SystemExit(f"bench_inference.py: error: --ratios must be numbers, got {a.ratios!r}")
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise SystemExit(f"bench_inference.py: error: --ratios must be in (0, 1), got {a.ratios!r}")
+    groups = form_groups(parse_methods(a.methods))
     pb, db = ints(a.prefill_batches, "--prefill_batches"), ints(a.decode_batches, "--decode_batches")
-    model = build_model(a.shape, device, dtype, a.seed)
-    vocab = model.config.vocab_size
-    linears = find_linears(model)
-    originals = {i.name: i.module for i in linears}
-    gen = torch.Generator().manual_seed(a.seed)
-    rep = {"shape": a.shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "dtype": str(dtype), "settings": {k: v for k, v in vars(a).items() if k != "json_out"}, "models": {}}
     aligns = ints(a.rank_aligns, "--rank_aligns")
-    variants = [("dense", None, None)] + [(f"acur_{r}" + (f"_a{al}" if al > 1 else ""), r, al)
-                                          for r in ratios for al in aligns]
-    for label, r, al in variants:
-        if r is not None:
-            for info in linears:
-                replace_module(info, random_cur(originals[info.name], r, gen, al))
-        row = {"weight_mib": weight_bytes(model) / 2**20}
-        for b in pb:
-            row[f"prefill_b{b}_tok_s"] = prefill_tps(model, vocab, b, a.prefill_len, device, a.reps)
-        for b in db:
-            row[f"decode_b{b}_tok_s"] = decode_tps(model, vocab, b, a.prompt_len, a.decode_tokens, device, a.reps)
-        rep["models"][label] = row
-        print(f"[bench] {label}: " + ", ".join(f"{k} {v:,.1f}" for k, v in row.items()), flush=True)
-        for info in linears:
-            replace_module(info, originals[info.name])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    layer_tokens = ints(a.layer_tokens, "--layer_tokens")
+    shape = SHAPE_ALIASES.get(a.shape, a.shape)
+    model = build_model(shape, device, dtype, a.seed)
+    linears = find_linears(model)
     counts: dict[str, int] = {}
     for i in linears:
         key = "x".join(map(str, i.module.weight.shape))
         counts[key] = counts.get(key, 0) + 1
     shapes = sorted({tuple(i.module.weight.shape) for i in linears})
-    rep["layer_orders"] = layer_orders(shapes, min(ratios, key=lambda r: abs(r - 0.9)),
-                                       ints(a.layer_tokens, "--layer_tokens"), device, dtype, max(a.reps, 10))
-    # device time of all the model's linears for one forward of `tokens` tokens (e.g. 1 = a decode step)
+    lin_shapes = {i.name: tuple(i.module.weight.shape) for i in linears}
+    gen = torch.Generator().manual_seed(a.seed)
+    rep = {"shape": shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "dtype": str(dtype), "torch": torch.__version__,
+           "settings": {k: v for k, v in vars(a).items() if k != "json_out"},
+           "linear_counts": counts, "models": {}}
+    row = measure(model, linears, a, device, dtype, pb, db)
+    rep["models"]["dense"] = {"form": "dense", "methods": [], "class": "Linear", **row}
+    print("[bench] dense: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()), flush=True)
+    if on_case:
+        on_case(rep)
+    # one dense weight per shape, on the CPU, to build every form from; the model's dense linears are freed
+    sources: dict[tuple, nn.Module] = {}
+    for info in linears:
+        shape_i = (info.module.out_features, info.module.in_features)
+        if shape_i not in sources:
+            sources[shape_i] = copy.deepcopy(info.module).to("cpu")
+    for info in linears:
+        replace_module(info, nn.Identity())
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for form, methods in groups:
+        for r in ratios:
+            for al in aligns:
+                label = f"{methods[0]}_{r:g}" + (f"_a{al}" if al > 1 else "")
+                t0 = time.perf_counter()
+                for info in linears:  # the previous case's layers go before this one's are built
+                    replace_module(info, nn.Identity())
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                layers = install_form(linears, lin_shapes, sources, r, form, al, device, gen)
+                build_s = time.perf_counter() - t0
+                row = measure(model, linears, a, device, dtype, pb, db)
+                rep["models"][label] = {"form": form, "methods": methods, "ratio": r, "rank_align": al,
+                                        "class": sorted({c for c, _ in layers.values()})[0],
+                                        "ranks": {s: k for s, (_, k) in layers.items()},
+                                        "build_s": round(build_s, 2), **row}
+                print(f"[bench] {label} ({'/'.join(methods)}): "
+                      + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()), flush=True)
+                if on_case:
+                    on_case(rep)
+    for info in linears:
+        replace_module(info, nn.Identity())
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    rep["layer_orders"] = layer_orders(shapes, min(ratios, key=lambda r: abs(r - 0.9)), layer_tokens,
+                                       device, dtype, max(a.reps, 10))
+    # device time of all the model's linears for one forward of `tokens` tokens (e.g. 1 = a decode step),
+    # from the per-shape synthetic orders above
     rep["linears_total_us"] = {
         t: {col: sum(r[col] * counts[r["shape"]] for r in rep["layer_orders"] if r["tokens"] == t)
             for col in ("dense_us", "cur_us", "cur_align8_us", "folded_us")}
@@ -220,15 +339,47 @@ def run_bench(a) -> dict:
     return rep
 
 
+def _fmt(v, width: int = 0) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        text = "n/a"
+    elif isinstance(v, float):
+        text = f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
+    else:
+        text = str(v)
+    return f"{text:>{width}s}" if width else text
+
+
+METRICS = (("weight_mib", "weights MiB"), ("peak_mib", "peak GPU MiB"), ("allocated_mib", "resident GPU MiB"),
+           ("linears_1tok_us", "linears 1 tok us"))
+
+
+def table_rows(rep: dict) -> list[tuple[str, list]]:
+    """(row label, one value per case) of the main table: sizes, speeds, memory, device time."""
+    models = rep["models"]
+    speed = [k for k in next(iter(models.values())) if k.endswith("_tok_s")]
+    keys = [("weight_mib", "weights MiB")] + [(k, k) for k in speed] + list(METRICS[1:])
+    out = [("methods", ["dense"] + ["/".join(m["methods"]) for m in list(models.values())[1:]]),
+           ("layer class", [m["class"] for m in models.values()])]
+    dense = models["dense"]
+    for k, label in keys:
+        out.append((label, [m.get(k) for m in models.values()]))
+        if k.endswith("_tok_s") or k == "linears_1tok_us":  # speed-up (tok/s) or time ratio (us) against dense
+            out.append(("  x dense", [m[k] / dense[k] if dense.get(k) else None for m in models.values()]))
+    return out
+
+
 def print_report(rep: dict) -> None:
     print("=" * 78)
-    print(f"{rep['shape']} on {rep['device']}, {rep['dtype']}: tokens/s (higher is better)")
+    print(f"{rep['shape']} on {rep['device']}, {rep['dtype']}: tokens/s (higher is better); ratios = kept "
+          "fraction of the decoder linears' parameters; 'x dense' = tok/s over dense's, or linears' time over dense's")
     models = rep["models"]
-    keys = list(next(iter(models.values())))
-    print(f"{'':18s}" + "".join(f"{m:>14s}" for m in models))
-    for k in keys:
-        print(f"{k:18s}" + "".join(f"{models[m][k]:14,.1f}" if k != "weight_mib" else f"{models[m][k]:14,.1f}"
-                                   for m in models))
+    w = max(14, max(len(m) for m in models) + 2)
+    print(f"{'':20s}" + "".join(f"{m:>{w}s}" for m in models))
+    for label, vals in table_rows(rep):
+        if label == "  x dense":
+            print(f"{label:20s}" + "".join((f"{v:.2f}x" if v is not None else "n/a").rjust(w) for v in vals))
+        else:
+            print(f"{label:20s}" + "".join(_fmt(v, w) for v in vals))
     print("per layer, device us per call: dense | CUR C(U(Rx)) | same, rank aligned to 8 | U folded (CU)(Rx)")
     for r in rep["layer_orders"]:
         print(f"  {r['shape']:>11s} k={r['rank']:<5d} tokens={r['tokens']:<6d} {r['dense_us']:9.1f} "
@@ -239,11 +390,14 @@ def print_report(rep: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    rep = run_bench(a)
+
+    def write(rep: dict) -> None:  # after every case too: a run cut by a time limit keeps what it measured
+        if a.json_out:
+            Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json_out).write_text(json.dumps(rep, indent=1))
+    rep = run_bench(a, on_case=write)
     print_report(rep)
-    if a.json_out:
-        Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json_out).write_text(json.dumps(rep, indent=1))
+    write(rep)
     return 0
 
 

@@ -230,28 +230,84 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def method_family(spec: str) -> str:
+    """'SVD' for a method spec of the registry's svd form (svd, asvd, wsvd), 'CUR' for the forms that keep
+    actual rows/columns (acur, cur, rowid, colid, srid; ablations like srid[sequential=0] too)."""
+    name = spec.split(":")[0].split("[")[0]
+    try:
+        return "SVD" if registry.get(name).form == "svd" else "CUR"
+    except ValueError:
+        return "CUR"
+
+
+FAMILY_STYLE = {"SVD": {"linestyle": "--", "marker": "s"}, "CUR": {"linestyle": "-", "marker": "o"}}
+DENSE_STYLE = {"color": "black", "linestyle": (0, (6, 3)), "linewidth": 1.2}
+
+
+def line_styles(specs: list[str]) -> dict[str, dict]:
+    """Per method spec: its family and matplotlib keywords. SVD family dashed with square markers in blues
+    and greens, CUR family solid with circle markers in reds, oranges and purples: family by line style
+    and marker, method by colour."""
+    import matplotlib
+    palettes = {"SVD": [matplotlib.colormaps["tab20c"](i) for i in (0, 8, 1, 9, 2, 10, 3, 11)],
+                "CUR": [matplotlib.colormaps["tab10"](i) for i in (3, 1, 4, 5, 6, 8)] +
+                       [matplotlib.colormaps["tab20b"](i) for i in (12, 13, 14, 15, 16, 17)]}
+    used = {"SVD": 0, "CUR": 0}
+    out = {}
+    for spec in specs:
+        fam = method_family(spec)
+        pal = palettes[fam]
+        out[spec] = {"family": fam, "color": pal[used[fam] % len(pal)], **FAMILY_STYLE[fam]}
+        used[fam] += 1
+    return out
+
+
 def plot(results: dict, path: Path) -> None:
-    """Perplexity (log) vs reached parameter ratio, one line per method, one panel per dataset."""
+    """Perplexity (log) vs reached parameter ratio, one line per method, one panel per dataset. Dense is a
+    black dashed horizontal line labelled with its perplexity; the SVD family (svd, asvd, wsvd) is drawn
+    dashed with square markers, the CUR family (acur, cur, rowid, colid, srid) solid with circles; the
+    legend groups the methods by family."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
     datasets = results["datasets"]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    styles = line_styles(results["methods"])
+    fig, axes = plt.subplots(1, len(datasets), figsize=(8.5 * len(datasets), 4.8), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
+        drawn: dict[str, list] = {"CUR": [], "SVD": []}
         for spec in results["methods"]:
             pts = sorted((c["reached"], c["ppl"][ds]) for c in results["cells"] if c["method"] == spec)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=spec)
+                st = styles[spec]
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], color=st["color"],
+                                linestyle=st["linestyle"], marker=st["marker"], label=spec)
+                drawn[st["family"]].append(line)
+        handles = []
         if "dense" in results:
-            ax.axhline(results["dense"][ds], color="gray", linestyle="--", label="dense")
+            dense = results["dense"][ds]
+            handles.append(ax.axhline(dense, label=f"dense (1.0): {_fmt(dense)}", **DENSE_STYLE))
+            ax.annotate(f"dense {_fmt(dense)}", xy=(0.99, dense), xycoords=("axes fraction", "data"),
+                        xytext=(0, 3), textcoords="offset points", fontsize=8, ha="right")
+        for fam, title in (("CUR", "CUR family (actual rows/cols): solid, circles"),
+                           ("SVD", "SVD family: dashed, squares")):
+            if drawn[fam]:
+                handles.append(Line2D([], [], linestyle="none", label=title))  # a legend header
+                handles += drawn[fam]
         ax.set_yscale("log")
-        ax.set_xlabel("parameter ratio of the compressed linears")
-        ax.set_ylabel(f"perplexity ({ds})")
+        ax.set_xlabel("parameter ratio of the compressed linears (kept fraction)")
+        ax.set_ylabel(f"perplexity ({ds}, lower is better)")
         ax.set_title(results["args"]["model_id"])
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+        leg = ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        for text in leg.get_texts():
+            if "family" in text.get_text():
+                text.set_fontweight("bold")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
