@@ -8,10 +8,12 @@ The scales are returned as a plain dict {layer name: fp32 tensor (in_features,)}
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -182,8 +184,28 @@ def _covariances_of(run: Callable[[], object], linears: list[LinearInfo]) -> dic
     return {info.name: result[owner[info.name]] for info in linears if info.name in owner}
 
 
+@contextlib.contextmanager
+def checkpointed_blocks(model: nn.Module):
+    """Recompute each decoder block in the backward pass instead of keeping its activations
+    (torch.utils.checkpoint, non-reentrant): a backward over a 2048-token sequence then holds the
+    block inputs plus one block's activations, not every block's (7B: ~9 GiB less). Gradients are
+    the same; hooks on the first forward see the outputs the backward flows through. Models of an
+    unknown layout run unchanged."""
+    parts = decoder_parts(model)
+    layers = list(parts.layers) if parts is not None else []
+    for layer in layers:
+        def forward(*args, _f=layer.forward, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)
+        layer.forward = forward
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
-                  batch_size: int = 1) -> dict[str, torch.Tensor]:
+                  batch_size: int = 1, checkpoint: bool = True) -> dict[str, torch.Tensor]:
     """g_i = E_t[(dL/dy_{t,i})^2] for every output i of every linear (fp32, out_features), L = the
     summed next-token NLL, from one backward pass over the calibration data.
 
@@ -191,7 +213,8 @@ def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.
     output raises the mean NLL by about 1/2 sum_i g_i E[dy_i^2]; weighting each output's error by
     g_i puts every layer's output error in the same unit (nats), so one budget can be split across
     layers (binary_search.allocate) and a row ID keeps the rows the loss needs most. Weights are not
-    differentiated: only activations carry gradients (no weight-gradient memory)."""
+    differentiated: only activations carry gradients (no weight-gradient memory); checkpoint: blocks
+    are recomputed in the backward (checkpointed_blocks), so memory is the model plus one block."""
     device = next(model.parameters()).device
     acc = {info.name: torch.zeros(info.module.out_features, device=device) for info in linears}
     count = [0]
@@ -213,7 +236,7 @@ def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.
     hooks.append(model.get_input_embeddings().register_forward_hook(embed_hook))
     hooks += [info.module.register_forward_hook(make_hook(info.name)) for info in linears]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), (checkpointed_blocks(model) if checkpoint else contextlib.nullcontext()):
             for batch in tqdm(list(_batches(calib_ids, batch_size)), desc="output fisher"):
                 batch = batch.to(device)
                 logits = model(batch, use_cache=False).logits[:, :-1].float()

@@ -83,6 +83,33 @@ def test_pivoted_cholesky_graph_equals_eager_and_cpu(device, m, rank, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_output_fisher_with_checkpointed_blocks_equals_full_backward(device, family, tiny_llama_dir, tiny_opt_dir,
+                                                                      tiny_text_file):
+    """Recomputing blocks in the backward (the memory saving) changes no fisher value, and the blocks'
+    forward is restored afterwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import datautils
+    path = tiny_llama_dir if family == "llama" else tiny_opt_dir
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    ids = datautils.get_calib_data(f"text:{tiny_text_file}", AutoTokenizer.from_pretrained(path), 3, 32, seed=0)
+    linears = find_linears(model)
+    calls = []
+    probe = linears[0].module.register_forward_hook(lambda *a: calls.append(1))
+    full = output_fisher(model, linears, ids, 1, checkpoint=False)
+    n_full = len(calls)
+    ckpt = output_fisher(model, linears, ids, 1, checkpoint=True)
+    probe.remove()
+    assert n_full == 3 and len(calls) - n_full == 6  # the block really ran again in each backward
+    assert full.keys() == ckpt.keys() and len(full) == len(linears)
+    for name in full:
+        assert float(full[name].sum()) > 0
+        torch.testing.assert_close(ckpt[name], full[name], rtol=1e-5, atol=1e-12)
+    from modules.model_utils import decoder_parts
+    assert all("forward" not in vars(layer) for layer in decoder_parts(model).layers)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_tiny_model_stages_on_device(device, tiny_llama_dir, tiny_text_file, tmp_path):
     """Calibration statistics, output fisher and sequential calibration keep every tensor on the device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
