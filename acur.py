@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import quantization
 import selfgen_utils
 import sensitivity as sens
 from act_aware_utils import SCALING_METHODS, calib_scales, input_covariances, output_fisher, sequential_calibration
+from datautils import UsageError, code_digest, eval_datasets, fetch_texts, init_distributed, load_model
 from evaluate_utils import evaluate_perplexity, perplexity_of_windows
 import kv_compress
 from modules import kv_cache
@@ -43,26 +43,6 @@ from modules.low_rank_linear import LayerStats, compress_linear
 from modules.model_utils import LinearInfo, find_linears, replace_module
 
 RESULT_SCHEMA = "cur4llm.result/1"
-# the sources that fill each cache: a change to any of them changes the key, so a cache is never
-# reused across code that would compute something else (no version number to forget to bump)
-CACHE_SOURCES = {
-    "statistics": ("act_aware_utils.py", "modules/model_utils.py"),
-    "sensitivity": ("act_aware_utils.py", "sensitivity.py", "evaluate_utils.py", "kv_compress.py",
-                    "modules/model_utils.py", "modules/registry.py", "modules/cur_math.py",
-                    "modules/decompositions.py", "modules/low_rank_linear.py", "modules/cur_linear.py"),
-}
-
-
-def code_digest(kind: str) -> str:
-    """sha256 (16 hex) of the sources that fill a cache of this kind."""
-    h = hashlib.sha256()
-    for rel in CACHE_SOURCES["sensitivity" if kind == "sensitivity" else "statistics"]:
-        h.update(rel.encode() + b"\0" + (Path(__file__).resolve().parent / rel).read_bytes())
-    return h.hexdigest()[:16]
-
-
-class UsageError(ValueError):
-    """Bad input found before any heavy work: reported as one line, exit code 2."""
 
 
 class Terminated(BaseException):
@@ -198,10 +178,6 @@ def sensitivity_ratios(args) -> list[float]:
     return list(sens.DEFAULT_RATIOS)
 
 
-def eval_datasets(args) -> list[str]:
-    return [d.strip() for d in args.eval_ppl.split(",") if d.strip() and d.strip() != "none"]
-
-
 def validate_args(args) -> None:
     """Cheap checks of every input, before anything is loaded. Raises UsageError."""
     has_ratio, has_ppl = args.param_ratio_target != -1, args.ppl_target != -1
@@ -299,108 +275,6 @@ def validate_quant_args(args) -> None:
     if spec.kind == "awq" and not (args.act_aware and args.scaling_method in quantization.AWQ_SCALINGS):
         raise UsageError(f"--weight_quant {args.weight_quant} needs --act_aware with --scaling_method "
                          f"{' or '.join(quantization.AWQ_SCALINGS)} (activation magnitudes)")
-
-
-# ---------------------------------------------------------------- model
-def resolve_model(args) -> tuple[str, dict]:
-    """Local path (or hub id) to load, and the fingerprint that keys every cache."""
-    if args.model_id in datautils.OFFLINE_MODELS:
-        path = str(datautils.offline_model_dir(args.model_id))
-    else:
-        path = os.path.expanduser(args.model_id)
-    fp = {"model": args.model_id, "revision": args.revision}
-    if os.path.isdir(path):
-        h = hashlib.sha256()
-        for f in sorted(Path(path).iterdir()):
-            if f.name == "config.json":
-                h.update(f.read_bytes())
-            elif f.suffix in (".safetensors", ".bin", ".json") or f.name.endswith(".index.json"):
-                st = f.stat()
-                h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-        fp["files"] = h.hexdigest()[:16]
-    return path, fp
-
-
-def init_distributed(args) -> int:
-    """Under torchrun / accelerate launch (WORLD_SIZE > 1) join the process group (nccl on GPU, gloo
-    on CPU) so the ppl sensitivity is split over the ranks. Returns this process's rank (0 alone)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        on_gpu = torch.cuda.is_available() and (args.device == "auto" or args.device.startswith("cuda"))
-        if on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if on_gpu else "gloo")
-    return dist.get_rank()
-
-
-def pick_device_dtype(args) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if args.device == "auto" else args.device))
-    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
-    if args.dtype == "auto":
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
-    return dev, dtype
-
-
-def load_model(args):
-    """(model, tokenizer, fingerprint). Clear one-line errors for a missing model or a too-long window."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    path, fp = resolve_model(args)
-    on_hub = not os.path.isdir(path)
-    try:
-        if on_hub:
-            datautils.check_hub_reachable(f"model {args.model_id!r}")
-        config = AutoConfig.from_pretrained(path, revision=args.revision)
-    except datautils.HubUnreachable as exc:
-        raise UsageError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"model not found or hub unreachable: {args.model_id!r} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-                         + (f"; {datautils.offline_hint()}" if on_hub else "")) from None
-    max_pos = getattr(config, "max_position_embeddings", None)
-    for flag in ("calib_seqlen", "eval_seqlen"):
-        if max_pos and getattr(args, flag) > max_pos:
-            raise UsageError(f"--{flag} {getattr(args, flag)} exceeds the model's context of {max_pos} tokens")
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
-    check_user_texts(args, tokenizer)
-    device, dtype = pick_device_dtype(args)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=args.revision, dtype=dtype,
-                                                 device_map=str(device) if device.type == "cuda" else None)
-    model.to(device).eval()
-    model.config.use_cache = False
-    fp["commit"] = getattr(config, "_commit_hash", None)
-    fp["dtype"] = str(dtype)
-    return model, tokenizer, fp
-
-
-def fetch_texts(args) -> None:
-    """Fetch every dataset the run needs before any heavy work, so a missing dataset (no hub access)
-    fails in seconds instead of after a long compression."""
-    needed = [] if args.raw_model or args.calib_dataset in datautils.GENERATED_DATASETS else \
-        [(args.calib_dataset, "train")]  # selfgen text is written by the model later
-    for name, split in needed + [(d, "test") for d in eval_datasets(args)]:
-        try:
-            datautils.get_text(name, split)
-        except datautils.HubUnreachable as exc:
-            raise UsageError(str(exc)) from None
-        except Exception as exc:  # any failure to fetch: hub down, file unreadable, bad format
-            hint = f"; {datautils.offline_hint()}" if name in datautils.HUB_DATASETS else ""
-            raise UsageError(f"dataset {name} ({split}) unavailable: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}{hint}") from None
-
-
-def check_user_texts(args, tokenizer) -> None:
-    """A user's text file must hold at least one window (checked before the weights load)."""
-    for name, seqlen in [(args.calib_dataset, args.calib_seqlen)] + [(d, args.eval_seqlen) for d in eval_datasets(args)]:
-        if name.startswith("text:"):
-            n = datautils.token_ids(name, "test", tokenizer).numel()
-            if n <= seqlen:
-                raise UsageError(f"{name} has {n} tokens, fewer than one window of {seqlen}")
 
 
 # ---------------------------------------------------------------- stages
