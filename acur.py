@@ -38,7 +38,6 @@ from datautils import UsageError, code_digest, eval_datasets, fetch_texts, init_
 from evaluate_utils import (broken_result, evaluate_perplexity, nothing_compressed, perplexity_of_windows,
                             rank_align_warning, summarize_params)
 import kv_compress
-from modules import kv_cache
 from modules import registry
 from modules.low_rank_linear import LayerStats, compress_linear
 from modules.model_utils import LinearInfo, find_linears, replace_module
@@ -238,35 +237,14 @@ def sensitivity_table(model, linears, calib_ids, scales, args, fp, covs: dict | 
 
     ratios = sensitivity_ratios(args)
     if kv_mode:  # candidates are rank fractions of the K/V width
-        fractions = parse_kv_fractions(args.kv_rank_fractions)
-        if args.sensitivity_metric == "ppl":
-            table = kv_compress.kv_sensitivity_ppl(model, linears, calib_ids, fractions, scales, args.alpha,
-                                                   cur_settings(args), args.calib_batch_size, done, save)
-        elif args.sensitivity_metric == "spectral":
-            table = kv_compress.kv_sensitivity_spectral(linears, fractions, scales, args.alpha, args.rank_align,
-                                                        done, save)
-        elif args.sensitivity_metric == "fisher_error":
-            table = kv_compress.kv_sensitivity_fisher_error(linears, fractions, stats, args.alpha, cur_settings(args),
-                                                            done, save)
-        elif args.sensitivity_metric == "stable_rank":
-            table = kv_compress.kv_sensitivity_stable_rank(linears, fractions, scales, args.alpha, done, save)
-        else:
-            raise UsageError(f"--sensitivity_metric {args.sensitivity_metric} has no KV-mode form "
-                             "(use ppl, spectral or stable_rank)")
-    elif args.sensitivity_metric == "fisher_error":
-        table = sens.sensitivity_fisher_error(linears, ratios, stats, args.alpha, method_settings(args),
-                                              done=done, on_progress=save)
-    elif args.sensitivity_metric == "ppl":
-        table = sens.sensitivity_ppl(model, linears, calib_ids, ratios, scales, args.alpha,
-                                     method_settings(args), args.calib_batch_size,
-                                     fast=not args.no_fast_sensitivity, done=done, on_progress=save, covs=covs,
-                                     compile_blocks={"auto": None, "on": True, "off": False}[args.compile_blocks],
-                                     stats=stats)
-    elif args.sensitivity_metric == "spectral":
-        table = sens.sensitivity_spectral(linears, ratios, scales, args.alpha, args.rank_align, done=done,
-                                          on_progress=save, method=args.method)
+        table = kv_compress.kv_sensitivity(args.sensitivity_metric, model, linears, calib_ids,
+                                           parse_kv_fractions(args.kv_rank_fractions), scales, stats, args.alpha,
+                                           cur_settings(args), args.calib_batch_size, done, save)
     else:
-        table = sens.sensitivity_stable_rank(linears, ratios, scales, args.alpha, done=done, on_progress=save)
+        table = sens.sensitivity_table(args.sensitivity_metric, model, linears, calib_ids, ratios, scales, args.alpha,
+                                       method_settings(args), args.calib_batch_size, fast=not args.no_fast_sensitivity,
+                                       compile_blocks={"auto": None, "on": True, "off": False}[args.compile_blocks],
+                                       covs=covs, stats=stats, done=done, on_progress=save)
     info["computed"] = len(table) - info["from_cache"]
     return table, info
 
@@ -334,12 +312,7 @@ def prepare_selfgen(model, tokenizer, args, fp) -> tuple[str, dict]:
 
 def stage_kv_cache(model, args) -> dict:
     """KV-cache mode: switch attention to the low-rank cache; report what it holds per token."""
-    blocks = kv_cache.enable_lowrank_kv_cache(model)
-    b = kv_compress.kv_bytes_per_token(model)
-    return {"ratio_target": args.kv_cache_ratio_target, "reached": b["ratio"], "dims_dense": b["dims_dense"],
-            "dims_cached": b["dims_cached"], "bytes_per_token_dense": b["dense"],
-            "bytes_per_token_compressed": b["compressed"], "bytes_per_token_positions": b["positions"],
-            "dtype": b["dtype"], "lowrank_blocks": len(blocks), "format": kv_cache.LOWRANK_KV_FORMAT}
+    return kv_compress.enable_kv_cache(model, args.kv_cache_ratio_target)
 
 
 def write_results(results: dict, args) -> Path:
