@@ -154,20 +154,9 @@ def cache_key(args, fp: dict, kind: str, linears: list[LinearInfo]) -> dict:
 
 
 def cached_layer_tensors(kind: str, key: dict, args, linears, label: str, compute: Callable[[], dict]) -> dict:
-    """Per-layer tensors from cache/ when --use_cache holds every layer's for this key; else computed
-    (and saved under the key)."""
-    path = datautils.cache_path(kind, key, args.cache_dir)
-    if args.use_cache:
-        cached = datautils.load_tensor_cache(path, key)
-        if cached is not None and set(cached) >= {i.name for i in linears}:
-            print(f"[acur] {label} from cache {path}")
-            _RUN_STATE["saved"][kind] = f"{label} in {path}"
-            return cached
-    result = compute()
-    if args.use_cache:
-        datautils.save_tensor_cache(path, key, result)
-        _RUN_STATE["saved"][kind] = f"{label} in {path}"
-    return result
+    """datautils.cached_layer_tensors under --use_cache / --cache_dir; what it saves enters the interrupt report."""
+    return datautils.cached_layer_tensors(kind, key, [i.name for i in linears], label, compute, args.use_cache,
+                                          args.cache_dir, _RUN_STATE["saved"])
 
 
 def stage_scales(model, linears, calib_ids, args, fp) -> dict | None:

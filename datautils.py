@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -614,6 +615,24 @@ def load_tensor_cache(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
     except Exception as exc:  # corrupt, truncated, foreign: recompute, never trust
         print(f"WARNING: ignoring cache {path.name}: {type(exc).__name__}: {exc}; recomputing")
         return None
+
+
+def cached_layer_tensors(kind: str, key: dict, names: list[str], label: str, compute: Callable[[], dict],
+                         use_cache: bool, cache_dir: str | Path | None, saved: dict) -> dict:
+    """Per-layer tensors from the cache when use_cache and its file under `key` holds every layer in `names`;
+    else computed (and saved under the key). saved[kind] records what is on disk, for an interrupt's report."""
+    path = cache_path(kind, key, cache_dir)
+    if use_cache:
+        cached = load_tensor_cache(path, key)
+        if cached is not None and set(cached) >= set(names):
+            print(f"[acur] {label} from cache {path}")
+            saved[kind] = f"{label} in {path}"
+            return cached
+    result = compute()
+    if use_cache:
+        save_tensor_cache(path, key, result)
+        saved[kind] = f"{label} in {path}"
+    return result
 
 
 @contextlib.contextmanager
