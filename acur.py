@@ -9,14 +9,10 @@ under output/ (schema in README_CUR4LLM.md).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import json
-import math
-import os
 import platform
 import re
 import signal
@@ -34,35 +30,19 @@ import evaluate_utils
 import quantization
 import selfgen_utils
 import sensitivity as sens
-from act_aware_utils import SCALING_METHODS, calib_scales, input_covariances, output_fisher, sequential_calibration
-from evaluate_utils import evaluate_perplexity, perplexity_of_windows
+from act_aware_utils import calib_scales, input_covariances, output_fisher, sequential_calibration
+from acur_args import (build_parser, check_ppl_target, check_rank_align, cur_settings, lm_eval_tasks, lm_task_metadata,
+                       method_settings, needs_covariance, needs_fisher, parse_kv_fractions, sensitivity_ratios,
+                       validate_args)
+from datautils import UsageError, code_digest, eval_datasets, fetch_texts, init_distributed, load_model
+from evaluate_utils import (broken_result, evaluate_perplexity, nothing_compressed, perplexity_of_windows,
+                            rank_align_warning, summarize_params)
 import kv_compress
-from modules import kv_cache
 from modules import registry
 from modules.low_rank_linear import LayerStats, compress_linear
 from modules.model_utils import LinearInfo, find_linears, replace_module
 
 RESULT_SCHEMA = "cur4llm.result/1"
-# the sources that fill each cache: a change to any of them changes the key, so a cache is never
-# reused across code that would compute something else (no version number to forget to bump)
-CACHE_SOURCES = {
-    "statistics": ("act_aware_utils.py", "modules/model_utils.py"),
-    "sensitivity": ("act_aware_utils.py", "sensitivity.py", "evaluate_utils.py", "kv_compress.py",
-                    "modules/model_utils.py", "modules/registry.py", "modules/cur_math.py",
-                    "modules/decompositions.py", "modules/low_rank_linear.py", "modules/cur_linear.py"),
-}
-
-
-def code_digest(kind: str) -> str:
-    """sha256 (16 hex) of the sources that fill a cache of this kind."""
-    h = hashlib.sha256()
-    for rel in CACHE_SOURCES["sensitivity" if kind == "sensitivity" else "statistics"]:
-        h.update(rel.encode() + b"\0" + (Path(__file__).resolve().parent / rel).read_bytes())
-    return h.hexdigest()[:16]
-
-
-class UsageError(ValueError):
-    """Bad input found before any heavy work: reported as one line, exit code 2."""
 
 
 class Terminated(BaseException):
@@ -80,329 +60,6 @@ def add_warning(results: dict, msg: str) -> None:
     results.setdefault("warnings", []).append(msg)
 
 
-# ---------------------------------------------------------------- arguments
-def build_parser() -> argparse.ArgumentParser:
-    """The one parser of acur.py; huggingface_repos/build_acur_repo.py extends it."""
-    p = argparse.ArgumentParser(description="Activation-aware CUR compression of causal LMs",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model_id", required=True,
-                   help="HF hub id, local checkpoint dir, or an offline alias: " + ", ".join(datautils.OFFLINE_MODELS))
-    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="model dtype; auto = float16 on CUDA, float32 on CPU. Decompositions are fp32 anyway")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g = p.add_argument_group("compression target (give one)")
-    g.add_argument("--param_ratio_target", type=float, default=-1,
-                   help="kept fraction of the compressed linears' parameters, 0 < r <= 1")
-    g.add_argument("--ppl_target", type=float, default=-1,
-                   help="smallest model whose calibration perplexity stays at or below this")
-    g.add_argument("--raw_model", action="store_true", help="no compression: evaluate the dense model")
-    g.add_argument("--compress_kv_cache", action="store_true",
-                   help="KV-cache mode: compress only k_proj/v_proj and cache their low-rank latents")
-    g.add_argument("--kv_cache_ratio_target", type=float, default=-1,
-                   help="with --compress_kv_cache: cached K/V dims / original K/V dims, 0 < r <= 1")
-    g.add_argument("--kv_rank_fractions", default=",".join(map(str, kv_compress.KV_RANK_FRACTIONS)),
-                   help="with --compress_kv_cache: candidate per-layer ranks as fractions of the K/V width")
-    g = p.add_argument_group("ACUR")
-    g.add_argument("--act_aware", action="store_true", help="choose columns/rows on W diag(s^alpha)")
-    g.add_argument("--alpha", type=float, default=0.5, help="exponent of the activation statistic")
-    g.add_argument("--scaling_method", default="abs_mean", choices=SCALING_METHODS)
-    g.add_argument("--method", default="acur", choices=list(registry.METHODS),
-                   help="acur: three-factor CUR (activation-aware with --act_aware); cur: plain CUR; svd / asvd "
-                        "(needs --act_aware) / wsvd (whitened by the input covariance): truncated SVD; rowid / "
-                        "colid: one-sided interpolative decompositions keeping actual rows / columns")
-    g.add_argument("--selection", default="topk", choices=registry.SELECTIONS,
-                   help="CUR picks: topk: deterministic top leverage; sample: Mahoney-Drineas sampling (seeded); "
-                        "deim: DEIM on the singular vectors")
-    g.add_argument("--u_mode", default="pinv", choices=registry.U_MODES,
-                   help="pinv: U = C+ W R+; act_weighted: U = C+ (WS)(RS)+; data_aware: U minimising the "
-                        "layer's output error on calibration inputs (input covariance)")
-    g.add_argument("--cov_damp", type=float, default=registry.DEFAULT_COV_DAMP,
-                   help="data-aware fits use Sigma + cov_damp * mean(diag Sigma) * I")
-    g.add_argument("--rank_align", type=int, default=1, help="round ranks down to a multiple of this")
-    g.add_argument("--compress_lm_head", action="store_true", help="also compress lm_head (tied on many models)")
-    g.add_argument("--layer_filter", default=None,
-                   help="regex: compress only linears whose full name matches (e.g. 'mlp|layers\\.[0-9]\\.')")
-    g = p.add_argument_group("calibration")
-    g.add_argument("--calib_dataset", default="wikitext2",
-                   help=f"one of {', '.join(datautils.DATASETS)} or text:PATH")
-    g.add_argument("--n_calib_samples", type=int, default=32)
-    g.add_argument("--calib_seqlen", type=int, default=2048)
-    g.add_argument("--calib_batch_size", type=int, default=4, help="samples per forward pass")
-    g.add_argument("--seed", type=int, default=233, help="seeds python random, numpy and torch")
-    g.add_argument("--use_bos", action="store_true", help="start every window with the BOS token")
-    g = p.add_argument_group("sensitivity")
-    g.add_argument("--sensitivity_metric", default="ppl", choices=sens.METRICS)
-    g.add_argument("--sensitivity_ratios", default=None,
-                   help="candidate per-layer parameter ratios, comma separated (default: "
-                        f"{','.join(map(str, sens.DEFAULT_RATIOS))}; fisher_error: 0.10 to 0.98 in steps of 0.02 where "
-                        "the loss curve comes from one factorization, else steps of 0.06)")
-    g.add_argument("--no_fast_sensitivity", action="store_true",
-                   help="straightforward full-model loop instead of the exact cached-block path")
-    g.add_argument("--compile_blocks", default="auto", choices=["auto", "on", "off"],
-                   help="run the ppl sensitivity's decoder blocks through torch.compile (auto: on CUDA); "
-                        "changes round-off only, falls back to eager with a warning if compiling fails")
-    g.add_argument("--use_cache", action="store_true", help="reuse/write caches under --cache_dir")
-    g.add_argument("--cache_dir", default=str(datautils.CACHE_DIR))
-    g = p.add_argument_group("quantization (simulated: quantize-dequantize, after CUR)")
-    g.add_argument("--weight_quant", default="none", choices=quantization.METHODS,
-                   help="round-to-nearest (rtn_) or activation-aware scale search (awq_, needs --act_aware) "
-                        "of C, U, R and the uncompressed decoder linears, asymmetric, b bits")
-    g.add_argument("--quant_group_size", type=int, default=0,
-                   help="input columns per quantization group; 0 = one group per output channel")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval_ppl", default="wikitext2,ptb",
-                   help="comma list of datasets for perplexity; empty or 'none' to skip")
-    g.add_argument("--eval_seqlen", type=int, default=2048, help="perplexity window length")
-    g.add_argument("--eval_max_windows", type=int, default=0, help="cap on windows per dataset (0 = all)")
-    g.add_argument("--eval_batch_size", type=int, default=1)
-    g.add_argument("--eval_dense", action="store_true", help="also evaluate the model before compression")
-    g = p.add_argument_group("accuracy (lm-eval 0.4 on the in-memory model; dense numbers: --raw_model)")
-    g.add_argument("--eval_mmlu", action="store_true",
-                   help="MMLU: the 57 subjects, 0-shot; results lm_eval.mmlu_mean = unweighted subject mean (ASVD)")
-    g.add_argument("--eval_tasks", default="",
-                   help="comma list of lm-eval tasks/groups (arc_easy,hellaswag,...); offline: bigbench_mc")
-    g.add_argument("--eval_limit", type=float, default=None,
-                   help="cap on examples per task (a fraction if < 1); for quick checks, not for reported numbers")
-    g.add_argument("--mc_task", default=None,
-                   help="BIG-bench JSON task behind the offline task bigbench_mc (default general_knowledge); "
-                        "giving it adds bigbench_mc to the tasks")
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default="output")
-    g.add_argument("--run_name", default=None, help="results file name (default: time, model, target)")
-    return p
-
-
-def parse_fractions(text: str, flag: str = "--sensitivity_ratios") -> list[float]:
-    """Sorted distinct numbers in (0, 1) from a comma list; UsageError naming `flag` otherwise."""
-    try:
-        values = sorted({float(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise UsageError(f"{flag} must be numbers, got {text!r}") from None
-    if not values or any(not 0 < v < 1 for v in values):
-        raise UsageError(f"{flag} must be in (0, 1), got {text!r}")
-    return values
-
-
-def parse_ratios(text: str) -> list[float]:
-    return parse_fractions(text, "--sensitivity_ratios")
-
-
-def sensitivity_ratios(args) -> list[float]:
-    """The candidate ratios: --sensitivity_ratios, else the metric's default grid."""
-    if args.sensitivity_ratios is not None:
-        return parse_ratios(args.sensitivity_ratios)
-    if args.sensitivity_metric == "fisher_error":
-        return list(sens.fisher_error_ratios(args.method))
-    return list(sens.DEFAULT_RATIOS)
-
-
-def eval_datasets(args) -> list[str]:
-    return [d.strip() for d in args.eval_ppl.split(",") if d.strip() and d.strip() != "none"]
-
-
-def validate_args(args) -> None:
-    """Cheap checks of every input, before anything is loaded. Raises UsageError."""
-    has_ratio, has_ppl = args.param_ratio_target != -1, args.ppl_target != -1
-    if has_ratio and not (0 < args.param_ratio_target <= 1) or math.isnan(args.param_ratio_target):
-        raise UsageError(f"--param_ratio_target must be in (0, 1], got {args.param_ratio_target}")
-    if has_ppl and not args.ppl_target > 0:
-        raise UsageError(f"--ppl_target must be > 0, got {args.ppl_target}")
-    validate_kv_args(args)
-    if not args.raw_model and not args.compress_kv_cache and has_ratio == has_ppl:
-        raise UsageError("give exactly one of --param_ratio_target and --ppl_target (or --raw_model)")
-    if not args.alpha >= 0:
-        raise UsageError(f"--alpha must be >= 0, got {args.alpha}")
-    for flag in ("n_calib_samples", "calib_seqlen", "calib_batch_size", "eval_seqlen",
-                 "eval_batch_size", "rank_align"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.calib_seqlen < 2 or args.eval_seqlen < 2:
-        raise UsageError("sequence lengths must be >= 2 (one predicted token)")
-    if args.eval_max_windows < 0:
-        raise UsageError(f"--eval_max_windows must be >= 0, got {args.eval_max_windows}")
-    sensitivity_ratios(args)
-    validate_method_args(args)
-    validate_quant_args(args)
-    if args.layer_filter is not None:
-        try:
-            re.compile(args.layer_filter)
-        except re.error as exc:
-            raise UsageError(f"--layer_filter is not a valid regex: {exc}") from None
-    for name in [args.calib_dataset] + eval_datasets(args):
-        try:
-            datautils.check_dataset_name(name)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-    validate_lm_eval_args(args)
-    model_id = args.model_id
-    if model_id not in datautils.OFFLINE_MODELS and not os.path.isdir(model_id):
-        looks_like_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
-        if looks_like_path or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", model_id):
-            raise UsageError(f"model not found: {model_id!r} is neither a local directory, an offline "
-                             f"alias ({', '.join(datautils.OFFLINE_MODELS)}) nor a hub id")
-
-
-def parse_kv_fractions(text: str) -> list[float]:
-    return parse_fractions(text, "--kv_rank_fractions")
-
-
-def validate_kv_args(args) -> None:
-    """KV-cache mode has its own target and candidates; a ppl target is refused, as in ASVD4LLM."""
-    if not args.compress_kv_cache:
-        if args.kv_cache_ratio_target != -1:
-            raise UsageError("--kv_cache_ratio_target needs --compress_kv_cache")
-        return
-    if args.ppl_target != -1:
-        raise UsageError("--ppl_target is not supported with --compress_kv_cache (as in ASVD4LLM); "
-                         "give --kv_cache_ratio_target")
-    if args.param_ratio_target != -1 or args.raw_model:
-        raise UsageError("--compress_kv_cache searches on --kv_cache_ratio_target; drop "
-                         + ("--raw_model" if args.raw_model else "--param_ratio_target"))
-    t = args.kv_cache_ratio_target
-    if t == -1:
-        raise UsageError("--compress_kv_cache needs --kv_cache_ratio_target (cached K/V dims / original, 0 < r <= 1)")
-    if not 0 < t <= 1:  # NaN fails too
-        raise UsageError(f"--kv_cache_ratio_target must be in (0, 1], got {t}")
-    if args.compress_lm_head:
-        raise UsageError("--compress_lm_head does not apply with --compress_kv_cache (only k_proj/v_proj are compressed)")
-    parse_kv_fractions(args.kv_rank_fractions)
-
-
-def validate_method_args(args) -> None:
-    if registry.get(args.method).scale == "required" and not args.act_aware:
-        raise UsageError(f"--method {args.method} scales by activations: add --act_aware")
-    if not args.cov_damp >= 0:
-        raise UsageError(f"--cov_damp must be >= 0, got {args.cov_damp}")
-    if args.method != "acur":
-        if args.compress_kv_cache:
-            raise UsageError(f"--compress_kv_cache builds CUR latents: it needs --method acur, not {args.method}")
-        if args.weight_quant != "none" and registry.get(args.method).form != "cur":
-            raise UsageError(f"--weight_quant quantizes CUR factors: not supported with --method {args.method}")
-    if args.compress_kv_cache and not registry.is_seed_cur("acur", args.selection, args.u_mode):
-        raise UsageError(f"--compress_kv_cache supports --selection {'/'.join(registry.SEED_SELECTIONS)} and "
-                         f"--u_mode {'/'.join(registry.SEED_U_MODES)}")
-
-
-def validate_quant_args(args) -> None:
-    try:
-        spec = quantization.parse_method(args.weight_quant, args.quant_group_size)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if spec is None:
-        if args.quant_group_size:
-            raise UsageError("--quant_group_size needs --weight_quant other than none")
-        return
-    if args.raw_model:
-        raise UsageError("--weight_quant quantizes a CUR-compressed model; it is not supported with --raw_model")
-    if spec.kind == "awq" and not (args.act_aware and args.scaling_method in quantization.AWQ_SCALINGS):
-        raise UsageError(f"--weight_quant {args.weight_quant} needs --act_aware with --scaling_method "
-                         f"{' or '.join(quantization.AWQ_SCALINGS)} (activation magnitudes)")
-
-
-# ---------------------------------------------------------------- model
-def resolve_model(args) -> tuple[str, dict]:
-    """Local path (or hub id) to load, and the fingerprint that keys every cache."""
-    if args.model_id in datautils.OFFLINE_MODELS:
-        path = str(datautils.offline_model_dir(args.model_id))
-    else:
-        path = os.path.expanduser(args.model_id)
-    fp = {"model": args.model_id, "revision": args.revision}
-    if os.path.isdir(path):
-        h = hashlib.sha256()
-        for f in sorted(Path(path).iterdir()):
-            if f.name == "config.json":
-                h.update(f.read_bytes())
-            elif f.suffix in (".safetensors", ".bin", ".json") or f.name.endswith(".index.json"):
-                st = f.stat()
-                h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-        fp["files"] = h.hexdigest()[:16]
-    return path, fp
-
-
-def init_distributed(args) -> int:
-    """Under torchrun / accelerate launch (WORLD_SIZE > 1) join the process group (nccl on GPU, gloo
-    on CPU) so the ppl sensitivity is split over the ranks. Returns this process's rank (0 alone)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        on_gpu = torch.cuda.is_available() and (args.device == "auto" or args.device.startswith("cuda"))
-        if on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if on_gpu else "gloo")
-    return dist.get_rank()
-
-
-def pick_device_dtype(args) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if args.device == "auto" else args.device))
-    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
-    if args.dtype == "auto":
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
-    return dev, dtype
-
-
-def load_model(args):
-    """(model, tokenizer, fingerprint). Clear one-line errors for a missing model or a too-long window."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    path, fp = resolve_model(args)
-    on_hub = not os.path.isdir(path)
-    try:
-        if on_hub:
-            datautils.check_hub_reachable(f"model {args.model_id!r}")
-        config = AutoConfig.from_pretrained(path, revision=args.revision)
-    except datautils.HubUnreachable as exc:
-        raise UsageError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"model not found or hub unreachable: {args.model_id!r} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-                         + (f"; {datautils.offline_hint()}" if on_hub else "")) from None
-    max_pos = getattr(config, "max_position_embeddings", None)
-    for flag in ("calib_seqlen", "eval_seqlen"):
-        if max_pos and getattr(args, flag) > max_pos:
-            raise UsageError(f"--{flag} {getattr(args, flag)} exceeds the model's context of {max_pos} tokens")
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
-    check_user_texts(args, tokenizer)
-    device, dtype = pick_device_dtype(args)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=args.revision, dtype=dtype,
-                                                 device_map=str(device) if device.type == "cuda" else None)
-    model.to(device).eval()
-    model.config.use_cache = False
-    fp["commit"] = getattr(config, "_commit_hash", None)
-    fp["dtype"] = str(dtype)
-    return model, tokenizer, fp
-
-
-def fetch_texts(args) -> None:
-    """Fetch every dataset the run needs before any heavy work, so a missing dataset (no hub access)
-    fails in seconds instead of after a long compression."""
-    needed = [] if args.raw_model or args.calib_dataset in datautils.GENERATED_DATASETS else \
-        [(args.calib_dataset, "train")]  # selfgen text is written by the model later
-    for name, split in needed + [(d, "test") for d in eval_datasets(args)]:
-        try:
-            datautils.get_text(name, split)
-        except datautils.HubUnreachable as exc:
-            raise UsageError(str(exc)) from None
-        except Exception as exc:  # any failure to fetch: hub down, file unreadable, bad format
-            hint = f"; {datautils.offline_hint()}" if name in datautils.HUB_DATASETS else ""
-            raise UsageError(f"dataset {name} ({split}) unavailable: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}{hint}") from None
-
-
-def check_user_texts(args, tokenizer) -> None:
-    """A user's text file must hold at least one window (checked before the weights load)."""
-    for name, seqlen in [(args.calib_dataset, args.calib_seqlen)] + [(d, args.eval_seqlen) for d in eval_datasets(args)]:
-        if name.startswith("text:"):
-            n = datautils.token_ids(name, "test", tokenizer).numel()
-            if n <= seqlen:
-                raise UsageError(f"{name} has {n} tokens, fewer than one window of {seqlen}")
-
-
 # ---------------------------------------------------------------- stages
 def select_linears(model, args) -> list[LinearInfo]:
     """The linears this run compresses: decoder-block linears (lm_head on request), optionally filtered."""
@@ -418,43 +75,6 @@ def select_linears(model, args) -> list[LinearInfo]:
         if not linears:
             raise UsageError(f"--layer_filter {args.layer_filter!r} matches no linear layer")
     return linears
-
-
-def check_rank_align(linears: list[LinearInfo], args) -> None:
-    """UsageError when --rank_align exceeds the largest rank any compressed layer can take (at most its
-    smallest dimension): the alignment could apply nowhere, the run would silently ignore it."""
-    if args.rank_align == 1 or not linears:
-        return
-    kv = getattr(args, "compress_kv_cache", False)
-
-    def top_rank(info: LinearInfo) -> int:
-        m, n = info.module.weight.shape
-        return min(m, n) if kv else registry.get(args.method).rank(m, n, 1.0, 1)
-    best = max(linears, key=top_rank)
-    if args.rank_align > top_rank(best):
-        raise UsageError(f"--rank_align {args.rank_align} exceeds every compressed layer's largest possible "
-                         f"rank (at most {top_rank(best)}, in {best.name} of shape "
-                         f"{tuple(best.module.weight.shape)}): it could never apply")
-
-
-def rank_align_warning(report: dict[str, dict], rank_align: int) -> str | None:
-    """Compressed layers whose rank budget was below --rank_align got an unaligned rank: say how many."""
-    ranks = {k: v["rank"] for k, v in report.items() if v["rank"] is not None}
-    off = sorted(k for k, r in ranks.items() if r % rank_align)
-    if rank_align == 1 or not off:
-        return None
-    return (f"--rank_align {rank_align} not honoured in {len(off)} of {len(ranks)} compressed layers (their "
-            f"rank budget is below it, e.g. {off[0]} got rank {ranks[off[0]]}): those ranks are unaligned")
-
-
-def cur_settings(args) -> dict:
-    return dict(rank_align=args.rank_align, selection=args.selection, u_mode=args.u_mode)
-
-
-def method_settings(args) -> dict:
-    """What modules.low_rank_linear.compress_linear needs besides the layer, its ratio, scale and covariance."""
-    return dict(method=getattr(args, "method", "acur"), cov_damp=getattr(args, "cov_damp", 0.01),
-                **cur_settings(args))
 
 
 def layer_scale(scales: dict | None, name: str):
@@ -511,14 +131,6 @@ def layer_stats(linears: list[LinearInfo], scales: dict | None, covs: dict | Non
                                row_weight=layer_scale(fisher, i.name), n_tokens=n_tokens) for i in linears}
 
 
-def needs_covariance(args) -> bool:
-    return registry.get(args.method).needs_covariance(args.u_mode) or args.sensitivity_metric == "fisher_error"
-
-
-def needs_fisher(args) -> bool:
-    return registry.get(args.method).fisher or args.sensitivity_metric == "fisher_error"
-
-
 def restore_model(linears: list[LinearInfo], originals: dict) -> None:
     for info in linears:
         replace_module(info, originals[info.name])
@@ -542,20 +154,9 @@ def cache_key(args, fp: dict, kind: str, linears: list[LinearInfo]) -> dict:
 
 
 def cached_layer_tensors(kind: str, key: dict, args, linears, label: str, compute: Callable[[], dict]) -> dict:
-    """Per-layer tensors from cache/ when --use_cache holds every layer's for this key; else computed
-    (and saved under the key)."""
-    path = datautils.cache_path(kind, key, args.cache_dir)
-    if args.use_cache:
-        cached = datautils.load_tensor_cache(path, key)
-        if cached is not None and set(cached) >= {i.name for i in linears}:
-            print(f"[acur] {label} from cache {path}")
-            _RUN_STATE["saved"][kind] = f"{label} in {path}"
-            return cached
-    result = compute()
-    if args.use_cache:
-        datautils.save_tensor_cache(path, key, result)
-        _RUN_STATE["saved"][kind] = f"{label} in {path}"
-    return result
+    """datautils.cached_layer_tensors under --use_cache / --cache_dir; what it saves enters the interrupt report."""
+    return datautils.cached_layer_tensors(kind, key, [i.name for i in linears], label, compute, args.use_cache,
+                                          args.cache_dir, _RUN_STATE["saved"])
 
 
 def stage_scales(model, linears, calib_ids, args, fp) -> dict | None:
@@ -625,35 +226,14 @@ def sensitivity_table(model, linears, calib_ids, scales, args, fp, covs: dict | 
 
     ratios = sensitivity_ratios(args)
     if kv_mode:  # candidates are rank fractions of the K/V width
-        fractions = parse_kv_fractions(args.kv_rank_fractions)
-        if args.sensitivity_metric == "ppl":
-            table = kv_compress.kv_sensitivity_ppl(model, linears, calib_ids, fractions, scales, args.alpha,
-                                                   cur_settings(args), args.calib_batch_size, done, save)
-        elif args.sensitivity_metric == "spectral":
-            table = kv_compress.kv_sensitivity_spectral(linears, fractions, scales, args.alpha, args.rank_align,
-                                                        done, save)
-        elif args.sensitivity_metric == "fisher_error":
-            table = kv_compress.kv_sensitivity_fisher_error(linears, fractions, stats, args.alpha, cur_settings(args),
-                                                            done, save)
-        elif args.sensitivity_metric == "stable_rank":
-            table = kv_compress.kv_sensitivity_stable_rank(linears, fractions, scales, args.alpha, done, save)
-        else:
-            raise UsageError(f"--sensitivity_metric {args.sensitivity_metric} has no KV-mode form "
-                             "(use ppl, spectral or stable_rank)")
-    elif args.sensitivity_metric == "fisher_error":
-        table = sens.sensitivity_fisher_error(linears, ratios, stats, args.alpha, method_settings(args),
-                                              done=done, on_progress=save)
-    elif args.sensitivity_metric == "ppl":
-        table = sens.sensitivity_ppl(model, linears, calib_ids, ratios, scales, args.alpha,
-                                     method_settings(args), args.calib_batch_size,
-                                     fast=not args.no_fast_sensitivity, done=done, on_progress=save, covs=covs,
-                                     compile_blocks={"auto": None, "on": True, "off": False}[args.compile_blocks],
-                                     stats=stats)
-    elif args.sensitivity_metric == "spectral":
-        table = sens.sensitivity_spectral(linears, ratios, scales, args.alpha, args.rank_align, done=done,
-                                          on_progress=save, method=args.method)
+        table = kv_compress.kv_sensitivity(args.sensitivity_metric, model, linears, calib_ids,
+                                           parse_kv_fractions(args.kv_rank_fractions), scales, stats, args.alpha,
+                                           cur_settings(args), args.calib_batch_size, done, save)
     else:
-        table = sens.sensitivity_stable_rank(linears, ratios, scales, args.alpha, done=done, on_progress=save)
+        table = sens.sensitivity_table(args.sensitivity_metric, model, linears, calib_ids, ratios, scales, args.alpha,
+                                       method_settings(args), args.calib_batch_size, fast=not args.no_fast_sensitivity,
+                                       compile_blocks={"auto": None, "on": True, "off": False}[args.compile_blocks],
+                                       covs=covs, stats=stats, done=done, on_progress=save)
     info["computed"] = len(table) - info["from_cache"]
     return table, info
 
@@ -703,41 +283,6 @@ def stage_eval(model, tokenizer, args, label: str) -> dict[str, float]:
     return out
 
 
-def lm_eval_tasks(args) -> list[str]:
-    """lm-eval tasks of this run: --eval_tasks, plus mmlu (--eval_mmlu) and bigbench_mc (--mc_task)."""
-    tasks = [t.strip() for t in (getattr(args, "eval_tasks", "") or "").split(",") if t.strip()]
-    extra = ([evaluate_utils.MMLU_GROUP] if getattr(args, "eval_mmlu", False) else []) + \
-        (["bigbench_mc"] if getattr(args, "mc_task", None) else [])
-    return list(dict.fromkeys(tasks + extra))
-
-
-def validate_lm_eval_args(args) -> None:
-    """Unknown task names, a bad --eval_limit or a non-multiple-choice --mc_task fail before any heavy work."""
-    if "selfgen" in eval_datasets(args):
-        raise UsageError("selfgen is calibration data only; evaluate perplexity on another text")
-    limit = getattr(args, "eval_limit", None)
-    if limit is not None and not limit > 0:
-        raise UsageError(f"--eval_limit must be > 0, got {limit}")
-    tasks = lm_eval_tasks(args)
-    if not tasks:
-        return
-    if getattr(args, "mc_task", None):
-        if not re.fullmatch(r"\w+", args.mc_task):
-            raise UsageError(f"--mc_task must be a BIG-bench task name, got {args.mc_task!r}")
-        try:
-            datautils.bigbench_mc_docs(args.mc_task)
-        except (ValueError, FileNotFoundError, KeyError) as exc:
-            raise UsageError(f"--mc_task {args.mc_task}: {exc}") from None
-    try:
-        evaluate_utils.check_lm_tasks(tasks, lm_task_metadata(args))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def lm_task_metadata(args) -> dict:
-    return evaluate_utils.lm_task_metadata(getattr(args, "mc_task", None), args.seed)
-
-
 def stage_eval_lm(model, tokenizer, args) -> tuple[dict, dict]:
     """({task: acc, ..., "<group>_mean": ..}, details) of the in-memory model through lm-eval's HFLM."""
     out = evaluate_utils.evaluate_lm_tasks(model, tokenizer, lm_eval_tasks(args), limit=args.eval_limit,
@@ -754,98 +299,9 @@ def prepare_selfgen(model, tokenizer, args, fp) -> tuple[str, dict]:
                                               args.calib_batch_size, args.cache_dir if args.use_cache else None, fp)
 
 
-def summarize_params(report: dict) -> dict:
-    dense = sum(r["params_dense"] for r in report.values())
-    kept = sum(r["params"] for r in report.values())
-    return {"compressed_linears_dense": dense, "compressed_linears_kept": kept,
-            "reached": kept / dense if dense else 1.0}
-
-
 def stage_kv_cache(model, args) -> dict:
     """KV-cache mode: switch attention to the low-rank cache; report what it holds per token."""
-    blocks = kv_cache.enable_lowrank_kv_cache(model)
-    b = kv_compress.kv_bytes_per_token(model)
-    return {"ratio_target": args.kv_cache_ratio_target, "reached": b["ratio"], "dims_dense": b["dims_dense"],
-            "dims_cached": b["dims_cached"], "bytes_per_token_dense": b["dense"],
-            "bytes_per_token_compressed": b["compressed"], "bytes_per_token_positions": b["positions"],
-            "dtype": b["dtype"], "lowrank_blocks": len(blocks), "format": kv_cache.LOWRANK_KV_FORMAT}
-
-
-def check_ppl_target(target: float, dense_calib: float, dataset: str) -> None:
-    """UsageError (before sensitivity) for a --ppl_target below the dense model's own calibration
-    perplexity: every candidate the search tries removes parameters from the dense model, so such a
-    target asks for a compressed model better than the full one; the search would only end with
-    nothing compressed. Costs one forward pass over the calibration windows."""
-    if not dense_calib <= target:  # NaN too
-        raise UsageError(f"--ppl_target {target} cannot be reached: the dense model's own calibration "
-                         f"perplexity on {dataset} is {dense_calib:.4g}; give a target above it")
-
-
-def nothing_compressed(report: dict[str, dict], trace: list[dict], args) -> dict | None:
-    """A flag (with the reason) when the search kept every layer dense: the perplexities that follow
-    are the dense model's, and must not pass for a compressed one."""
-    if any(r["rank"] is not None for r in report.values()):
-        return None
-    if args.ppl_target != -1:
-        tried = [t for t in trace if t["ppl"] == t["ppl"]]
-        mild = max(tried, key=lambda t: t["cut"]) if tried else None
-        reason = (f"--ppl_target {args.ppl_target} is unreachable: the mildest compression tried (cut "
-                  f"{mild['cut']}) gave calibration perplexity {mild['ppl']:.4g}" if mild else
-                  f"--ppl_target {args.ppl_target} is unreachable: every compression tried gave NaN perplexity")
-    else:
-        reason = "no layer was compressed (the target keeps every layer dense)"
-    return {"reason": reason, "ppl_target": args.ppl_target if args.ppl_target != -1 else None}
-
-
-BROKEN_FACTOR = 10.0     # compressed ppl above 10x the dense reference: broken
-BROKEN_ABSOLUTE = 1e4    # without a dense reference: broken above this perplexity
-
-
-def broken_result(results: dict, args) -> dict | None:
-    """The broken-result flag of a compressed run, or None: some perplexity is non-finite or far above
-    dense. Reference: the dense perplexity of the same text (--eval_dense), else the dense calibration
-    perplexity (measured in --ppl_target runs), else only the non-finite / absolute check.
-
-    Thresholds: > 10x the reference is ln(10) = 2.3 nats more loss per token, while usable low-rank
-    compressions stay within ~1.1-3x of dense (ASVD, SVD-LLM tables): a 10x model has stopped modelling
-    text, it is never a trade-off worth reporting as one. > 1e4 without a reference: no working LM scores
-    that on natural text (9.2 nats a token, about uniform guessing over 10,000 tokens)."""
-    ppl = results.get("ppl", {})
-    dense, calib = ppl.get("dense", {}), results.get("ppl_calibration", {})
-    measured = [(f"{ds} perplexity", v, dense.get(ds, calib.get("dense")),
-                 "dense" if ds in dense else "dense calibration")
-                for ds, v in ppl.get("compressed", {}).items()]
-    if "compressed" in calib:
-        measured.append(("calibration perplexity", calib["compressed"], calib.get("dense"), "dense calibration"))
-    bad = []
-    for what, v, ref, ref_kind in measured:
-        if not math.isfinite(v):
-            bad.append({"metric": what, "ppl": v, "reference": ref, "why": "non-finite"})
-        elif ref is not None and math.isfinite(ref) and v > BROKEN_FACTOR * ref:
-            bad.append({"metric": what, "ppl": v, "reference": ref,
-                        "why": f"{v / ref:,.0f}x the {ref_kind} perplexity {ref:.4g}"})
-        elif (ref is None or not math.isfinite(ref)) and v > BROKEN_ABSOLUTE:
-            bad.append({"metric": what, "ppl": v, "reference": None, "why": f"above {BROKEN_ABSOLUTE:g}"})
-    if not bad:
-        return None
-    layers = {k: v for k, v in results.get("layers", {}).items() if v["rank"] is not None}
-    low = min(layers, key=lambda k: layers[k]["ratio"]) if layers else None
-    cause = [f"--method {args.method}", f"--sensitivity_metric {args.sensitivity_metric}"
-             + (" (a heuristic; ppl is the ASVD protocol)" if args.sensitivity_metric != "ppl" else "")]
-    if low:
-        cause.append(f"lowest layer ratio {layers[low]['ratio']:.3g} ({low}, rank {layers[low]['rank']})")
-    cause.append(f"reached param ratio {results.get('param_ratio', {}).get('reached', 1.0):.4f}")
-    if results.get("fallbacks"):
-        cause.append(f"{len(results['fallbacks'])} layers took fallbacks")
-    if args.weight_quant != "none":
-        cause.append(f"--weight_quant {args.weight_quant}")
-    summary = ("compressed model looks BROKEN: " + "; ".join(f"{b['metric']} {b['ppl']:.4g} ({b['why']})" for b in bad)
-               + "; likely cause: " + ", ".join(cause)
-               + "; try a larger target, --sensitivity_metric ppl or another --method")
-    return {"checks": bad, "method": args.method, "sensitivity_metric": args.sensitivity_metric,
-            "lowest_layer_ratio": layers[low]["ratio"] if low else None, "lowest_layer": low,
-            "threshold": f">{BROKEN_FACTOR:g}x dense, or >{BROKEN_ABSOLUTE:g} without a dense reference, or non-finite",
-            "summary": summary}
+    return kv_compress.enable_kv_cache(model, args.kv_cache_ratio_target)
 
 
 def write_results(results: dict, args) -> Path:

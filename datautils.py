@@ -1,4 +1,4 @@
-"""Text for calibration and evaluation, and the offline model.
+"""Where a run's inputs come from: text for calibration and evaluation, the model, and the caches.
 
 Datasets:
   wikitext2, ptb, c4   -- the Hugging Face hub datasets ASVD4LLM used (need the hub).
@@ -12,6 +12,7 @@ text under the download cache ($CUR4LLM_HOME, default ~/.cache/cur4llm), which o
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -27,6 +28,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -443,8 +445,138 @@ def offline_model_dir(alias: str) -> Path:
     return out
 
 
+# ---------------------------------------------------------------- the model a run loads, and its inputs checked first
+class UsageError(ValueError):
+    """Bad input found before any heavy work: acur.py reports it as one line, exit code 2."""
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, dict]:
+    """Local path (or hub id) to load, and the fingerprint that keys every cache."""
+    if args.model_id in OFFLINE_MODELS:
+        path = str(offline_model_dir(args.model_id))
+    else:
+        path = os.path.expanduser(args.model_id)
+    fp = {"model": args.model_id, "revision": args.revision}
+    if os.path.isdir(path):
+        h = hashlib.sha256()
+        for f in sorted(Path(path).iterdir()):
+            if f.name == "config.json":
+                h.update(f.read_bytes())
+            elif f.suffix in (".safetensors", ".bin", ".json") or f.name.endswith(".index.json"):
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+        fp["files"] = h.hexdigest()[:16]
+    return path, fp
+
+
+def pick_device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """--device / --dtype resolved: one GPU per rank under torchrun; float16 on CUDA, float32 on CPU."""
+    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if args.device == "auto" else args.device))
+    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
+    if args.dtype == "auto":
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    return dev, dtype
+
+
+def init_distributed(args: argparse.Namespace) -> int:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1) join the process group (nccl on GPU, gloo
+    on CPU) so the ppl sensitivity is split over the ranks. Returns this process's rank (0 alone)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        on_gpu = torch.cuda.is_available() and (args.device == "auto" or args.device.startswith("cuda"))
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    return dist.get_rank()
+
+
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, object, dict]:
+    """(model, tokenizer, fingerprint). Clear one-line errors for a missing model or a too-long window."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    path, fp = resolve_model(args)
+    on_hub = not os.path.isdir(path)
+    try:
+        if on_hub:
+            check_hub_reachable(f"model {args.model_id!r}")
+        config = AutoConfig.from_pretrained(path, revision=args.revision)
+    except HubUnreachable as exc:
+        raise UsageError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"model not found or hub unreachable: {args.model_id!r} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                         + (f"; {offline_hint()}" if on_hub else "")) from None
+    max_pos = getattr(config, "max_position_embeddings", None)
+    for flag in ("calib_seqlen", "eval_seqlen"):
+        if max_pos and getattr(args, flag) > max_pos:
+            raise UsageError(f"--{flag} {getattr(args, flag)} exceeds the model's context of {max_pos} tokens")
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
+    check_user_texts(args, tokenizer)
+    device, dtype = pick_device_dtype(args)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=args.revision, dtype=dtype,
+                                                 device_map=str(device) if device.type == "cuda" else None)
+    model.to(device).eval()
+    model.config.use_cache = False
+    fp["commit"] = getattr(config, "_commit_hash", None)
+    fp["dtype"] = str(dtype)
+    return model, tokenizer, fp
+
+
+def eval_datasets(args: argparse.Namespace) -> list[str]:
+    """The perplexity datasets of --eval_ppl (empty or 'none': none)."""
+    return [d.strip() for d in args.eval_ppl.split(",") if d.strip() and d.strip() != "none"]
+
+
+def fetch_texts(args: argparse.Namespace) -> None:
+    """Fetch every dataset the run needs before any heavy work, so a missing dataset (no hub access)
+    fails in seconds instead of after a long compression."""
+    needed = [] if args.raw_model or args.calib_dataset in GENERATED_DATASETS else \
+        [(args.calib_dataset, "train")]  # selfgen text is written by the model later
+    for name, split in needed + [(d, "test") for d in eval_datasets(args)]:
+        try:
+            get_text(name, split)
+        except HubUnreachable as exc:
+            raise UsageError(str(exc)) from None
+        except Exception as exc:  # any failure to fetch: hub down, file unreadable, bad format
+            hint = f"; {offline_hint()}" if name in HUB_DATASETS else ""
+            raise UsageError(f"dataset {name} ({split}) unavailable: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}{hint}") from None
+
+
+def check_user_texts(args: argparse.Namespace, tokenizer) -> None:
+    """A user's text file must hold at least one window (checked before the weights load)."""
+    for name, seqlen in [(args.calib_dataset, args.calib_seqlen)] + [(d, args.eval_seqlen) for d in eval_datasets(args)]:
+        if name.startswith("text:"):
+            n = token_ids(name, "test", tokenizer).numel()
+            if n <= seqlen:
+                raise UsageError(f"{name} has {n} tokens, fewer than one window of {seqlen}")
+
+
 # ---------------------------------------------------------------- caches under cache/
 CACHE_DIR = Path(__file__).resolve().parent / "cache"
+
+
+# the sources that fill each cache: a change to any of them changes the key, so a cache is never
+# reused across code that would compute something else (no version number to forget to bump)
+CACHE_SOURCES = {
+    "statistics": ("act_aware_utils.py", "modules/model_utils.py"),
+    "sensitivity": ("act_aware_utils.py", "sensitivity.py", "evaluate_utils.py", "kv_compress.py",
+                    "modules/model_utils.py", "modules/registry.py", "modules/cur_math.py",
+                    "modules/decompositions.py", "modules/low_rank_linear.py", "modules/cur_linear.py"),
+}
+
+
+def code_digest(kind: str) -> str:
+    """sha256 (16 hex) of the sources that fill a cache of this kind."""
+    h = hashlib.sha256()
+    for rel in CACHE_SOURCES["sensitivity" if kind == "sensitivity" else "statistics"]:
+        h.update(rel.encode() + b"\0" + (Path(__file__).resolve().parent / rel).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def cache_path(kind: str, key: dict, cache_dir: str | Path | None = None, suffix: str = ".pt") -> Path:
@@ -483,6 +615,24 @@ def load_tensor_cache(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
     except Exception as exc:  # corrupt, truncated, foreign: recompute, never trust
         print(f"WARNING: ignoring cache {path.name}: {type(exc).__name__}: {exc}; recomputing")
         return None
+
+
+def cached_layer_tensors(kind: str, key: dict, names: list[str], label: str, compute: Callable[[], dict],
+                         use_cache: bool, cache_dir: str | Path | None, saved: dict) -> dict:
+    """Per-layer tensors from the cache when use_cache and its file under `key` holds every layer in `names`;
+    else computed (and saved under the key). saved[kind] records what is on disk, for an interrupt's report."""
+    path = cache_path(kind, key, cache_dir)
+    if use_cache:
+        cached = load_tensor_cache(path, key)
+        if cached is not None and set(cached) >= set(names):
+            print(f"[acur] {label} from cache {path}")
+            saved[kind] = f"{label} in {path}"
+            return cached
+    result = compute()
+    if use_cache:
+        save_tensor_cache(path, key, result)
+        saved[kind] = f"{label} in {path}"
+    return result
 
 
 @contextlib.contextmanager

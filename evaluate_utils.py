@@ -1,7 +1,10 @@
 """Perplexity by the ASVD4LLM protocol: test text joined with "\\n\\n", tokenised once, cut into
-non-overlapping windows of `seqlen` tokens, perplexity = exp(mean token NLL over the windows)."""
+non-overlapping windows of `seqlen` tokens, perplexity = exp(mean token NLL over the windows).
+Also lm-eval accuracy on the in-memory model, and the checks of a finished run's results (nothing
+compressed, broken perplexities) that keep a bad number from passing for a result."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -199,3 +202,90 @@ def evaluate_lm_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: floa
     for w in out["warnings"]:
         print(f"WARNING: lm-eval: {w}")
     return out
+
+
+# ---------------------------------------------------------------- checks of a finished run's results
+def summarize_params(report: dict) -> dict:
+    """Dense and kept parameters of the compressed linears (a compress_model report), and their ratio."""
+    dense = sum(r["params_dense"] for r in report.values())
+    kept = sum(r["params"] for r in report.values())
+    return {"compressed_linears_dense": dense, "compressed_linears_kept": kept,
+            "reached": kept / dense if dense else 1.0}
+
+
+def rank_align_warning(report: dict[str, dict], rank_align: int) -> str | None:
+    """Compressed layers whose rank budget was below --rank_align got an unaligned rank: say how many."""
+    ranks = {k: v["rank"] for k, v in report.items() if v["rank"] is not None}
+    off = sorted(k for k, r in ranks.items() if r % rank_align)
+    if rank_align == 1 or not off:
+        return None
+    return (f"--rank_align {rank_align} not honoured in {len(off)} of {len(ranks)} compressed layers (their "
+            f"rank budget is below it, e.g. {off[0]} got rank {ranks[off[0]]}): those ranks are unaligned")
+
+
+def nothing_compressed(report: dict[str, dict], trace: list[dict], args: argparse.Namespace) -> dict | None:
+    """A flag (with the reason) when the search kept every layer dense: the perplexities that follow
+    are the dense model's, and must not pass for a compressed one."""
+    if any(r["rank"] is not None for r in report.values()):
+        return None
+    if args.ppl_target != -1:
+        tried = [t for t in trace if t["ppl"] == t["ppl"]]
+        mild = max(tried, key=lambda t: t["cut"]) if tried else None
+        reason = (f"--ppl_target {args.ppl_target} is unreachable: the mildest compression tried (cut "
+                  f"{mild['cut']}) gave calibration perplexity {mild['ppl']:.4g}" if mild else
+                  f"--ppl_target {args.ppl_target} is unreachable: every compression tried gave NaN perplexity")
+    else:
+        reason = "no layer was compressed (the target keeps every layer dense)"
+    return {"reason": reason, "ppl_target": args.ppl_target if args.ppl_target != -1 else None}
+
+
+BROKEN_FACTOR = 10.0     # compressed ppl above 10x the dense reference: broken
+BROKEN_ABSOLUTE = 1e4    # without a dense reference: broken above this perplexity
+
+
+def broken_result(results: dict, args: argparse.Namespace) -> dict | None:
+    """The broken-result flag of a compressed run, or None: some perplexity is non-finite or far above
+    dense. Reference: the dense perplexity of the same text (--eval_dense), else the dense calibration
+    perplexity (measured in --ppl_target runs), else only the non-finite / absolute check.
+
+    Thresholds: > 10x the reference is ln(10) = 2.3 nats more loss per token, while usable low-rank
+    compressions stay within ~1.1-3x of dense (ASVD, SVD-LLM tables): a 10x model has stopped modelling
+    text, it is never a trade-off worth reporting as one. > 1e4 without a reference: no working LM scores
+    that on natural text (9.2 nats a token, about uniform guessing over 10,000 tokens)."""
+    ppl = results.get("ppl", {})
+    dense, calib = ppl.get("dense", {}), results.get("ppl_calibration", {})
+    measured = [(f"{ds} perplexity", v, dense.get(ds, calib.get("dense")),
+                 "dense" if ds in dense else "dense calibration")
+                for ds, v in ppl.get("compressed", {}).items()]
+    if "compressed" in calib:
+        measured.append(("calibration perplexity", calib["compressed"], calib.get("dense"), "dense calibration"))
+    bad = []
+    for what, v, ref, ref_kind in measured:
+        if not math.isfinite(v):
+            bad.append({"metric": what, "ppl": v, "reference": ref, "why": "non-finite"})
+        elif ref is not None and math.isfinite(ref) and v > BROKEN_FACTOR * ref:
+            bad.append({"metric": what, "ppl": v, "reference": ref,
+                        "why": f"{v / ref:,.0f}x the {ref_kind} perplexity {ref:.4g}"})
+        elif (ref is None or not math.isfinite(ref)) and v > BROKEN_ABSOLUTE:
+            bad.append({"metric": what, "ppl": v, "reference": None, "why": f"above {BROKEN_ABSOLUTE:g}"})
+    if not bad:
+        return None
+    layers = {k: v for k, v in results.get("layers", {}).items() if v["rank"] is not None}
+    low = min(layers, key=lambda k: layers[k]["ratio"]) if layers else None
+    cause = [f"--method {args.method}", f"--sensitivity_metric {args.sensitivity_metric}"
+             + (" (a heuristic; ppl is the ASVD protocol)" if args.sensitivity_metric != "ppl" else "")]
+    if low:
+        cause.append(f"lowest layer ratio {layers[low]['ratio']:.3g} ({low}, rank {layers[low]['rank']})")
+    cause.append(f"reached param ratio {results.get('param_ratio', {}).get('reached', 1.0):.4f}")
+    if results.get("fallbacks"):
+        cause.append(f"{len(results['fallbacks'])} layers took fallbacks")
+    if args.weight_quant != "none":
+        cause.append(f"--weight_quant {args.weight_quant}")
+    summary = ("compressed model looks BROKEN: " + "; ".join(f"{b['metric']} {b['ppl']:.4g} ({b['why']})" for b in bad)
+               + "; likely cause: " + ", ".join(cause)
+               + "; try a larger target, --sensitivity_metric ppl or another --method")
+    return {"checks": bad, "method": args.method, "sensitivity_metric": args.sensitivity_metric,
+            "lowest_layer_ratio": layers[low]["ratio"] if low else None, "lowest_layer": low,
+            "threshold": f">{BROKEN_FACTOR:g}x dense, or >{BROKEN_ABSOLUTE:g} without a dense reference, or non-finite",
+            "summary": summary}
+

@@ -14,10 +14,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import sensitivity as sens
+from datautils import UsageError
 from evaluate_utils import perplexity_of_windows
 from modules.cur_linear import CURLinear
 from modules.cur_math import cur_decompose, safe_svd, scaled_weight
-from modules.kv_cache import LowRankKVAttention, decoder_layers_and_rotary, latent_factors
+from modules.kv_cache import (LOWRANK_KV_FORMAT, LowRankKVAttention, decoder_layers_and_rotary,
+                               enable_lowrank_kv_cache, latent_factors)
 from modules.kv_ranks import KV_PROJ_NAMES, KV_RANK_FRACTIONS, is_kv_linear, kv_cached_dims, kv_rank  # noqa: F401
 from modules.model_utils import replace_module
 
@@ -110,6 +112,22 @@ def kv_sensitivity_fisher_error(linears: list, fractions: list[float], stats: di
             on_progress(results)
     return results
 
+def kv_sensitivity(metric: str, model: nn.Module, linears: list, calib_ids: torch.Tensor, fractions: list[float],
+                   scales: dict | None, stats: dict | None, alpha: float, cur_kwargs: dict, batch_size: int = 4,
+                   done: dict | None = None, on_progress=None) -> dict[str, dict[str, float]]:
+    """The KV-mode table of one --sensitivity_metric over rank fractions of the K/V width. cur_kwargs: the
+    CUR options (rank_align, selection, u_mode)."""
+    if metric == "ppl":
+        return kv_sensitivity_ppl(model, linears, calib_ids, fractions, scales, alpha, cur_kwargs, batch_size,
+                                  done, on_progress)
+    if metric == "spectral":
+        return kv_sensitivity_spectral(linears, fractions, scales, alpha, cur_kwargs["rank_align"], done, on_progress)
+    if metric == "fisher_error":
+        return kv_sensitivity_fisher_error(linears, fractions, stats, alpha, cur_kwargs, done, on_progress)
+    if metric == "stable_rank":
+        return kv_sensitivity_stable_rank(linears, fractions, scales, alpha, done, on_progress)
+    raise UsageError(f"--sensitivity_metric {metric} has no KV-mode form (use ppl, spectral or stable_rank)")
+
 def _cur_at_rank(linear: nn.Linear, rank: int, scale, alpha: float, cur_kwargs: dict, svd=None,
                  generator: torch.Generator | None = None) -> CURLinear:
     W = linear.weight.data
@@ -173,3 +191,12 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> di
     dense, cached = dims_dense * elt, dims_cached * elt + pos
     return {"dense": dense, "compressed": cached, "positions": pos, "dims_dense": dims_dense,
             "dims_cached": dims_cached, "ratio": dims_cached / dims_dense, "dtype": str(dtype).replace("torch.", "")}
+
+def enable_kv_cache(model: nn.Module, ratio_target: float) -> dict:
+    """Switch attention to the low-rank cache (modules/kv_cache.py); report what it holds per token."""
+    blocks = enable_lowrank_kv_cache(model)
+    b = kv_bytes_per_token(model)
+    return {"ratio_target": ratio_target, "reached": b["ratio"], "dims_dense": b["dims_dense"],
+            "dims_cached": b["dims_cached"], "bytes_per_token_dense": b["dense"],
+            "bytes_per_token_compressed": b["compressed"], "bytes_per_token_positions": b["positions"],
+            "dtype": b["dtype"], "lowrank_blocks": len(blocks), "format": LOWRANK_KV_FORMAT}

@@ -418,3 +418,22 @@ def sensitivity_fisher_error(linears: list[LinearInfo], ratios: list[float], sta
         if on_progress is not None:
             on_progress(results)
     return results
+
+
+def sensitivity_table(metric: str, model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
+                      ratios: list[float], scales: dict | None, alpha: float, settings: dict, batch_size: int = 4,
+                      fast: bool = True, compile_blocks: bool | None = None, covs: dict | None = None,
+                      stats: dict[str, LayerStats] | None = None, done: dict | None = None,
+                      on_progress: Progress | None = None) -> dict[str, dict[str, float]]:
+    """The table of one --sensitivity_metric (METRICS): the one place that knows which function computes
+    which metric. settings: what compress_linear needs (method, rank_align, selection, u_mode, cov_damp)."""
+    if metric == "fisher_error":
+        return sensitivity_fisher_error(linears, ratios, stats, alpha, settings, done=done, on_progress=on_progress)
+    if metric == "ppl":
+        return sensitivity_ppl(model, linears, calib_ids, ratios, scales, alpha, settings, batch_size, fast=fast,
+                               done=done, on_progress=on_progress, covs=covs, compile_blocks=compile_blocks,
+                               stats=stats)
+    if metric == "spectral":
+        return sensitivity_spectral(linears, ratios, scales, alpha, settings["rank_align"], done=done,
+                                    on_progress=on_progress, method=settings["method"])
+    return sensitivity_stable_rank(linears, ratios, scales, alpha, done=done, on_progress=on_progress)

@@ -72,7 +72,7 @@ def model_family(args) -> str:
     the meta device: no weights are read."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    path, _ = acur.resolve_model(args)
+    path, _ = datautils.resolve_model(args)
     try:
         cfg = AutoConfig.from_pretrained(path, revision=args.revision)
     except (OSError, ValueError) as exc:
@@ -332,7 +332,7 @@ def dir_bytes(path: Path, suffixes=(".safetensors", ".bin")) -> int:
 
 def size_report(args, results: dict, repo_dir: Path, save_dtype: torch.dtype) -> dict:
     """Dense vs compressed bytes: weight files on disk, and dense parameters at the saved dtype."""
-    src, _ = acur.resolve_model(args)
+    src, _ = datautils.resolve_model(args)
     elem = torch.tensor([], dtype=save_dtype).element_size()
     rep = {"compressed_weight_bytes": dir_bytes(repo_dir),
            "dense_bytes_at_save_dtype": results["model"]["params_total"] * elem,

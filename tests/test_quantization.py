@@ -290,7 +290,7 @@ def test_smollm2_ratio09_perplexity_by_bit_width(tmp_path):
     model, tok, res = acur.run_pipeline(args)
     assert 0.88 < res["param_ratio"]["reached"] <= 0.9
     # the pipeline's activation statistics come back from its cache (same key, same layer names)
-    _, fp = acur.resolve_model(args)
+    _, fp = datautils.resolve_model(args)
     fp.update(commit=res["model"]["commit"], dtype=res["model"]["dtype"])
     selected = [i for i in find_linears(model, types=(nn.Linear, CURLinear)) if re.search(args.layer_filter, i.name)]
     scales = acur.stage_scales(model, selected, None, args, fp)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import acur  # noqa: E402
+import datautils  # noqa: E402
 import sensitivity as sens  # noqa: E402
 from evaluate_utils import perplexity_of_windows  # noqa: E402
 from modules.cur_linear import CURLinear  # noqa: E402
@@ -309,7 +310,7 @@ def run_bench(a) -> dict:
     acur.validate_args(args)
     rank = acur.init_distributed(args)
     world = sens.dist_rank_world()[1]
-    device, dtype = acur.pick_device_dtype(args)
+    device, dtype = datautils.pick_device_dtype(args)
     ratios = acur.sensitivity_ratios(args)
     rep: dict = {"shape": a.shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "world_size": world, "dtype": str(dtype), "torch": torch.__version__,

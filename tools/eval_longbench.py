@@ -349,7 +349,8 @@ def load_model_for_longbench(args):
     remote = args.trust_remote_code or (cfg.is_file() and "auto_map" in json.loads(cfg.read_text()))
     if remote:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        device, dtype = acur.pick_device_dtype(args)
+        import datautils
+        device, dtype = datautils.pick_device_dtype(args)
         model = AutoModelForCausalLM.from_pretrained(args.model_id, trust_remote_code=True, dtype=dtype)
         model.to(device).eval()
         tok = AutoTokenizer.from_pretrained(args.model_id, trust_remote_code=True)
