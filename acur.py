@@ -39,6 +39,7 @@ from evaluate_utils import (broken_result, evaluate_perplexity, nothing_compress
                             rank_align_warning, summarize_params)
 import kv_compress
 from modules import registry
+from modules.decompositions import release_pick_graphs
 from modules.low_rank_linear import LayerStats, compress_linear
 from modules.model_utils import LinearInfo, find_linears, replace_module
 
@@ -109,19 +110,22 @@ def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: 
             replace_module(info, cur)
         report[info.name] = row
 
-    if sequential is not None and registry.get(args.method).sequential:
-        def fit_group(group: list[LinearInfo], measured: dict) -> None:
-            for info in group:
-                base = (stats or {}).get(info.name) or LayerStats()
-                m = measured[info.name]
-                fit(info, dataclasses.replace(base, cov=m["cov"], cross=m["cross"], n_tokens=m["n_tokens"]))
-        model, calib_ids = sequential
-        sequential_calibration(model, linears, calib_ids, args.calib_batch_size, fit_group,
-                               desc=desc or "sequential calibration")
-        return {i.name: report[i.name] for i in linears}  # execution order
-    for info in tqdm(linears, desc=desc, disable=desc is None):
-        fit(info, (stats or {}).get(info.name))
-    return report
+    try:
+        if sequential is not None and registry.get(args.method).sequential:
+            def fit_group(group: list[LinearInfo], measured: dict) -> None:
+                for info in group:
+                    base = (stats or {}).get(info.name) or LayerStats()
+                    m = measured[info.name]
+                    fit(info, dataclasses.replace(base, cov=m["cov"], cross=m["cross"], n_tokens=m["n_tokens"]))
+            model, calib_ids = sequential
+            sequential_calibration(model, linears, calib_ids, args.calib_batch_size, fit_group,
+                                   desc=desc or "sequential calibration")
+            return {i.name: report[i.name] for i in linears}  # execution order
+        for info in tqdm(linears, desc=desc, disable=desc is None):
+            fit(info, (stats or {}).get(info.name))
+        return report
+    finally:
+        release_pick_graphs()  # the cached fp64 Grams of the row picks are not the model's
 
 
 def layer_stats(linears: list[LinearInfo], scales: dict | None, covs: dict | None, fisher: dict | None,
@@ -202,7 +206,10 @@ def stage_sensitivity(model, linears, calib_ids, scales, args, fp, covs: dict | 
     lock = datautils.file_lock(path.with_name(path.name + ".lock"), "sensitivity") \
         if args.use_cache and sens.dist_rank_world()[1] == 1 else contextlib.nullcontext()
     with lock:
-        return sensitivity_table(model, linears, calib_ids, scales, args, fp, covs, stats)
+        try:
+            return sensitivity_table(model, linears, calib_ids, scales, args, fp, covs, stats)
+        finally:
+            release_pick_graphs()
 
 
 def sensitivity_table(model, linears, calib_ids, scales, args, fp, covs: dict | None = None,

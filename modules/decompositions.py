@@ -160,6 +160,12 @@ _PICK_GRAPHS: dict[tuple, _PickState] = {}
 _PICK_GRAPHS_MAX = 4  # a decoder's distinct shapes (q/k/v/o, gate/up, down, lm_head); each holds its Gram
 
 
+def release_pick_graphs() -> None:
+    """Free the cached graphs and their fp64 Grams (11008^2 x 8 B = 0.9 GiB for a 7B MLP): stages call it
+    when they finish, so a compressed model's resident memory holds its factors only."""
+    _PICK_GRAPHS.clear()
+
+
 def _pick_state(m: int, b: int, device: torch.device, cuda_graph: bool) -> _PickState:
     if not cuda_graph:
         return _PickState(m, b, device, graph=False)
@@ -437,6 +443,15 @@ def cur_decompose_ext(weight: torch.Tensor, rank: int, scale: torch.Tensor | Non
 
     cov: the (damped) input covariance, needed by u_mode data_aware. Like cur_math.cur_decompose, a
     failed SVD falls back to uniform selection and says so in `fallback`."""
+    pick, fit_u = cur_choices(selection, u_mode, cov, generator, col_order, row_order)
+    return cur_decompose(weight, rank, scale, alpha, selection, u_mode, svd, generator, pick=pick, fit_u=fit_u)
+
+
+def cur_choices(selection: str, u_mode: str, cov: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, col_order: torch.Tensor | None = None,
+                row_order: torch.Tensor | None = None) -> tuple:
+    """(pick, fit_u) for cur_math.cur_decompose: how the extended CUR selects indices and fits U.
+    Kept apart from the decomposition so the activation scaling (alpha) goes straight to cur_math."""
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection {selection!r}; choose from {SELECTIONS}")
     if u_mode not in U_MODES:
@@ -448,4 +463,4 @@ def cur_decompose_ext(weight: torch.Tensor, rank: int, scale: torch.Tensor | Non
     def pick(basis: torch.Tensor, k: int, side: str) -> torch.Tensor:
         return select_cur_indices(basis, k, selection, generator, orders[side])
     fit_u = (lambda w, C, rows: data_aware_u(w, C, rows, cov)) if u_mode == "data_aware" else None
-    return cur_decompose(weight, rank, scale, alpha, selection, u_mode, svd, generator, pick=pick, fit_u=fit_u)
+    return pick, fit_u

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from modules.cur_linear import CURLinear
 from modules import decompositions as dec, registry
-from modules.cur_math import EPS, LayerSVD, safe_svd, scaled_weight
+from modules.cur_math import EPS, LayerSVD, cur_decompose, safe_svd, scaled_weight
 
 
 class _LowRankBase(nn.Module):
@@ -251,9 +251,10 @@ def compress_linear(linear: nn.Linear, ratio: float, method: str = "acur", scale
     if registry.is_seed_cur(method, selection, u_mode):
         if scale is None and stats is not None:
             scale = stats.scale
-        return CURLinear.from_linear(linear, ratio, _on(scale, W) if spec.scale != "none" else None, alpha=alpha,
-                                     rank_align=rank_align, selection=selection, u_mode=u_mode,
-                                     svd=prep.svd if prep is not None else None, generator=generator)
+        f = cur_decompose(W, k, scale=_on(scale, W) if spec.scale != "none" else None, alpha=alpha,
+                          selection=selection, u_mode=u_mode, svd=prep.svd if prep is not None else None,
+                          generator=generator)
+        return CURLinear.from_factors(f, bias, W.dtype, W.device)
     if not torch.isfinite(W).all():  # (the seed's CUR path above records its own uniform fallback)
         raise ValueError(f"{method}: the weight holds NaN/inf; no decomposition of it is meaningful")
     if prep is None or (prep.col_order is not None and prep.col_order.numel() < k) or \
@@ -261,8 +262,8 @@ def compress_linear(linear: nn.Linear, ratio: float, method: str = "acur", scale
         prep = prepare_layer(W, method, scale, alpha, cov, selection, u_mode, cov_damp, max_rank=k, stats=stats)
     if spec.form == "cur":
         u = "pinv" if u_mode == "data_aware" and prep.cov is None else u_mode  # fallback already recorded
-        f = dec.cur_decompose_ext(W, k, prep.scale, alpha, selection, u, prep.cov, prep.svd, generator,
-                                  prep.col_order, prep.row_order)
+        pick, fit_u = dec.cur_choices(selection, u, prep.cov, generator, prep.col_order, prep.row_order)
+        f = cur_decompose(W, k, prep.scale, alpha, selection, u, prep.svd, generator, pick=pick, fit_u=fit_u)
         module = CURLinear.from_factors(f, bias, W.dtype, W.device)
         module.fallback = "; ".join(x for x in (prep.fallback, f.fallback) if x)
         return module

@@ -42,6 +42,7 @@ from torch import nn  # noqa: E402
 
 from bench_pipeline import SHAPES, build_model, sync  # noqa: E402
 from modules import registry  # noqa: E402
+from modules.decompositions import release_pick_graphs  # noqa: E402
 from modules.low_rank_linear import compress_linear  # noqa: E402
 from modules.model_utils import find_linears, replace_module  # noqa: E402
 
@@ -96,6 +97,7 @@ def install_form(linears, shapes: dict, sources: dict, ratio: float, form: str, 
         dense = copy.deepcopy(src).to(device)
         protos[shape] = build_layer(dense, ratio, form, rank_align, gen)
         del dense
+    release_pick_graphs()  # as acur.compress_model does: resident memory is the layers' own
     used: set = set()
     for info in linears:
         shape = shapes[info.name]
