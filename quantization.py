@@ -287,11 +287,11 @@ def codes_of(weight: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, flo
     """Integer codes (rows, cols) of a dequantized matrix on its grid, and the largest distance of
     weight * s^a / scale + zero from an integer: fp32 round-off when the model dtype kept the grid exact
     (fp32; fp16 below 0.13 at 8 bits), up to ~1 when it did not (8 bits in bf16: codes may move one step)."""
-    w = weight.detach().float().cpu()
+    w = weight.detach().float()
     if state.in_scale is not None:
-        w = w * state.in_scale
+        w = w * state.in_scale.to(w.device)
     rows, cols = w.shape
-    t = _grouped(w, state.group_size) / state.scale[..., None] + state.zero[..., None]
+    t = _grouped(w, state.group_size) / state.scale.to(w.device)[..., None] + state.zero.to(w.device)[..., None]
     q = torch.round(t).clamp_(0, 2 ** state.bits - 1)
     off = float((t - q).abs().max()) if t.numel() else 0.0
     return q.reshape(rows, -1)[:, :cols].to(torch.int16), off
@@ -303,8 +303,9 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
             if getattr(i.module, QUANT_STATE, None)}
 
 
-def packed_twin(mod: nn.Module, dtype: torch.dtype | None = None) -> tuple[nn.Module, float]:
-    """The PackedCURLinear / PackedLinear (on CPU, scales in `dtype`, default mod's) that holds mod's
+def packed_twin(mod: nn.Module, dtype: torch.dtype | None = None,
+                device: torch.device | str = "cpu") -> tuple[nn.Module, float]:
+    """The PackedCURLinear / PackedLinear (on `device`, scales in `dtype`, default mod's) that holds mod's
     quantized weights as codes; and the largest off-grid distance met (see codes_of)."""
     grids: dict[str, QuantState] = getattr(mod, QUANT_STATE)
     first = next(iter(grids.values()))
@@ -312,14 +313,14 @@ def packed_twin(mod: nn.Module, dtype: torch.dtype | None = None) -> tuple[nn.Mo
     if isinstance(mod, CURLinear):
         dtype = dtype or mod.C.dtype
         twin = PackedCURLinear(mod.in_features, mod.out_features, mod.rank, first.bits, first.group_size, awq,
-                               mod.bias is not None, dtype=dtype, device="cpu")
+                               mod.bias is not None, dtype=dtype, device=device)
         twin.col_indices.copy_(mod.col_indices)
         twin.row_indices.copy_(mod.row_indices)
         targets = {p: (getattr(twin, p), getattr(mod, p)) for p in grids}
     else:
         dtype = dtype or mod.weight.dtype
         twin = PackedLinear(mod.in_features, mod.out_features, first.bits, first.group_size, bool(awq),
-                            mod.bias is not None, dtype=dtype, device="cpu")
+                            mod.bias is not None, dtype=dtype, device=device)
         targets = {"W": (twin, mod.weight)}
     worst = 0.0
     for part, (packed, weight) in targets.items():
@@ -329,7 +330,7 @@ def packed_twin(mod: nn.Module, dtype: torch.dtype | None = None) -> tuple[nn.Mo
         packed.set_codes(q, g.zero, g.scale, None if g.in_scale is None else 1.0 / g.in_scale)
     if mod.bias is not None:
         with torch.no_grad():
-            twin.bias.copy_(mod.bias.detach().cpu())
+            twin.bias.copy_(mod.bias.detach())
     return twin.eval(), worst
 
 
@@ -352,8 +353,7 @@ def to_packed(model: nn.Module) -> dict:
     worst, n = 0.0, 0
     for info in find_linears(model, include_lm_head=True, types=(nn.Linear, CURLinear)):
         if getattr(info.module, QUANT_STATE, None):
-            device = next(info.module.parameters()).device
-            twin, off = packed_twin(info.module)
-            replace_module(info, twin.to(device))
+            twin, off = packed_twin(info.module, device=next(info.module.parameters()).device)
+            replace_module(info, twin)
             worst, n = max(worst, off), n + 1
     return {"layers": n, "max_grid_offset": worst}

@@ -264,8 +264,8 @@ class PackedMatrix(nn.Module):
 
     def _probe_error(self, device: torch.device, dtype: torch.dtype) -> float:
         x = torch.randn(4, self.cols, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
-        ref = F.linear(x.float(), self.dequantized().to(device))
-        err = (self._matmul(x).float() - ref).norm() / ref.norm().clamp_min(1e-30)
+        ref = F.linear(x.double(), self.dequantized().to(device).double())  # fp64: no TF32 in the reference
+        err = (self._matmul(x).double() - ref).norm() / ref.norm().clamp_min(1e-30)
         return float(err) if torch.isfinite(err) else float("inf")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -192,7 +192,8 @@ for repo, job in jobs.items():
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
             gen = model.generate(job["prompt"], max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     packed = {n: type(m).__name__ for n, m in model.named_modules() if n in (model.config.packed_quant or {}).get("layers", {})}
-    half = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, dtype=torch.float16).eval()
+    half = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, dtype=torch.float16,
+                                                device_map="auto").eval()
     with torch.no_grad():
         lh = half(job["windows"][:1], use_cache=False).logits.float()
     out[repo] = {"logits": logits, "ppl": math.exp(nll.item()), "gen": gen, "packed_types": packed,
@@ -333,3 +334,20 @@ def test_packed_export_refuses_kv_mode(tiny_llama_dir, tiny_text_file, tmp_path,
                      "--weight_quant", "rtn_int8", "--repo_dir", str(tmp_path / "kv"))
     assert bar.main(argv) == 2
     assert "--save_simulated_quant" in capsys.readouterr().err
+
+
+def test_bench_packed_smoke(capsys):
+    """tools/bench_packed.py end to end on CPU: packed smaller than simulated, same perplexity, kernels named."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_packed
+    rep = bench_packed.run(bench_packed.build_parser().parse_args(
+        ["--device", "cpu", "--shape", "tiny-llama", "--decode_tokens", "2", "--decode_batches", "1", "--reps", "1",
+         "--ppl_windows", "1", "--ppl_seqlen", "32", "--prompt_len", "4", "--quant", "rtn_int8:0,rtn_int4:32",
+         "--layer_tokens", "1"]))
+    bench_packed.print_report(rep)
+    m = rep["models"]
+    for tag in ("rtn_int8", "rtn_int4_g32"):
+        sim, packed = m[f"{tag} simulated"], m[f"{tag} packed"]
+        assert packed["disk_mib"] < 0.6 * sim["disk_mib"] and packed["ppl_rel_diff_vs_simulated"] < 1e-5
+        assert "dequant" not in packed["kernels"] and packed["max_logit_diff_vs_simulated"] < 1e-4
+    assert "one layer, device us per call" in capsys.readouterr().out
