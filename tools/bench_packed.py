@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="auto: bfloat16 on CUDA (tinygemm's int4 kernel takes bf16 activations), float32 on CPU")
     p.add_argument("--ratio", type=float, default=0.8, help="uniform CUR parameter ratio (1 = dense linears)")
-    p.add_argument("--rank_align", type=int, default=32)
+    p.add_argument("--rank_align", type=int, default=128,
+                   help="CUR ranks a multiple of this (128: the factors fit tinygemm's int4 tiles and groups unpadded)")
     p.add_argument("--quant", default="rtn_int8:0,rtn_int4:128",
                    help="comma list of --weight_quant:--quant_group_size pairs (rtn only: no calibration here)")
     p.add_argument("--decode_batches", default="1,16")
