@@ -26,8 +26,13 @@ diagonal term sum_ij dP_ij^2 E[x_j^2], with E[x_j^2] ~ s_j^2. Input statistics o
     U: input R x; assuming uncorrelated input channels E[(Rx)_i^2] ~ sum_j R_ij^2 s_j^2  -> s_U = sqrt(R^2 s^2)
     C: input U R x;                                                           s_C = sqrt((UR)^2 s^2)
 The diagonal-covariance assumption is the approximation; s_U, s_C are derived, not measured.
-In simulation diag(s^-a) is folded into the dequantized weight; a packed export would store it per input
-channel (or fold it into the previous factor: into R's rows for U, into U's rows for C).
+In simulation diag(s^-a) is folded into the dequantized weight; the packed export stores it per input
+channel (qinv = s^-a, applied to the input).
+
+Real bytes: every quantized module keeps its grid (`quant_state`: scale, zero, s^a per matrix; CPU, small).
+From it and the dequantized weight the integer codes come back exactly (fp32 and fp16 round-off is far
+below half a step), so `packed_state_dict` writes what modules/packed_linear.py stores and runs: int8
+codes, or two 4-bit codes per byte, with the scales. The simulated model stays what research runs measure.
 """
 from __future__ import annotations
 
@@ -40,7 +45,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from modules.cur_linear import CURLinear
-from modules.model_utils import find_linears
+from modules.model_utils import find_linears, replace_module
+from modules.packed_linear import PACKED_FORMAT, PackedCURLinear, PackedLinear
 
 METHODS = ("none", "rtn_int8", "rtn_int6", "rtn_int5", "rtn_int4", "rtn_int3",
            "awq_int8", "awq_int6", "awq_int4", "awq_int3")
@@ -48,6 +54,19 @@ AWQ_SCALINGS = ("abs_mean", "abs_max")   # statistics that are activation magnit
 AWQ_GRID = tuple(i / 10 for i in range(10))
 CUR_PARTS = ("R", "U", "C")              # execution order inside CURLinear
 SCALE_BITS = 16                          # fp16 scale per group in a packed format (for the estimate)
+
+
+QUANT_STATE = "quant_state"  # module attribute: {part: QuantState}, set by quantize_model
+
+
+@dataclass(frozen=True)
+class QuantState:
+    """The grid one matrix was quantized on: what a packed export needs beside the dequantized values."""
+    bits: int
+    group_size: int
+    scale: torch.Tensor            # (rows, groups) fp32
+    zero: torch.Tensor             # (rows, groups) fp32, integers in [0, 2^b - 1]
+    in_scale: torch.Tensor | None  # s^a per input column (AWQ with a > 0), fp32; None otherwise
 
 
 @dataclass(frozen=True)
@@ -168,17 +187,24 @@ def _tied_to_embeddings(model: nn.Module, weight: torch.Tensor) -> bool:
     return emb is not None and getattr(emb, "weight", None) is weight
 
 
-def _quantize_param(p: nn.Parameter, spec: QuantSpec, stat: torch.Tensor | None) -> dict:
-    """Replace p's data by its quantize-dequantize; returns relative error (and AWQ info)."""
+def _quantize_param(p: nn.Parameter, spec: QuantSpec, stat: torch.Tensor | None) -> tuple[dict, QuantState]:
+    """Replace p's data by its quantize-dequantize; returns relative error (and AWQ info) and the grid."""
     w = p.data
+    in_scale = None
     if spec.kind == "awq" and stat is not None:
         deq, info = awq_quantize(w, stat, spec.bits, spec.group_size)
+        if info["awq_exponent"]:  # the very scaling awq_quantize applied (same ops: same numbers)
+            in_scale = _safe_stat(stat).to(w.device) ** info["awq_exponent"]
     else:
         deq, info = rtn_quantize(w, spec.bits, spec.group_size), {}
+    scale, zero = quant_params(w.detach().float() * in_scale if in_scale is not None else w, spec.bits,
+                               spec.group_size)
+    state = QuantState(spec.bits, spec.group_size, scale[..., 0].cpu(), zero[..., 0].cpu(),
+                       in_scale.cpu() if in_scale is not None else None)
     norm = float(w.float().norm())
     info["rel_err"] = float((w.float() - deq.float()).norm()) / norm if norm > 0 else 0.0
     p.data.copy_(deq)
-    return info
+    return info, state
 
 
 def packed_bits(rows: int, cols: int, spec: QuantSpec) -> int:
@@ -221,18 +247,19 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 0, scales: d
                 continue
             stats = {"W": stat} if stat is not None else {}
             parts = {"W": mod.weight}
-        row = {}
+        row, grids = {}, {}
         for name, p in parts.items():
             part_stat = stats.get(name)
             if part_stat is not None and _safe_stat(part_stat) is None:
                 report["fallbacks"][f"{info.name}.{name}"] = "derived statistic not finite: plain RTN used"
                 part_stat = None
-            row[name] = _quantize_param(p, spec, part_stat)
+            row[name], grids[name] = _quantize_param(p, spec, part_stat)
             params += p.numel()
             bits += packed_bits(*p.shape, spec)
             dense_bits += p.numel() * p.element_size() * 8
             report["stored_dtype"] = str(p.dtype)
         report["layers"][info.name] = row
+        setattr(mod, QUANT_STATE, grids)
     errs = [part["rel_err"] for row in report["layers"].values() for part in row.values()]
     report.update(params_quantized=params, mean_rel_err=sum(errs) / len(errs) if errs else 0.0,
                   max_rel_err=max(errs, default=0.0),
@@ -253,3 +280,80 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 0, scales: d
     print(f"[quant] {method} g{group_size}: {len(report['layers'])} layers, {params:,} weights, "
           f"mean relative error {report['mean_rel_err']:.4f} (simulated: weights stay {report['stored_dtype']})")
     return report
+
+
+# ---------------------------------------------------------------- real bytes: codes of the simulated model
+def codes_of(weight: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, float]:
+    """Integer codes (rows, cols) of a dequantized matrix on its grid, and the largest distance of
+    weight * s^a / scale + zero from an integer: fp32 round-off when the model dtype kept the grid exact
+    (fp32; fp16 below 0.13 at 8 bits), up to ~1 when it did not (8 bits in bf16: codes may move one step)."""
+    w = weight.detach().float()
+    if state.in_scale is not None:
+        w = w * state.in_scale.to(w.device)
+    rows, cols = w.shape
+    t = _grouped(w, state.group_size) / state.scale.to(w.device)[..., None] + state.zero.to(w.device)[..., None]
+    q = torch.round(t).clamp_(0, 2 ** state.bits - 1)
+    off = float((t - q).abs().max()) if t.numel() else 0.0
+    return q.reshape(rows, -1)[:, :cols].to(torch.int16), off
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of every module quantize_model quantized (CURLinear or nn.Linear with a quant_state)."""
+    return {i.name: i.module for i in find_linears(model, include_lm_head=True, types=(nn.Linear, CURLinear))
+            if getattr(i.module, QUANT_STATE, None)}
+
+
+def packed_twin(mod: nn.Module, dtype: torch.dtype | None = None,
+                device: torch.device | str = "cpu") -> tuple[nn.Module, float]:
+    """The PackedCURLinear / PackedLinear (on `device`, scales in `dtype`, default mod's) that holds mod's
+    quantized weights as codes; and the largest off-grid distance met (see codes_of)."""
+    grids: dict[str, QuantState] = getattr(mod, QUANT_STATE)
+    first = next(iter(grids.values()))
+    awq = tuple(p for p, g in grids.items() if g.in_scale is not None)
+    if isinstance(mod, CURLinear):
+        dtype = dtype or mod.C.dtype
+        twin = PackedCURLinear(mod.in_features, mod.out_features, mod.rank, first.bits, first.group_size, awq,
+                               mod.bias is not None, dtype=dtype, device=device)
+        twin.col_indices.copy_(mod.col_indices)
+        twin.row_indices.copy_(mod.row_indices)
+        targets = {p: (getattr(twin, p), getattr(mod, p)) for p in grids}
+    else:
+        dtype = dtype or mod.weight.dtype
+        twin = PackedLinear(mod.in_features, mod.out_features, first.bits, first.group_size, bool(awq),
+                            mod.bias is not None, dtype=dtype, device=device)
+        targets = {"W": (twin, mod.weight)}
+    worst = 0.0
+    for part, (packed, weight) in targets.items():
+        g = grids[part]
+        q, off = codes_of(weight, g)
+        worst = max(worst, off)
+        packed.set_codes(q, g.zero, g.scale, None if g.in_scale is None else 1.0 / g.in_scale)
+    if mod.bias is not None:
+        with torch.no_grad():
+            twin.bias.copy_(mod.bias.detach())
+    return twin.eval(), worst
+
+
+def packed_spec(model: nn.Module) -> dict | None:
+    """config.packed_quant of an export: format, bits, group size and, per quantized layer, its parts and
+    which carry an AWQ input scale. None when nothing was quantized."""
+    mods = quantized_modules(model)
+    if not mods:
+        return None
+    first = next(iter(next(iter(mods.values())).quant_state.values()))
+    return {"format": PACKED_FORMAT, "bits": first.bits, "group_size": first.group_size,
+            "layers": {n: {"parts": {p: {"awq": g.in_scale is not None} for p, g in getattr(m, QUANT_STATE).items()}}
+                       for n, m in mods.items()}}
+
+
+@torch.no_grad()
+def to_packed(model: nn.Module) -> dict:
+    """Replace, in place, every quantized module by its packed twin on the same device (in-process runs of
+    the packed path: the benchmark, tests). Returns {layers, max_grid_offset}."""
+    worst, n = 0.0, 0
+    for info in find_linears(model, include_lm_head=True, types=(nn.Linear, CURLinear)):
+        if getattr(info.module, QUANT_STATE, None):
+            twin, off = packed_twin(info.module, device=next(info.module.parameters()).device)
+            replace_module(info, twin)
+            worst, n = max(worst, off), n + 1
+    return {"layers": n, "max_grid_offset": worst}

@@ -9,7 +9,12 @@ Every acur.py flag works here (same parser, same pipeline); this script adds the
 integer tensors; no dense copies), the tokenizer, the generation config, config.json with `lowrank_layers`
 (per-layer type, method, rank, shape) and `auto_map`, the configuration/modeling files written per family
 from modeling_acur_template.py, the layer classes (acur_layers.py, copied from modules/ with
-inspect.getsource) and the KV runtime (acur_kv_cache.py), a model card README.md and acur_results.json.
+inspect.getsource), the KV runtime (acur_kv_cache.py) and the packed-weight runtime (acur_packed.py), a model
+card README.md and acur_results.json.
+
+With --weight_quant the safetensors hold the quantized matrices packed (int8 codes, or two 4-bit codes per
+byte, with their scales and zero points; `packed_quant` in config.json), not floats: real bytes. The
+model card and the export summary say what the weight files hold and their size against the dense checkpoint.
 """
 from __future__ import annotations
 
@@ -37,8 +42,9 @@ import torch  # noqa: E402
 
 import acur  # noqa: E402
 import datautils  # noqa: E402
+import quantization  # noqa: E402
 from acur import UsageError  # noqa: E402
-from modules import kv_cache  # noqa: E402
+from modules import kv_cache, packed_linear  # noqa: E402
 from modules.model_utils import decoder_layers, find_linears  # noqa: E402
 
 TEMPLATE = HERE / "modeling_acur_template.py"  # the one source of every family's configuration/modeling files
@@ -56,6 +62,9 @@ def build_parser():
                    help="output folder (default huggingface_repos/<model-name>-acur<ratio*100>)")
     g.add_argument("--save_dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype of the saved weights; auto = the dtype the pipeline ran in")
+    g.add_argument("--save_simulated_quant", action="store_true",
+                   help="with --weight_quant: store the dequantized floats (the simulated model, as research runs "
+                        "measure it) instead of the packed integer codes and scales")
     g.add_argument("--verify", action="store_true",
                    help="reload the repo in a fresh process and compare logits with the in-memory model")
     g.add_argument("--push", action="store_true", help="upload the repo with huggingface_hub")
@@ -256,6 +265,7 @@ def write_repo_code(folder: Path, model, family: str) -> list[str]:
     files = family_files(family)
     files["acur_layers.py"] = layers_source(lowrank_layer_classes(model))
     files["acur_kv_cache.py"] = kv_cache.runtime_source()  # imported by the modeling file
+    files["acur_packed.py"] = packed_linear.runtime_source()  # imported by the modeling file
     for name, src in files.items():
         (folder / name).write_text(src)
     return sorted(files)
@@ -274,7 +284,8 @@ def lowrank_layer_specs(model, method: str) -> dict[str, dict]:
     return specs
 
 
-def export_config(model, cfg_cls, family: str, specs: dict, results: dict, save_dtype: torch.dtype):
+def export_config(model, cfg_cls, family: str, specs: dict, results: dict, save_dtype: torch.dtype,
+                  packed: dict | None = None):
     n = family_names(family)
     base = {k: v for k, v in model.config.to_dict().items() if k not in _DROP_CONFIG_KEYS}
     cfg = cfg_cls.from_dict(base)
@@ -287,6 +298,7 @@ def export_config(model, cfg_cls, family: str, specs: dict, results: dict, save_
     cfg.auto_map = auto_map(family)
     cfg.use_cache = True  # the pipeline turns it off for perplexity runs
     cfg.lowrank_kv_cache = bool(results["args"].get("compress_kv_cache"))  # modeling file caches k/v latents
+    cfg.packed_quant = packed  # modeling file installs packed layers for these names
     if results.get("kv_cache"):
         cfg.acur["kv_cache"] = results["kv_cache"]
     cfg.dtype = save_dtype
@@ -296,11 +308,24 @@ def export_config(model, cfg_cls, family: str, specs: dict, results: dict, save_
 
 
 def build_export_model(model, mdl_cls, cfg, save_dtype: torch.dtype):
-    """The repo's model class holding the compressed model's tensors (built on meta, no dense copy)."""
+    """The repo's model class holding the compressed model's tensors (built on meta, no dense copy). With
+    cfg.packed_quant the quantized layers' floats are replaced by their packed codes and scales."""
     with torch.device("meta"):
         out = mdl_cls(cfg)
     state = {k: (v.to(save_dtype) if v.is_floating_point() else v).detach().cpu()
              for k, v in model.state_dict().items()}
+    if cfg.packed_quant:
+        mods = quantization.quantized_modules(model)
+        owned = {k for k in state for n in mods if k.startswith(n + ".")}
+        state = {k: v for k, v in state.items() if k not in owned}
+        worst = 0.0
+        for name, mod in mods.items():
+            twin, off = quantization.packed_twin(mod, save_dtype)
+            state.update({f"{name}.{k}": v for k, v in twin.state_dict().items()})
+            worst = max(worst, off)
+        if worst > 0.25:  # the model dtype rounded the grid: codes may sit one step from the simulation
+            print(f"WARNING: packed export: a dequantized weight lies {worst:.2f} steps off its grid (the run's "
+                  "dtype is coarser than the grid); the packed model differs from the simulated one by up to a step")
     expected = set(out.state_dict())
     if cfg.tie_word_embeddings:
         tied = set(getattr(out, "_tied_weights_keys", None) or {})
@@ -330,17 +355,87 @@ def dir_bytes(path: Path, suffixes=(".safetensors", ".bin")) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.suffix in suffixes)
 
 
-def size_report(args, results: dict, repo_dir: Path, save_dtype: torch.dtype) -> dict:
-    """Dense vs compressed bytes: weight files on disk, and dense parameters at the saved dtype."""
+def safetensors_entries(folder: Path) -> dict[str, tuple[str, list[int], int]]:
+    """{tensor name: (dtype, shape, bytes)} of every .safetensors file in folder, read from the headers."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for k, v in header.items():
+            if k != "__metadata__":
+                out[k] = (v["dtype"], v["shape"], v["data_offsets"][1] - v["data_offsets"][0])
+    return out
+
+
+FILE_KINDS = ("factors", "indices", "packed_codes", "packed_scales", "other")
+
+
+def weight_file_report(folder: Path, compressed: set[str]) -> dict:
+    """What the weight files hold, by kind, from their headers: the factors (and biases) and kept indices of
+    the compressed layers, packed codes and their scales / zero points, and everything else (embeddings,
+    norms, dense layers). `dense_weights_of_compressed_layers` lists any `<layer>.weight` of a compressed or
+    packed layer: it must be empty (the files hold only the factors)."""
+    kinds = dict.fromkeys(FILE_KINDS, 0)
+    dense_left, dtypes = [], {}
+    for key, (dt, _, nbytes) in safetensors_entries(folder).items():
+        parts = key.split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in compressed),
+                     None)
+        leaf = parts[-1]
+        if owner is None:
+            kind = "other"
+        elif leaf == "weight" and key == owner + ".weight":
+            kind = "other"
+            dense_left.append(key)
+        elif leaf == "qweight":
+            kind = "packed_codes"
+        elif leaf in ("qscale", "qzero", "qinv"):
+            kind = "packed_scales"
+        elif dt.startswith(("I", "U", "BOOL")):
+            kind = "indices"
+        else:
+            kind = "factors"
+        kinds[kind] += nbytes
+        dtypes[dt] = dtypes.get(dt, 0) + nbytes
+    return {"bytes": sum(kinds.values()), "by_kind": kinds, "by_dtype": dtypes,
+            "dense_weights_of_compressed_layers": dense_left}
+
+
+def size_report(args, results: dict, repo_dir: Path, save_dtype: torch.dtype, compressed: set[str]) -> dict:
+    """Dense vs compressed bytes: weight files on disk (and what they hold, by kind), the dense checkpoint
+    on disk when it is a local folder, and the dense parameters at the saved dtype."""
     src, _ = datautils.resolve_model(args)
     elem = torch.tensor([], dtype=save_dtype).element_size()
     rep = {"compressed_weight_bytes": dir_bytes(repo_dir),
            "dense_bytes_at_save_dtype": results["model"]["params_total"] * elem,
            "dense_checkpoint_bytes": dir_bytes(Path(src)) if os.path.isdir(src) else None,
            "repo_total_bytes": sum(f.stat().st_size for f in repo_dir.rglob("*") if f.is_file()),
-           "save_dtype": str(save_dtype).replace("torch.", "")}
+           "save_dtype": str(save_dtype).replace("torch.", ""),
+           "files": weight_file_report(repo_dir, compressed)}
     rep["ratio_vs_dense_at_save_dtype"] = rep["compressed_weight_bytes"] / rep["dense_bytes_at_save_dtype"]
+    rep["ratio_vs_dense_checkpoint"] = (rep["compressed_weight_bytes"] / rep["dense_checkpoint_bytes"]
+                                        if rep["dense_checkpoint_bytes"] else None)
     return rep
+
+
+def size_line(sizes: dict) -> str:
+    """One sentence: the weight files' size against the dense checkpoint's, and what they hold."""
+    mb = lambda b: f"{b / 2**20:,.2f} MiB" if b >= 2**20 else f"{b / 2**10:,.1f} KiB"  # noqa: E731
+    f = sizes["files"]
+    k = f["by_kind"]
+    vs = [f"{sizes['ratio_vs_dense_at_save_dtype']:.1%} of the dense weights at {sizes['save_dtype']} "
+          f"({mb(sizes['dense_bytes_at_save_dtype'])})"]
+    if sizes.get("dense_checkpoint_bytes"):
+        vs.insert(0, f"{sizes['ratio_vs_dense_checkpoint']:.1%} of the dense checkpoint on disk "
+                     f"({mb(sizes['dense_checkpoint_bytes'])})")
+    held = [f"{label} {mb(k[key])}" for key, label in (("factors", "factors and biases"), ("indices", "kept indices"),
+                                                       ("packed_codes", "packed codes"),
+                                                       ("packed_scales", "scales and zero points"))
+            if k[key]]
+    check = ("no compressed layer keeps a dense weight" if not f["dense_weights_of_compressed_layers"] else
+             f"DENSE WEIGHTS LEFT: {', '.join(f['dense_weights_of_compressed_layers'][:3])}")
+    return (f"Weight files: {mb(sizes['compressed_weight_bytes'])}, " + ", ".join(vs) + ". Compressed layers: "
+            + ", ".join(held) + f"; everything else (embeddings, norms, dense layers) {mb(k['other'])}; {check}.")
 
 
 METHOD_TEXT = {"acur": "activation-aware CUR: actual columns C and rows R of each weight and a small core U, "
@@ -396,7 +491,7 @@ def model_card(args, results: dict, sizes: dict, repo_dir: Path, family: str, ve
               f"| parameters (compressed linears) | {pr.get('compressed_linears_dense', 0):,} | "
               f"{pr.get('compressed_linears_kept', 0):,} |",
               f"| weight bytes at {sizes['save_dtype']} | {mb(sizes['dense_bytes_at_save_dtype'])} | "
-              f"{mb(sizes['compressed_weight_bytes'])} |", "",
+              f"{mb(sizes['compressed_weight_bytes'])} |", "", size_line(sizes), "",
               f"Parameter ratio of the compressed linears: target {pr.get('target')}, reached "
               f"{pr.get('reached', 1.0):.4f}; {len(results.get('layers', {}))} linears considered, "
               f"{sum(1 for r in results.get('layers', {}).values() if r['rank'] is not None)} compressed.", ""]
@@ -406,9 +501,22 @@ def model_card(args, results: dict, sizes: dict, repo_dir: Path, family: str, ve
                   f"and V (`config.lowrank_kv_cache`): {kv['bytes_per_token_dense']:,} -> "
                   f"{kv['bytes_per_token_compressed']:,} bytes per token at {kv['dtype']} (cached dims ratio "
                   f"{kv['reached']:.4f}, target {kv['ratio_target']}).", ""]
-    if a.get("weight_quant", "none") != "none":
-        lines += [f"**Quantization** `{a['weight_quant']}` was simulated (quantize-dequantize): the weights are "
-                  "stored as dequantized floats, so the files do not shrink by the bit width.", ""]
+    pq = results.get("export", {}).get("packed_quant")
+    if pq:
+        g = f"groups of {pq['group_size']} input columns" if pq["group_size"] else "one group per output channel"
+        codes = "4-bit codes two per byte (uint8)" if pq["bits"] <= 4 else "int8 codes (one per byte)"
+        lines += [f"**Quantization** `{a['weight_quant']}` ({g}), stored packed: {codes}, a scale (at "
+                  f"{sizes['save_dtype']}) and an integer zero point per group"
+                  + (", and for AWQ a scale per input channel" if a["weight_quant"].startswith("awq") else "")
+                  + " (`packed_quant` in config.json). `acur_packed.py` runs them with torch's int4 (tinygemm) / "
+                  "int8 weight-only kernels where the device and dtype allow, and otherwise dequantizes in every "
+                  "forward with a warning (`model.packed_backends` counts the kernels in use). The perplexities "
+                  "below were measured on the simulated model (quantize-dequantize), which the packed one equals up "
+                  "to round-off.", ""]
+    elif a.get("weight_quant", "none") != "none":
+        lines += [f"**Quantization** `{a['weight_quant']}` was simulated (quantize-dequantize; exported with "
+                  "--save_simulated_quant): the weights are stored as dequantized floats, so the files do not "
+                  "shrink by the bit width.", ""]
     if results.get("fallbacks"):
         lines += [f"**Fallbacks:** {len(results['fallbacks'])} layers fell back to uniform selection "
                   "(see acur_results.json).", ""]
@@ -442,8 +550,9 @@ model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, dtype
 load_s = time.perf_counter() - t0
 with torch.no_grad():
     logits = model(torch.load(ids_path)).logits
-torch.save({"logits": logits, "load_s": load_s,
-            "params": sum(p.numel() for p in model.parameters())}, out_path)
+packed = sum(m.rows * m.cols for m in model.modules() if hasattr(m, "qweight") and hasattr(m, "rows"))
+torch.save({"logits": logits, "load_s": load_s,  # a packed matrix stands for rows x cols parameters
+            "params": sum(p.numel() for p in model.parameters()) + packed}, out_path)
 """
 
 
@@ -476,6 +585,7 @@ def write_repo(model, tokenizer, results: dict, args, family: str, repo_dir: Pat
     specs = lowrank_layer_specs(model, results["args"].get("method", "acur"))
     if not specs:
         raise UsageError("no layer was compressed: nothing to export (ratio target 1.0?)")
+    packed = None if getattr(args, "save_simulated_quant", False) else quantization.packed_spec(model)
     tmp = repo_dir.with_name(repo_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -484,7 +594,7 @@ def write_repo(model, tokenizer, results: dict, args, family: str, repo_dir: Pat
         stem = family_names(family)["acur_base"]  # the export is built from the very files the repo carries
         cfg_cls = getattr(import_repo_code(tmp, f"configuration_{stem}"), family_names(family)["AcurBase"] + "Config")
         mdl_cls = getattr(import_repo_code(tmp, f"modeling_{stem}"), family_names(family)["AcurBase"] + "ForCausalLM")
-        cfg = export_config(model, cfg_cls, family, specs, results, save_dtype)
+        cfg = export_config(model, cfg_cls, family, specs, results, save_dtype, packed)
         export = build_export_model(model, mdl_cls, cfg, save_dtype)
         export.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -496,10 +606,15 @@ def write_repo(model, tokenizer, results: dict, args, family: str, repo_dir: Pat
         repo_dir.rename(old)
     tmp.rename(repo_dir)
     shutil.rmtree(old, ignore_errors=True)
-    sizes = size_report(args, results, repo_dir, save_dtype)
+    sizes = size_report(args, results, repo_dir, save_dtype, set(specs) | set((packed or {}).get("layers", {})))
+    if sizes["files"]["dense_weights_of_compressed_layers"]:
+        raise RuntimeError(f"export kept dense weights of compressed layers: "
+                           f"{sizes['files']['dense_weights_of_compressed_layers'][:5]}")
     verify = verify_repo(repo_dir, model, tokenizer) if args.verify else None
     export_info = {"repo_dir": str(repo_dir), "family": family, "sizes": sizes, "verify": verify,
-                   "lowrank_layers": len(specs), "code_files": code_files}
+                   "lowrank_layers": len(specs), "code_files": code_files,
+                   "packed_quant": ({k: packed[k] for k in ("format", "bits", "group_size")} | {"layers": len(packed["layers"])}
+                                    if packed else None)}
     results["export"] = export_info
     (repo_dir / "README.md").write_text(model_card(args, results, sizes, repo_dir, family, verify, hub_id))
     (repo_dir / "acur_results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -524,6 +639,9 @@ def build_repo(args) -> tuple[Path, torch.nn.Module, object, dict]:
     if args.raw_model:
         raise UsageError("--raw_model exports nothing compressed; use the base checkpoint as it is")
     acur.validate_args(args)
+    if args.weight_quant != "none" and args.compress_kv_cache and not args.save_simulated_quant:
+        raise UsageError("a packed export of --compress_kv_cache is not supported yet (the KV runtime reads float "
+                         "factors); add --save_simulated_quant to store the dequantized floats")
     family = model_family(args)
     if args.repo_dir:
         check_repo_dir(Path(args.repo_dir))
@@ -559,6 +677,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"weight bytes: compressed {s['compressed_weight_bytes']:,} vs dense {s['dense_bytes_at_save_dtype']:,} "
           f"at {s['save_dtype']} ({s['ratio_vs_dense_at_save_dtype']:.3f})"
           + (f"; dense checkpoint on disk {s['dense_checkpoint_bytes']:,}" if s["dense_checkpoint_bytes"] else ""))
+    print(size_line(s))
+    if ex.get("packed_quant"):
+        pq = ex["packed_quant"]
+        print(f"packed: {pq['layers']} quantized layers stored as {pq['bits']}-bit codes"
+              + (f", groups of {pq['group_size']}" if pq["group_size"] else ", per output channel"))
     if ex.get("verify"):
         v = ex["verify"]
         print(f"verify: reload {v['load_s']:.2f} s in a fresh process, max |logit diff| "

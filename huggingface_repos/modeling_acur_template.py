@@ -5,7 +5,8 @@ sections below, for any decoder-only family transformers knows (LLaMA, OPT, Qwen
 replacing the placeholder names: BaseConfig / BaseForCausalLM (the family's own transformers classes),
 AcurBase (the exported class prefix, e.g. AcurLlama), acur_base (the file suffix, e.g. acur_llama). The
 low-rank layer classes come from the project's modules/ (copied with inspect.getsource into
-acur_layers.py), the KV runtime from modules/kv_cache.py (acur_kv_cache.py): one source for each.
+acur_layers.py), the KV runtime from modules/kv_cache.py (acur_kv_cache.py), the packed quantized weights
+and their kernels from modules/packed_linear.py (acur_packed.py): one source for each.
 """
 # ===== BEGIN CONFIGURATION =====
 """Config of a low-rank compressed checkpoint written by CUR4LLM's build_acur_repo.py (loaded with
@@ -16,7 +17,8 @@ from transformers import BaseConfig
 
 
 class AcurBaseConfig(BaseConfig):
-    """BaseConfig + lowrank_layers {layer name: {type, method, rank, in, out, bias}} + acur (provenance).
+    """BaseConfig + lowrank_layers {layer name: {type, method, rank, in, out, bias}} + acur (provenance)
+    + packed_quant (None, or {format, bits, group_size, layers: {name: {parts}}}: quantized layers held packed).
 
     The kept column / row indices are integer tensors in the safetensors weights, not here. model_type is
     the family's own, so a plain AutoTokenizer.from_pretrained(repo) needs no remote code; the auto_map
@@ -26,15 +28,19 @@ class AcurBaseConfig(BaseConfig):
     lowrank_layers: dict | None = None
     acur: dict | None = None
     lowrank_kv_cache: bool = False
+    packed_quant: dict | None = None
 # ===== END CONFIGURATION =====
 # ===== BEGIN MODELING =====
 """Low-rank compressed model for `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)`,
 written by CUR4LLM's build_acur_repo.py. It imports nothing of CUR4LLM: the layer classes are in
-acur_layers.py, the low-rank KV cache in acur_kv_cache.py (both copied from the project's single sources).
+acur_layers.py, the low-rank KV cache in acur_kv_cache.py, the packed quantized weights and their kernels
+in acur_packed.py (all copied from the project's single sources).
 
 The model swaps in the low-rank layers inside __init__, before any weight loads: from_pretrained builds
 the model on the meta device, so the dense weights of the compressed layers are never materialised, and
-the checkpoint fills the factors (and the kept indices, integer buffers) directly.
+the checkpoint fills the factors (and the kept indices, integer buffers) directly. Quantized layers
+(config.packed_quant) are built packed too: the files' integer codes and scales load as they are, and
+from_pretrained picks each matrix's kernel for its device and dtype (`model.packed_backends`).
 """
 import inspect
 
@@ -43,6 +49,7 @@ from transformers import BaseForCausalLM
 
 from .acur_kv_cache import enable_lowrank_kv_cache
 from .acur_layers import LAYER_CLASSES
+from .acur_packed import install_packed_layers, prepare_packed
 from .configuration_acur_base import AcurBaseConfig
 
 # integer buffers of the layer classes, and the dimension their values index
@@ -118,12 +125,17 @@ class AcurBaseForCausalLM(BaseForCausalLM):
         if "lm_head" in layers and config.tie_word_embeddings:
             raise ValueError("config.lowrank_layers compresses lm_head, so tie_word_embeddings must be false")
         install_lowrank_layers(self, layers)
+        if getattr(config, "packed_quant", None):  # quantized layers: integer codes + scales, not floats
+            install_packed_layers(self, config.packed_quant)
         if getattr(config, "lowrank_kv_cache", False):  # KV-cache mode: cache the k/v latents, not K and V
             enable_lowrank_kv_cache(self)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         out = super().from_pretrained(*args, **kwargs)
-        check_lowrank_indices(out[0] if isinstance(out, tuple) else out)
+        model = out[0] if isinstance(out, tuple) else out
+        check_lowrank_indices(model)
+        if getattr(model.config, "packed_quant", None):
+            prepare_packed(model)  # kernels for the device and dtype the weights landed on
         return out
 # ===== END MODELING =====
