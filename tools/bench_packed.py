@@ -3,7 +3,7 @@
     python tools/bench_packed.py                                   # GPU: llama-1b shape, bf16, < 3 minutes
     python tools/bench_packed.py --device cpu --shape tiny-llama --decode_tokens 8 --reps 1
 
-Every decoder linear becomes a CURLinear at a uniform ratio (bench_inference.random_cur: actual columns and
+Every decoder linear becomes a CURLinear at a uniform ratio (random_cur: actual columns and
 rows of the random weight, random core); each --quant method is applied simulated (quantize_model: the floats
 research runs measure), measured, then converted in place to the packed layers exported repos load
 (quantization.to_packed, the runtime of modules/packed_linear.py = a repo's acur_packed.py) and measured again.
@@ -31,8 +31,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import quantization as qz  # noqa: E402
-from bench_inference import decode_tps, device_us, random_cur, weight_bytes  # noqa: E402
+from bench_inference import decode_tps, device_us, weight_bytes  # noqa: E402
 from bench_pipeline import SHAPES, sync  # noqa: E402
+from modules import registry  # noqa: E402
 from modules.cur_linear import CURLinear  # noqa: E402
 from modules.model_utils import find_linears, replace_module  # noqa: E402
 from modules.packed_linear import PackedCURLinear, packed_memory, prepare_packed  # noqa: E402
@@ -41,6 +42,26 @@ from modules.packed_linear import PackedCURLinear, packed_memory, prepare_packed
 EXTRA_SHAPES = {"llama-1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                            num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                                            max_position_embeddings=2048, tie_word_embeddings=False))}
+
+
+def random_cur(linear: nn.Linear, ratio: float, gen: torch.Generator, rank_align: int = 1) -> CURLinear:
+    """A CURLinear of the rank `ratio` gives: actual columns/rows of the weight, a random core U (speed and
+    bytes do not depend on how U was fitted)."""
+    W = linear.weight.data
+    m, n = W.shape
+    k = registry.get("acur").rank(m, n, ratio, rank_align)
+    cur = CURLinear(n, m, k, bias=linear.bias is not None, dtype=W.dtype, device=W.device)
+    cols = torch.randperm(n, generator=gen)[:k].sort().values.to(W.device)
+    rows = torch.randperm(m, generator=gen)[:k].sort().values.to(W.device)
+    with torch.no_grad():
+        cur.C.copy_(W[:, cols])
+        cur.R.copy_(W[rows, :])
+        cur.U.copy_(torch.randn(k, k, generator=gen).to(W) / k ** 0.5)
+        if linear.bias is not None:
+            cur.bias.copy_(linear.bias)
+        cur.col_indices.copy_(cols)
+        cur.row_indices.copy_(rows)
+    return cur
 
 
 def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int, ratio: float, rank_align: int):
