@@ -77,3 +77,38 @@ def test_device_map_refusals_are_one_line(tiny_llama_dir, tiny_text_file, tmp_pa
 def test_parse_max_memory():
     assert datautils.parse_max_memory("0=20GiB, cpu=60GiB,1=1000") == {0: "20GiB", "cpu": "60GiB", 1: 1000}
     assert datautils.parse_max_memory(None) is None
+
+
+def test_mixed_placement_stages_equal_plain_model(tiny_llama_dir, tmp_path, one_blas_thread):
+    """Block 0 in memory, block 1 on disk (what a GPU + offload map looks like): covariances, output
+    fisher and the sequential (srid) compression give the plain model's numbers and logits."""
+    from transformers import AutoModelForCausalLM
+    from act_aware_utils import input_covariances, output_fisher
+    from modules.model_utils import find_linears
+    placement = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                 "model.layers.1": "disk", "model.norm": "disk", "lm_head": "cpu"}
+    mixed = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, device_map=placement,
+                                                 offload_folder=str(tmp_path / "off")).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    assert all(p.device.type == "meta" for p in mixed.model.layers[1].parameters())
+    assert all(p.device.type == "cpu" for p in mixed.model.layers[0].parameters())
+    ids = torch.randint(0, mixed.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    lin_m, lin_p = find_linears(mixed), find_linears(plain)
+    cov_m, cov_p = input_covariances(mixed, lin_m, ids, 2), input_covariances(plain, lin_p, ids, 2)
+    fis_m, fis_p = output_fisher(mixed, lin_m, ids), output_fisher(plain, lin_p, ids)
+    for k in cov_p:
+        torch.testing.assert_close(cov_m[k], cov_p[k], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(fis_m[k], fis_p[k], rtol=1e-4, atol=1e-12)
+    args = build_parser().parse_args(["--model_id", str(tiny_llama_dir), "--param_ratio_target", "0.7",
+                                      "--method", "srid"])
+    ratios = {i.name: 0.6 for i in lin_p}
+    reports = []
+    for model, lin, cov, fis in ((mixed, lin_m, cov_m, fis_m), (plain, lin_p, cov_p, fis_p)):
+        stats = acur.layer_stats(lin, None, cov, fis, ids.numel())
+        reports.append(acur.compress_model(lin, ratios, None, args, desc=None, covs=cov, stats=stats,
+                                           sequential=(model, ids)))
+    assert {k: v["rank"] for k, v in reports[0].items()} == {k: v["rank"] for k, v in reports[1].items()}
+    assert all(v["rank"] is not None for v in reports[0].values())
+    assert all(is_offloaded_module(mixed.get_submodule(n)) for n in reports[0] if n.startswith("model.layers.1."))
+    with torch.no_grad():
+        torch.testing.assert_close(mixed(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-5)
