@@ -9,7 +9,6 @@ The scales are returned as a plain dict {layer name: fp32 tensor (in_features,)}
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Callable
 
 import torch
@@ -17,7 +16,8 @@ import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
-from modules.model_utils import LinearInfo, capture_block_inputs, decoder_parts, run_block
+from modules.model_utils import (LinearInfo, capture_block_inputs, clone_module, decoder_parts, has_offload, input_device,
+                                 run_block)
 
 SCALING_METHODS = ("abs_mean", "abs_max", "fisher", "fisher_abs_mean")
 
@@ -31,7 +31,7 @@ def _batches(ids: torch.Tensor, batch_size: int):
 def activation_stats(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
                      batch_size: int = 1) -> dict[str, dict[str, torch.Tensor]]:
     """abs_mean and abs_max of every linear's input, in one pass over the calibration data."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     sums, maxes, counts, hooks = {}, {}, {}, []
 
     def make_hook(name):
@@ -61,7 +61,9 @@ def activation_stats(model: nn.Module, linears: list[LinearInfo], calib_ids: tor
 def fisher_stats(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
                  batch_size: int = 1) -> dict[str, torch.Tensor]:
     """sqrt of the mean squared weight gradient per input column (empirical Fisher diagonal)."""
-    device = next(model.parameters()).device
+    if has_offload(model):  # the gradient would land on the tensor the hook loaded, not on .weight
+        raise ValueError("weight-gradient statistics need every weight on a device, not offloaded")
+    device = input_device(model)
     acc = {info.name: torch.zeros(info.module.in_features, device=device) for info in linears}
     was_training = model.training
     model.eval()
@@ -115,7 +117,7 @@ def input_covariances(model: nn.Module, linears: list[LinearInfo], calib_ids: to
     Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator and one result
     tensor, which cuts time and memory (and cache size: torch.save stores a shared tensor once)."""
     parts = decoder_parts(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     batches = [calib_ids[i:i + batch_size].to(device) for i in range(0, calib_ids.shape[0], batch_size)]
     if parts is None:  # unknown layout: one pass over the whole model
         return _covariances_of(lambda: [model(b, use_cache=False) for b in batches], linears)
@@ -193,6 +195,8 @@ def checkpointed_blocks(model: nn.Module):
     unknown layout run unchanged."""
     parts = decoder_parts(model)
     layers = list(parts.layers) if parts is not None else []
+    # an instance-level forward (accelerate's hook wrapper under a device_map) is wrapped, then put back
+    previous = [layer.__dict__.get("forward") for layer in layers]
     for layer in layers:
         def forward(*args, _f=layer.forward, **kwargs):
             return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)
@@ -200,8 +204,11 @@ def checkpointed_blocks(model: nn.Module):
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, prev in zip(layers, previous):
+            if prev is None:
+                del layer.forward
+            else:
+                layer.forward = prev
 
 
 def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
@@ -215,7 +222,7 @@ def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.
     layers (binary_search.allocate) and a row ID keeps the rows the loss needs most. Weights are not
     differentiated: only activations carry gradients (no weight-gradient memory); checkpoint: blocks
     are recomputed in the backward (checkpointed_blocks), so memory is the model plus one block."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     acc = {info.name: torch.zeros(info.module.out_features, device=device) for info in linears}
     count = [0]
     hooks, req = [], {p: p.requires_grad for p in model.parameters()}
@@ -225,7 +232,7 @@ def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.
     def make_hook(name):
         def hook(_mod, _inputs, out):
             def grad_hook(g):
-                acc[name].add_(g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0))  # returns None: grad unchanged
+                acc[name].add_(g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).to(acc[name].device))  # grad unchanged
             if out.requires_grad:
                 out.register_hook(grad_hook)
         return hook
@@ -323,13 +330,13 @@ def sequential_calibration(model: nn.Module, linears: list[LinearInfo], calib_id
     parts = decoder_parts(model)
     if parts is None:
         raise ValueError(f"{type(model).__name__}: sequential calibration needs a known decoder layout")
-    device = next(model.parameters()).device
+    device = input_device(model)
     batches = [calib_ids[i:i + batch_size].to(device) for i in range(0, calib_ids.shape[0], batch_size)]
     h_c, kwargs = capture_block_inputs(model, parts.layers, batches)
     h_d = [h.clone() for h in h_c]
     for b, block in enumerate(tqdm(parts.layers, desc=desc)):
         infos = [i for i in linears if i.block == b]
-        dense_block = copy.deepcopy(block) if infos else block
+        dense_block = clone_module(block) if infos else block  # offloaded: same dense storage
         if infos:
             twin = {id(m): name for name, m in block.named_modules()}
             dense_of = dict(dense_block.named_modules())

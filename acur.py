@@ -41,7 +41,7 @@ import kv_compress
 from modules import registry
 from modules.decompositions import release_pick_graphs
 from modules.low_rank_linear import LayerStats, compress_linear
-from modules.model_utils import LinearInfo, find_linears, replace_module
+from modules.model_utils import LinearInfo, find_linears, materialized, replace_module
 
 RESULT_SCHEMA = "cur4llm.result/1"
 
@@ -101,9 +101,10 @@ def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: 
         row = {"ratio": r, "shape": [m, n], "params_dense": m * n, "rank": None,
                "params": m * n, "fallback": ""}
         if r < 1:
-            cur = compress_linear(info.module, r, scale=layer_scale(scales, info.name), alpha=args.alpha,
-                                  cov=None if st is not None else layer_scale(covs, info.name), generator=gen,
-                                  stats=st, **method_settings(args))
+            with materialized(info.module):  # offloaded (--device_map auto): the real weight, loaded for the fit
+                cur = compress_linear(info.module, r, scale=layer_scale(scales, info.name), alpha=args.alpha,
+                                      cov=None if st is not None else layer_scale(covs, info.name), generator=gen,
+                                      stats=st, **method_settings(args))
             row.update(rank=cur.rank, params=cur.param_count(), fallback=cur.fallback)
             if cur.fallback:
                 print(f"WARNING: {info.name}: {cur.fallback}")
@@ -348,6 +349,8 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
     model, tokenizer, fp = timed("load_model", load_model, args)
     results["model"] = {**fp, "class": type(model).__name__,
                         "params_total": sum(p.numel() for p in model.parameters())}
+    if args.device_map == "auto":  # where accelerate put each part
+        results["model"]["device_map"] = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
     linears = select_linears(model, args)
     if not args.raw_model:
         check_rank_align(linears, args)

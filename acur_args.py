@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="model dtype; auto = float16 on CUDA, float32 on CPU. Decompositions are fp32 anyway")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--device_map", default="none", choices=["none", "auto"],
+                   help="auto: accelerate places the model over the GPUs, CPU and disk (offload) for a model that "
+                        "does not fit on one device; every stage then runs through its dispatch hooks")
+    g.add_argument("--max_memory", default=None,
+                   help="with --device_map auto: memory per device for the placement, e.g. 0=20GiB,cpu=60GiB "
+                        "(what does not fit is offloaded to the CPU, then to disk under --output_dir)")
     g = p.add_argument_group("compression target (give one)")
     g.add_argument("--param_ratio_target", type=float, default=-1,
                    help="kept fraction of the compressed linears' parameters, 0 < r <= 1")
@@ -191,6 +197,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if has_ppl and not args.ppl_target > 0:
         raise UsageError(f"--ppl_target must be > 0, got {args.ppl_target}")
     validate_kv_args(args)
+    validate_device_map_args(args)
     if not args.raw_model and not args.compress_kv_cache and has_ratio == has_ppl:
         raise UsageError("give exactly one of --param_ratio_target and --ppl_target (or --raw_model)")
     if not args.alpha >= 0:
@@ -223,6 +230,32 @@ def validate_args(args: argparse.Namespace) -> None:
         if looks_like_path or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", model_id):
             raise UsageError(f"model not found: {model_id!r} is neither a local directory, an offline "
                              f"alias ({', '.join(datautils.OFFLINE_MODELS)}) nor a hub id")
+
+
+def validate_device_map_args(args: argparse.Namespace) -> None:
+    """--device_map auto / --max_memory: what runs on a dispatched (offloaded) model and what is refused:
+    the refused stages write into or take gradients of weights that accelerate keeps on 'meta'."""
+    auto = getattr(args, "device_map", "none") == "auto"
+    if getattr(args, "max_memory", None) is not None:
+        if not auto:
+            raise UsageError("--max_memory needs --device_map auto")
+        try:
+            datautils.parse_max_memory(args.max_memory)
+        except ValueError as exc:
+            raise UsageError(f"--max_memory: {exc}") from None
+    if not auto:
+        return
+    refused = [("--device", args.device != "auto", "accelerate places the model itself"),
+               ("--compress_kv_cache", args.compress_kv_cache, "the KV-cache mode rewrites attention weights in place"),
+               ("--weight_quant", args.weight_quant != "none", "quantization rewrites the factors in place"),
+               ("--compress_lm_head", args.compress_lm_head, "lm_head is tied to offloaded embeddings"),
+               ("--scaling_method", args.act_aware and args.scaling_method in ("fisher", "fisher_abs_mean"),
+                "weight gradients do not reach offloaded weights; use abs_mean or abs_max"),
+               ("--compile_blocks on", args.compile_blocks == "on", "compiled blocks cannot run accelerate's hooks"),
+               ("torchrun", int(os.environ.get("WORLD_SIZE", "1")) > 1, "one process holds the dispatched model")]
+    for flag, bad, why in refused:
+        if bad:
+            raise UsageError(f"{flag} is not supported with --device_map auto ({why})")
 
 
 def validate_kv_args(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -496,6 +497,34 @@ def init_distributed(args: argparse.Namespace) -> int:
     return dist.get_rank()
 
 
+def parse_max_memory(spec: str | None) -> dict | None:
+    """--max_memory "0=20GiB,cpu=60GiB" as from_pretrained's max_memory ({0: "20GiB", "cpu": "60GiB"})."""
+    if spec is None:
+        return None
+    out: dict = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, sep, value = (t.strip() for t in item.partition("="))
+        if not sep or not re.fullmatch(r"\d+|cpu|disk|mps|xpu:?\d*|npu:?\d*", key) \
+                or not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", value, re.IGNORECASE):
+            raise ValueError(f"expected DEVICE=SIZE items like 0=20GiB,cpu=60GiB, got {item!r}")
+        out[int(key) if key.isdigit() else key] = int(value) if value.isdigit() else value
+    if not out:
+        raise ValueError("empty")
+    return out
+
+
+def dispatch_kwargs(args: argparse.Namespace) -> dict:
+    """from_pretrained's placement arguments of --device_map auto: accelerate's plan under --max_memory,
+    disk offload into a fresh folder under --output_dir (removed when the process exits)."""
+    import atexit
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="offload-", dir=out_dir)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return {"device_map": "auto", "max_memory": parse_max_memory(getattr(args, "max_memory", None)),
+            "offload_folder": folder}
+
+
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, object, dict]:
     """(model, tokenizer, fingerprint). Clear one-line errors for a missing model or a too-long window."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -518,9 +547,14 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, object, dict]
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
     check_user_texts(args, tokenizer)
     device, dtype = pick_device_dtype(args)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=args.revision, dtype=dtype,
-                                                 device_map=str(device) if device.type == "cuda" else None)
-    model.to(device).eval()
+    if getattr(args, "device_map", "none") == "auto":  # dispatched: accelerate's hooks move weights and inputs
+        model = AutoModelForCausalLM.from_pretrained(path, revision=args.revision, dtype=dtype, **dispatch_kwargs(args))
+        model.eval()
+        print(f"[acur] device_map auto: {getattr(model, 'hf_device_map', None) or 'one device'}")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=args.revision, dtype=dtype,
+                                                     device_map=str(device) if device.type == "cuda" else None)
+        model.to(device).eval()
     model.config.use_cache = False
     fp["commit"] = getattr(config, "_commit_hash", None)
     fp["dtype"] = str(dtype)

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from modules.model_utils import input_device
+
 
 def windows(ids: torch.Tensor, seqlen: int, max_windows: int = 0, bos_token_id: int | None = None
             ) -> torch.Tensor:
@@ -48,7 +50,7 @@ def token_nll_tensor(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[tor
 def perplexity_of_windows(model: nn.Module, windows_ids: torch.Tensor, batch_size: int = 1,
                           desc: str | None = "perplexity") -> float:
     """exp(mean NLL) of a model over a (n, seqlen) batch of windows. NaN is returned as NaN."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     starts = range(0, windows_ids.shape[0], batch_size)
     for i in tqdm(starts, desc=desc, disable=desc is None, leave=False):

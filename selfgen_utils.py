@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 import datautils
+from modules.model_utils import input_device
 
 SELFGEN_VERSION = 1  # bump when the sampling changes (it keys the cache)
 
@@ -35,7 +36,7 @@ def sample_tokens(model, start_id: int, n_samples: int, seqlen: int, seed: int, 
     if n_samples < 1 or seqlen < 2 or batch_size < 1 or not temperature > 0:
         raise ValueError(f"selfgen: bad sizes n_samples={n_samples} seqlen={seqlen} batch_size={batch_size} "
                          f"temperature={temperature}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows = []
     for b0 in range(0, n_samples, batch_size):
         bsz = min(batch_size, n_samples - b0)

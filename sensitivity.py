@@ -38,7 +38,8 @@ from modules.low_rank_linear import LayerStats, compress_candidates, prepare_can
 from modules import decompositions as dec
 from modules.cur_math import scaled_weight, stable_rank
 from modules import registry
-from modules.model_utils import LinearInfo, capture_block_inputs, decoder_parts, replace_module
+from modules.model_utils import (LinearInfo, capture_block_inputs, decoder_parts, has_offload, input_device,
+                                 materialized, replace_module)
 
 METRICS = ("ppl", "fisher_error", "stable_rank", "spectral")
 DEFAULT_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -85,7 +86,7 @@ class BlockRunner:
             if hasattr(inductor_config, "deterministic"):
                 inductor_config.deterministic = True
         self.compiled = compile_blocks
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.run_head = torch.compile(self._head_loss, dynamic=False) if compile_blocks else self._head_loss
         self.batches = [calib_ids[i:i + batch_size].to(self.device)
                         for i in range(0, calib_ids.shape[0], batch_size)]
@@ -202,9 +203,10 @@ def decompose_candidates(info: LinearInfo, ratios: list[float], scales: dict | N
             stack.enter_context(torch.cuda.device(stream.device))
             stack.enter_context(torch.cuda.stream(stream))
         # one factory for every --method (cur_kwargs may hold method, cov_damp); acur: same SVD reuse as before
-        curs = compress_candidates(info.module, ratios, scales.get(info.name) if scales else None, alpha,
-                                   covs.get(info.name) if covs else None,
-                                   stats=stats.get(info.name) if stats else None, **cur_kwargs)
+        with materialized(info.module):  # an offloaded weight is read from accelerate's weights map
+            curs = compress_candidates(info.module, ratios, scales.get(info.name) if scales else None, alpha,
+                                       covs.get(info.name) if covs else None,
+                                       stats=stats.get(info.name) if stats else None, **cur_kwargs)
         if dense:
             dtype = info.module.weight.dtype
             curs = [dense_equivalent(c, dtype) for c in curs]
@@ -238,18 +240,19 @@ def sensitivity_ppl(model: nn.Module, linears: list[LinearInfo], calib_ids: torc
     else:
         mine = todo
     runner = None
-    device = next(model.parameters()).device
-    if compile_blocks is None:
-        compile_blocks = device.type == "cuda"
+    device = input_device(model)
+    offloaded = has_offload(model)  # accelerate loads weights at each forward: no in-place weight writes,
+    if compile_blocks is None:      # no decompositions on a side thread (it would race the loading hooks)
+        compile_blocks = device.type == "cuda" and not offloaded
     if fast and mine:
         try:
             runner = BlockRunner(model, calib_ids, batch_size, compile_blocks=compile_blocks)
         except ValueError:
             print("WARNING: unknown model layout; sensitivity uses full forward passes (slower, same result)")
     # candidates go into the layer's own weight as dense equivalents (fast path, plain nn.Linear layers)
-    dense = runner is not None and all(type(i.module) is nn.Linear for i in mine)
+    dense = runner is not None and not offloaded and all(type(i.module) is nn.Linear for i in mine)
     # on a GPU the next layer's decompositions run on a side stream while this layer's forwards run
-    stream = torch.cuda.Stream(device) if device.type == "cuda" and len(mine) > 1 else None
+    stream = torch.cuda.Stream(device) if device.type == "cuda" and len(mine) > 1 and not offloaded else None
     pool = ThreadPoolExecutor(1, thread_name_prefix="cur-decompose") if stream is not None else None
     args = (ratios, scales, alpha, cur_kwargs, stream, covs, dense, stats)
     # decompositions run up to PREFETCH layers ahead: the late blocks' short forwards cannot hide an SVD
@@ -324,7 +327,8 @@ def sensitivity_stable_rank(linears: list[LinearInfo], ratios: list[float], scal
     results = dict(done or {})
     for info in tqdm([i for i in linears if i.name not in results], desc="sensitivity (stable rank)"):
         scale = scales.get(info.name) if scales else None
-        w = scaled_weight(info.module.weight.data, scale, alpha)
+        with materialized(info.module):
+            w = scaled_weight(info.module.weight.data, scale, alpha)
         sr = stable_rank(w) if torch.isfinite(w).all() else math.nan
         if math.isnan(sr):
             print(f"WARNING: {info.name}: non-finite scaled weight, stable rank unknown; scored as "
@@ -348,7 +352,8 @@ def sensitivity_spectral(linears: list[LinearInfo], ratios: list[float], scales:
     results = dict(done or {})
     for info in tqdm([i for i in linears if i.name not in results], desc="sensitivity (spectral)"):
         scale = scales.get(info.name) if scales else None
-        w = scaled_weight(info.module.weight.data, scale, alpha)
+        with materialized(info.module):
+            w = scaled_weight(info.module.weight.data, scale, alpha)
         m, n = w.shape
         if torch.isfinite(w).all():
             energy = torch.linalg.svdvals(w).double().pow(2)
@@ -414,7 +419,8 @@ def sensitivity_fisher_error(linears: list[LinearInfo], ratios: list[float], sta
             print(f"WARNING: {info.name}: no finite input covariance; scored as maximally sensitive")
             results[info.name] = {ratio_key(r): math.inf for r in ratios}
         else:
-            results[info.name] = fisher_error_row(info, ratios, st, alpha, settings)
+            with materialized(info.module):
+                results[info.name] = fisher_error_row(info, ratios, st, alpha, settings)
         if on_progress is not None:
             on_progress(results)
     return results

@@ -638,6 +638,8 @@ def build_repo(args) -> tuple[Path, torch.nn.Module, object, dict]:
     Returns (repo dir, in-memory compressed model, tokenizer, results) like run_pipeline."""
     if args.raw_model:
         raise UsageError("--raw_model exports nothing compressed; use the base checkpoint as it is")
+    if getattr(args, "device_map", "none") == "auto":  # the offloaded factors sit in hooks' weights maps, not in .weight
+        raise UsageError("--device_map auto is not supported by build_acur_repo.py (export reads every weight)")
     acur.validate_args(args)
     if args.weight_quant != "none" and args.compress_kv_cache and not args.save_simulated_quant:
         raise UsageError("a packed export of --compress_kv_cache is not supported yet (the KV runtime reads float "

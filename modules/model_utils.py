@@ -6,7 +6,10 @@ so sensitivity can run only the blocks after a replaced layer.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -53,8 +56,76 @@ def find_linears(model: nn.Module, include_lm_head: bool = False,
 
 
 def replace_module(info: LinearInfo, new: nn.Module) -> None:
+    """Swap info's module for `new`. When the old module is offloaded by accelerate (its weights on
+    'meta', loaded at each forward by an AlignDevicesHook), `new` is offloaded the same way: its own
+    tensors become its hook's CPU weights map, so the swapped-in module runs, and the dispatched
+    model's GPU memory stays as accelerate planned it (the old module's entries are simply unused)."""
+    old = info.module
+    if is_offloaded_module(old) and not is_offloaded_module(new):
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+        dev = old._hf_hook.execution_device
+        new.to(dev)
+        add_hook_to_module(new, AlignDevicesHook(execution_device=dev, offload=True, place_submodules=True))
     setattr(info.parent, info.attr, new)
     info.module = new
+
+
+# ---------------------------------------------------------------- models dispatched by accelerate (device_map)
+def is_offloaded_module(module: nn.Module) -> bool:
+    """True when accelerate holds this module's weights off-device (params on 'meta', hook loads them)."""
+    hook = getattr(module, "_hf_hook", None)
+    return hook is not None and bool(getattr(hook, "offload", False))
+
+
+def has_offload(model: nn.Module) -> bool:
+    """True when any parameter of the model is offloaded (on the 'meta' device)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module) -> Iterator[nn.Module]:
+    """The module with its real weights on its execution device inside the block (offloaded
+    modules: loaded from accelerate's weights map, offloaded again on exit); others unchanged.
+    Whatever reads a weight (decompositions, scores) goes through this: a 'meta' weight has no values."""
+    if is_offloaded_module(module):
+        from accelerate.utils import align_module_device
+        with align_module_device(module):
+            yield module
+        return
+    bad = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    if bad:
+        raise RuntimeError(f"{type(module).__name__}: parameter {bad[0]!r} is on 'meta' without an "
+                           "accelerate offload hook on the module itself; cannot read its weight")
+    yield module
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's input ids go: the input embedding's execution device under a device_map
+    (an offloaded embedding's parameters say 'meta'), else the first parameter's device."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    hook = getattr(emb, "_hf_hook", None) if emb is not None else None
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        dev = hook.execution_device
+        return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    for p in (emb.parameters() if emb is not None else model.parameters()):
+        if p.device.type != "meta":
+            return p.device
+    return next(model.parameters()).device
+
+
+def clone_module(module: nn.Module) -> nn.Module:
+    """copy.deepcopy that shares accelerate hooks' weights maps (and tied-parameter maps) instead of
+    copying them: the copy of an offloaded block loads the same dense weights from the same storage
+    (a deepcopy would duplicate the whole offloaded state dict, or fail on disk-backed maps)."""
+    memo: dict = {}
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        for attr in ("weights_map", "tied_params_map"):
+            obj = getattr(hook, attr, None) if hook is not None else None
+            if obj is not None:
+                memo[id(obj)] = obj
+    return copy.deepcopy(module, memo)
 
 
 @dataclass
