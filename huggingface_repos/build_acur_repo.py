@@ -46,6 +46,7 @@ import quantization  # noqa: E402
 from acur import UsageError  # noqa: E402
 from modules import kv_cache, packed_linear  # noqa: E402
 from modules.model_utils import decoder_layers, find_linears  # noqa: E402
+from modules.runtime_text import runtime_source  # noqa: E402
 
 TEMPLATE = HERE / "modeling_acur_template.py"  # the one source of every family's configuration/modeling files
 # config keys that describe the base checkpoint rather than the exported one
@@ -264,8 +265,8 @@ def write_repo_code(folder: Path, model, family: str) -> list[str]:
     """Write the configuration/modeling files, acur_layers.py and acur_kv_cache.py; returns their names."""
     files = family_files(family)
     files["acur_layers.py"] = layers_source(lowrank_layer_classes(model))
-    files["acur_kv_cache.py"] = kv_cache.runtime_source()  # imported by the modeling file
-    files["acur_packed.py"] = packed_linear.runtime_source()  # imported by the modeling file
+    files["acur_kv_cache.py"] = runtime_source(kv_cache)  # imported by the modeling file
+    files["acur_packed.py"] = runtime_source(packed_linear)  # imported by the modeling file
     for name, src in files.items():
         (folder / name).write_text(src)
     return sorted(files)

@@ -3,7 +3,7 @@ of every token instead of K and V, and attention rebuilds K = C z + b (then RoPE
 
 This file is the RUNTIME only (the cache layer, the attention module, enable/disable). What lies between
 the markers imports only torch and transformers, because huggingface_repos/build_acur_repo.py copies it
-verbatim into exported repos (`runtime_source()`), which cannot import this project. What acur.py's
+verbatim into exported repos (`modules.runtime_text.runtime_source`), which cannot import this project. What acur.py's
 --compress_kv_cache does with it (rank fractions, sensitivity, compression, the bytes report) is the
 stage script kv_compress.py; the pure rank arithmetic is modules/kv_ranks.py.
 
@@ -322,16 +322,6 @@ def cache_nbytes(cache: Cache) -> int:
     return total
 # ===== END LOW-RANK KV RUNTIME =====
 
-from pathlib import Path  # noqa: E402
-
-_BEGIN, _END = "# ===== BEGIN LOW-RANK KV RUNTIME", "# ===== END LOW-RANK KV RUNTIME ====="
-
-
-def runtime_source() -> str:
-    """The RUNTIME part of this file as a standalone module (for exported repos)."""
-    text = Path(__file__).read_text()
-    start, end = text.index(_BEGIN), text.index(_END)
-    body = text[text.index("\n", start) + 1:end]
-    return ('"""Low-rank KV cache of ACUR-compressed models (copied from CUR4LLM modules/kv_cache.py).\n\n'
-            "The cache holds the latent U R x of k_proj / v_proj instead of K and V; attention rebuilds them.\n"
-            '"""\nfrom __future__ import annotations\n\n' + body)
+# what tools copy it by (modules/runtime_text.runtime_source): the marker name and the copy's docstring
+RUNTIME_MARK = "LOW-RANK KV RUNTIME"
+RUNTIME_DOC = "Low-rank KV cache of ACUR-compressed models (copied from CUR4LLM modules/kv_cache.py).\n\nThe cache holds the latent U R x of k_proj / v_proj instead of K and V; attention rebuilds them."

@@ -23,7 +23,7 @@ the dequantized weight on a probe input (a kernel that errors or disagrees is ne
     anything else: dequantize to the compute dtype in every forward (memory stays packed, speed does not):
                   a recorded fallback with a warning.
 The part between the markers imports only torch: huggingface_repos/build_acur_repo.py copies it verbatim into
-exported repos (acur_packed.py, `runtime_source()`), which must load without this project.
+exported repos (acur_packed.py, `modules.runtime_text.runtime_source`), which must load without this project.
 """
 from __future__ import annotations
 
@@ -384,17 +384,6 @@ def packed_memory(model: nn.Module) -> dict[str, int]:
             "matrices": len(mats)}
 # ===== END PACKED RUNTIME =====
 
-from pathlib import Path  # noqa: E402
-
-_BEGIN, _END = "# ===== BEGIN PACKED RUNTIME", "# ===== END PACKED RUNTIME ====="
-
-
-def runtime_source() -> str:
-    """The RUNTIME part of this file as a standalone module (acur_packed.py of exported repos)."""
-    text = Path(__file__).read_text()
-    start, end = text.index(_BEGIN), text.index(_END)
-    body = text[text.index("\n", start) + 1:end]
-    return ('"""Packed quantized weights of this repo and their kernels (copied from CUR4LLM '
-            'modules/packed_linear.py).\n\nStored: integer codes (int8, or two 4-bit codes per uint8), per-group '
-            'scales and zero points;\nrun with torch\'s int4 / int8 kernels where they apply, else dequantized '
-            'per forward (warned).\n"""\nfrom __future__ import annotations\n\n' + body)
+# what tools copy it by (modules/runtime_text.runtime_source): the marker name and the copy's docstring
+RUNTIME_MARK = "PACKED RUNTIME"
+RUNTIME_DOC = "Packed quantized weights of this repo and their kernels (copied from CUR4LLM modules/packed_linear.py).\n\nStored: integer codes (int8, or two 4-bit codes per uint8), per-group scales and zero points;\nrun with torch's int4 / int8 kernels where they apply, else dequantized per forward (warned)."

@@ -19,6 +19,7 @@ from modules import kv_cache as kv
 from modules import kv_ranks
 from modules.cur_linear import CURLinear
 from modules.model_utils import find_linears
+from modules.runtime_text import runtime_source
 
 LOGIT_ATOL = 1e-4  # fp32 tiny models: cached decode vs full no-cache forward (measured < 1e-6)
 
@@ -216,7 +217,7 @@ def test_kv_mode_usage_errors(extra, message, tiny_llama_dir, tiny_text_file, tm
 
 def test_runtime_section_is_self_contained():
     """The code exported repos get imports only torch/transformers and provides the entry points."""
-    src = kv.runtime_source()
+    src = runtime_source(kv)
     assert "from modules" not in src and "import acur" not in src and "sensitivity" not in src
     ns: dict = {"__name__": "exported_kv_cache"}
     exec(compile(src, "acur_kv_cache.py", "exec"), ns)
@@ -376,7 +377,7 @@ def test_random_export_round_trip_keeps_lowrank_cache(tiny_llama_dir, tiny_opt_d
         _, model, tok, res = bar.build_repo(bar.build_parser().parse_args(argv))
         cfg = json.loads((repo / "config.json").read_text())
         assert cfg["lowrank_kv_cache"] is True and cfg["acur"]["kv_cache"]["reached"] == res["kv_cache"]["reached"]
-        assert (repo / "acur_kv_cache.py").read_text() == kv.runtime_source()
+        assert (repo / "acur_kv_cache.py").read_text() == runtime_source(kv)
         assert "bytes per token" in (repo / "README.md").read_text()
         with torch.no_grad():
             ref = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,

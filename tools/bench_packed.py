@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import sys
 import time
@@ -32,7 +31,7 @@ from torch import nn  # noqa: E402
 
 import quantization as qz  # noqa: E402
 from bench_inference import decode_tps, device_us, weight_bytes  # noqa: E402
-from bench_pipeline import SHAPES, sync  # noqa: E402
+from bench_pipeline import SHAPES, sync, write_json  # noqa: E402
 from modules import registry  # noqa: E402
 from modules.cur_linear import CURLinear  # noqa: E402
 from modules.model_utils import find_linears, replace_module  # noqa: E402
@@ -243,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = run(a)
     print_report(rep)
     if a.json_out:
-        Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json_out).write_text(json.dumps(rep, indent=1, default=str))
+        write_json(a.json_out, rep)
     return 0
 
 

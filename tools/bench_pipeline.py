@@ -456,9 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print_report(rep)
         if a.json_out:
-            Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json_out).write_text(json.dumps(rep, indent=1, default=str))
+            write_json(a.json_out, rep)
     return 0
+
+
+def write_json(path: str, rep: dict) -> None:
+    """A bench's report as JSON (every number, for experiments/measured/)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(rep, indent=1, default=str))
 
 
 if __name__ == "__main__":
