@@ -316,52 +316,60 @@ def _capture_input(block: nn.Module, module: nn.Module, h: torch.Tensor, kwargs:
 
 @torch.no_grad()
 def sequential_calibration(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
-                           batch_size: int, fit_group: GroupFit, desc: str = "sequential calibration") -> None:
+                           batch_size: int, fit_group: GroupFit, desc: str = "sequential calibration",
+                           cross: bool = True) -> None:
     """Compress block by block, fitting every linear on the inputs the already-compressed model gives it.
 
     Errors compound through depth when each layer is fitted to the dense model's inputs; here (as
     GPTQ does for quantization) block b's linears are fitted, group by group in execution order
     (a group = the linears that share one input), on x~ = the input the compressed blocks before them
-    produce, against the dense model's own input x at the same tokens. fit_group(group, stats)
-    replaces the group's modules; stats[name] = {"cov": E[x~ x~^T], "cross": E[x x~^T],
-    "n_tokens": N} in fp64. Two streams of hidden states (dense, compressed) advance block by
-    block; each group costs two partial block passes per batch. lm_head (block -1) is fitted last,
-    on the final norm's output."""
+    produce. fit_group(group, stats) replaces the group's modules; stats[name] = {"cov": E[x~ x~^T],
+    "cross": E[x x~^T] against the dense model's own input x at the same tokens (None when
+    cross=False), "n_tokens": N} in fp64. With cross, two streams of hidden states (dense, compressed)
+    advance block by block and each group costs two partial block passes per batch; without it (a
+    method that does not read the cross term) only the compressed stream runs: no dense copy of the
+    block, half the passes. lm_head (block -1) is fitted last, on the final norm's output."""
     parts = decoder_parts(model)
     if parts is None:
         raise ValueError(f"{type(model).__name__}: sequential calibration needs a known decoder layout")
     device = input_device(model)
     batches = [calib_ids[i:i + batch_size].to(device) for i in range(0, calib_ids.shape[0], batch_size)]
     h_c, kwargs = capture_block_inputs(model, parts.layers, batches)
-    h_d = [h.clone() for h in h_c]
+    h_d = [h.clone() for h in h_c] if cross else None
     for b, block in enumerate(tqdm(parts.layers, desc=desc)):
         infos = [i for i in linears if i.block == b]
-        dense_block = clone_module(block) if infos else block  # offloaded: same dense storage
+        dense_block = clone_module(block) if infos and cross else block  # offloaded: same dense storage
         if infos:
             twin = {id(m): name for name, m in block.named_modules()}
             dense_of = dict(dense_block.named_modules())
             for group in _group_by_input(block, infos, h_c[0], kwargs[0][b]):
-                cov = cross = None
+                cov = xcov = None
                 n = 0
                 for j in range(len(batches)):
-                    x_d = _capture_input(dense_block, dense_of[twin[id(group[0].module)]], h_d[j], kwargs[j][b])
                     x_c = _capture_input(block, group[0].module, h_c[j], kwargs[j][b])
-                    c, x = (x_c.T @ x_c).double(), (x_d.T @ x_c).double()
-                    cov, cross = (c, x) if cov is None else (cov + c, cross + x)
+                    c = (x_c.T @ x_c).double()
+                    cov = c if cov is None else cov + c
+                    if cross:
+                        x_d = _capture_input(dense_block, dense_of[twin[id(group[0].module)]], h_d[j], kwargs[j][b])
+                        x = (x_d.T @ x_c).double()
+                        xcov = x if xcov is None else xcov + x
                     n += x_c.shape[0]
-                stats = {"cov": cov / n, "cross": cross / n, "n_tokens": n}
+                stats = {"cov": cov / n, "cross": xcov / n if cross else None, "n_tokens": n}
                 fit_group(group, {i.name: stats for i in group})
         for j in range(len(batches)):
-            h_d[j] = run_block(dense_block, h_d[j], kwargs[j][b])
+            if cross:
+                h_d[j] = run_block(dense_block, h_d[j], kwargs[j][b])
             h_c[j] = run_block(block, h_c[j], kwargs[j][b])
         del dense_block
     heads = [i for i in linears if i.block < 0]
     if heads:
         pre = parts.head_modules[:-1]  # final norm (+ projection) before lm_head
-        x_d = torch.cat([_apply(pre, h) for h in h_d]).reshape(-1, h_d[0].shape[-1]).float()
         x_c = torch.cat([_apply(pre, h) for h in h_c]).reshape(-1, h_c[0].shape[-1]).float()
-        stats = {"cov": (x_c.T @ x_c).double() / x_c.shape[0], "cross": (x_d.T @ x_c).double() / x_c.shape[0],
-                 "n_tokens": x_c.shape[0]}
+        xcov = None
+        if cross:
+            x_d = torch.cat([_apply(pre, h) for h in h_d]).reshape(-1, h_d[0].shape[-1]).float()
+            xcov = (x_d.T @ x_c).double() / x_c.shape[0]
+        stats = {"cov": (x_c.T @ x_c).double() / x_c.shape[0], "cross": xcov, "n_tokens": x_c.shape[0]}
         fit_group(heads, {i.name: stats for i in heads})
 
 

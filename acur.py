@@ -120,7 +120,7 @@ def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: 
                     fit(info, dataclasses.replace(base, cov=m["cov"], cross=m["cross"], n_tokens=m["n_tokens"]))
             model, calib_ids = sequential
             sequential_calibration(model, linears, calib_ids, args.calib_batch_size, fit_group,
-                                   desc=desc or "sequential calibration")
+                                   desc=desc or "sequential calibration", cross=registry.get(args.method).correct)
             return {i.name: report[i.name] for i in linears}  # execution order
         for info in tqdm(linears, desc=desc, disable=desc is None):
             fit(info, (stats or {}).get(info.name))

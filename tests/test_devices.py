@@ -144,6 +144,33 @@ def test_tiny_model_stages_on_device(device, tiny_llama_dir, tiny_text_file, tmp
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sequential_without_the_dense_stream_fits_the_same_srid(device, tiny_llama_dir, tiny_text_file):
+    """srid reads no cross term: the compressed stream alone (no dense block copy, half the passes) gives
+    bit-identical factors to the two-stream run, and hands the fit no cross statistic."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import datautils
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = datautils.get_calib_data(f"text:{tiny_text_file}", tok, 4, 32, seed=0)
+    runs = []
+    for cross in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).to(device).eval()
+        linears = find_linears(model)
+        seen = []
+
+        def fit(group, measured):
+            for info in group:
+                m = measured[info.name]
+                seen.append(m["cross"] is not None)
+                st = LayerStats(cov=m["cov"], cross=m["cross"], n_tokens=m["n_tokens"])
+                replace_module(info, compress_linear(info.module, 0.7, "srid", stats=st))
+        sequential_calibration(model, linears, ids, 2, fit, cross=cross)
+        assert seen and all(x == cross for x in seen)
+        runs.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", list(registry.METHODS))
 def test_tiny_pipeline_every_method_on_device(device, method, tiny_llama_dir, tiny_text_file, tmp_path):
     """Sensitivity (fisher_error), search, compression and evaluation, per method, on the device."""
