@@ -422,13 +422,16 @@ def size_report(args, results: dict, repo_dir: Path, save_dtype: torch.dtype, co
 def size_line(sizes: dict) -> str:
     """One sentence: the weight files' size against the dense checkpoint's, and what they hold."""
     mb = lambda b: f"{b / 2**20:,.2f} MiB" if b >= 2**20 else f"{b / 2**10:,.1f} KiB"  # noqa: E731
-    f = sizes["files"]
-    k = f["by_kind"]
-    vs = [f"{sizes['ratio_vs_dense_at_save_dtype']:.1%} of the dense weights at {sizes['save_dtype']} "
-          f"({mb(sizes['dense_bytes_at_save_dtype'])})"]
+    ratio = sizes.get("ratio_vs_dense_at_save_dtype",
+                      sizes["compressed_weight_bytes"] / max(sizes["dense_bytes_at_save_dtype"], 1))
+    vs = [f"{ratio:.1%} of the dense weights at {sizes['save_dtype']} ({mb(sizes['dense_bytes_at_save_dtype'])})"]
     if sizes.get("dense_checkpoint_bytes"):
         vs.insert(0, f"{sizes['ratio_vs_dense_checkpoint']:.1%} of the dense checkpoint on disk "
                      f"({mb(sizes['dense_checkpoint_bytes'])})")
+    f = sizes.get("files")
+    if f is None:  # a size report without the files' breakdown (written before it existed)
+        return f"Weight files: {mb(sizes['compressed_weight_bytes'])}, " + ", ".join(vs) + "."
+    k = f["by_kind"]
     held = [f"{label} {mb(k[key])}" for key, label in (("factors", "factors and biases"), ("indices", "kept indices"),
                                                        ("packed_codes", "packed codes"),
                                                        ("packed_scales", "scales and zero points"))
