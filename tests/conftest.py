@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -121,3 +122,17 @@ def smollm2(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def run_fresh_loader(child_code: str, jobs: dict, tmp: Path) -> dict:
+    """Run `child_code` (argv: jobs file, output file, project root) in a fresh Python process that must
+    load exported repos without importing anything of this project; returns its results by repo path."""
+    torch.save(jobs, tmp / "jobs.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp / "hf_modules"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", child_code, str(tmp / "jobs.pt"), str(tmp / "out.pt"), str(ROOT)],
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    child = torch.load(tmp / "out.pt")
+    assert child.pop("modules") == []  # nothing of the project was imported by the fresh process
+    return child

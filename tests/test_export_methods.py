@@ -8,15 +8,13 @@ evaluation windows the pipeline measured in-process."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import datautils
-from conftest import ROOT, tiny_args
+from conftest import ROOT, run_fresh_loader, tiny_args
 from evaluate_utils import windows
 from modules import registry
 from modules import decompositions
@@ -108,14 +106,7 @@ def exported(request, tiny_llama_dir, tiny_opt_dir, tiny_qwen2_dir, tiny_text_fi
                                 "tok_ids": tok("the model compresses", add_special_tokens=False)["input_ids"]}
         jobs[str(repo)] = {"windows": windows(ids, EVAL_SEQLEN, EVAL_WINDOWS), "prompt": prompt,
                            "auto": case == ("qwen2", "acur", False) or case == ("llama", "svd", False)}
-    torch.save(jobs, tmp / "jobs.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp / "hf_modules"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp / "jobs.pt"), str(tmp / "out.pt"), str(ROOT)],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    child = torch.load(tmp / "out.pt")
-    assert child.pop("modules") == []  # nothing of the project was imported by the fresh process
+    child = run_fresh_loader(CHILD, jobs, tmp)
     return {k: (v, child[str(v["repo"])]) for k, v in local.items()}
 
 

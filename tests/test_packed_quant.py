@@ -6,8 +6,6 @@ Tiny random-initialised LLaMA (tests/conftest.py): the numbers mean nothing, the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import warnings
 
@@ -17,7 +15,7 @@ from torch import nn
 
 import datautils
 import quantization as qz
-from conftest import ROOT, tiny_args
+from conftest import ROOT, run_fresh_loader, tiny_args
 from evaluate_utils import windows
 from modules import packed_linear as pl
 from modules.cur_linear import CURLinear
@@ -237,14 +235,7 @@ def exported(tiny_llama_dir, tiny_text_file, tmp_path_factory):
         local[cid] = {"repo": repo, "res": res, "logits": logits, "gen": gen,
                       "quantized": sorted(qz.quantized_modules(model))}
         jobs[str(repo)] = {"windows": w, "prompt": prompt}
-    torch.save(jobs, tmp / "jobs.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp / "hf_modules"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp / "jobs.pt"), str(tmp / "out.pt"), str(ROOT)],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    child = torch.load(tmp / "out.pt")
-    assert child.pop("modules") == []  # nothing of the project was imported by the fresh process
+    child = run_fresh_loader(CHILD, jobs, tmp)
     return {k: (v, child[str(v["repo"])]) for k, v in local.items()}
 
 
