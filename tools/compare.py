@@ -361,7 +361,7 @@ def run_jobs(opts: argparse.Namespace, specs: list[str], base: argparse.Namespac
         log.close()
         path = out / f"{stem}.part{i}.json"
         if path.exists():
-            parts.append(json.loads(path.read_text()))
+            parts.append(dict(json.loads(path.read_text()), part=i))
         if rc != 0:
             failed.append({"part": i, "methods": group, "returncode": rc, "log": str(out / f"{stem}.part{i}.log")})
             print(f"[compare] part {i} FAILED (exit {rc}): see {out / f'{stem}.part{i}.log'}", file=sys.stderr)
@@ -379,8 +379,10 @@ def run_jobs(opts: argparse.Namespace, specs: list[str], base: argparse.Namespac
 def merge_results(parts: list[dict], specs: list[str]) -> dict:
     """One results dict from compare runs of the same model and flags on different method specs."""
     merged = copy.deepcopy(parts[0])
+    merged.pop("part", None)
     merged["methods"], merged["cells"], merged["timings"], merged["sensitivity"] = list(specs), [], {}, {}
     for i, part in enumerate(parts):
+        i = part.get("part", i)  # the part's own number, also when an earlier part left no results
         if part["args"] | {"method": None} != parts[0]["args"] | {"method": None}:
             raise ValueError("merge_results: parts ran with different acur.py flags")
         merged["cells"] += part["cells"]
