@@ -166,7 +166,7 @@ def test_random_bench_inference_runs_on_cpu(tmp_path):
     rc = bench_inference.main(["--shape", "tiny-llama", "--device", "cpu", "--prefill_batches", "1",
                                "--prefill_len", "16", "--decode_batches", "1", "--prompt_len", "8",
                                "--decode_tokens", "2", "--reps", "1", "--layer_tokens", "4",
-                               "--methods", "acur", "--ratios", "0.9,0.8",
+                               "--methods", "acur", "--ratios", "0.9,0.8", "--inference_forms", "research",
                                "--rank_aligns", "1,8", "--json_out", str(out)])
     assert rc == 0
     rep = json.loads(out.read_text())
@@ -192,8 +192,20 @@ def test_random_bench_inference_every_method_one_row_per_form(tmp_path, capsys):
     rep = json.loads(out.read_text())
     m = rep["models"]
     forms = {name: spec.form for name, spec in registry.METHODS.items() if "[" not in name}
-    assert list(m)[0] == "dense" and len(m) == 1 + len(set(forms.values()))
-    rows = list(m.values())[1:]
+    assert list(m)[0] == "dense" and len(m) == 1 + 2 * len(set(forms.values()))  # research and fast per form
+    fast = {k: r for k, r in m.items() if k.endswith("_fast")}
+    assert {r["class"] for r in fast.values()} == {"FastPair", "FastRowID", "FastColID"}
+    # stacked siblings (q/k/v and gate/up of each block) for every form whose first factor is a plain product
+    assert {r["form"]: r["stacked_groups"] for r in fast.values()} == {"cur": 6, "svd": 6, "rowid": 6, "colid": 0}  # 3 blocks
+    for k, r in fast.items():  # same ranks as the research layers; CUR's folded U makes it smaller, stacks
+        research = m[k[:-len("_fast")]]  # pad each sibling's rows to a multiple of 8 (these ranks are not)
+        assert r["ranks"] == research["ranks"]
+        pad_mib = 3 * (3 + 2) * 7 * 64 * 4 / 2**20  # 3 blocks, q/k/v + gate/up, < 8 zero rows of width 64, fp32
+        if r["form"] == "cur":
+            assert r["weight_mib"] < research["weight_mib"]
+        else:
+            assert research["weight_mib"] - 0.01 < r["weight_mib"] <= research["weight_mib"] + pad_mib
+    rows = [r for k, r in m.items() if k != "dense" and not k.endswith("_fast")]
     assert sorted(x for r in rows for x in r["methods"]) == sorted(forms)  # every method in exactly one row
     assert {r["form"] for r in rows} == set(forms.values())
     assert all(forms[x] == r["form"] for r in rows for x in r["methods"])
@@ -205,7 +217,8 @@ def test_random_bench_inference_every_method_one_row_per_form(tmp_path, capsys):
             mm, nn_ = map(int, shape.split("x"))
             assert k == registry.get(r["methods"][0]).rank(mm, nn_, 0.8)
         assert r["weight_mib"] < m["dense"]["weight_mib"]
-    keys = ("weight_mib", "prefill_b1_tok_s", "decode_b1_tok_s", "decode_b16_tok_s", "linears_1tok_us")
+    keys = ("weight_mib", "prefill_b1_tok_s", "decode_b1_tok_s", "decode_b16_tok_s", "decode_b1_graph_tok_s",
+            "decode_b16_graph_tok_s", "linears_1tok_us")
     for row in m.values():
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in keys)
         assert row["peak_mib"] is None
@@ -249,3 +262,14 @@ def test_random_bench_block_counts_the_protocol_and_times_every_part(capsys):
     assert "(126 candidates, 252 block passes)" in out
     for part in ("block eager", "head+nll", "tail of 3 blocks eager", "decompose (64, 64)", "q_proj (64, 64) at 0.8"):
         assert part in out
+
+
+def test_static_decode_gives_the_greedy_tokens_of_generate_and_rewinds():
+    """The bench's graph-decode loop (run eagerly on the CPU) decodes what model.generate does, every run."""
+    model = bench_pipeline.build_model("tiny-llama", torch.device("cpu"), torch.float32, seed=3)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)[:, 7:]
+        dec = bench_inference.StaticDecode(model, prompt, steps=5, graph=False)
+        first, second = dec.run(5), dec.run(5)
+    assert torch.equal(first, want) and torch.equal(second, want)

@@ -43,6 +43,7 @@ from torch import nn  # noqa: E402
 from bench_pipeline import SHAPES, build_model, sync  # noqa: E402
 from modules import registry  # noqa: E402
 from modules.decompositions import release_pick_graphs  # noqa: E402
+from modules.fast_layers import to_inference_form  # noqa: E402
 from modules.low_rank_linear import compress_linear  # noqa: E402
 from modules.model_utils import find_linears, replace_module  # noqa: E402
 
@@ -164,6 +165,81 @@ def decode_tps(model, vocab: int, batch: int, prompt_len: int, steps: int, devic
     return batch * steps / statistics.median(run() for _ in range(reps))
 
 
+class StaticDecode:
+    """Greedy decoding with a static KV cache whose every step (forward, argmax, position + 1) can be one
+    replayed CUDA graph: what a serving loop without Python overhead sees. `run(steps)` decodes from the
+    end of the prompt again each time (the cache is rewound), and returns the tokens."""
+
+    def __init__(self, model, prompt: torch.Tensor, steps: int, graph: bool):
+        from transformers import StaticCache
+        self.model, self.prompt_len, dev = model, prompt.shape[1], prompt.device
+        self.cache = StaticCache(config=model.config, max_cache_len=self.prompt_len + steps + 4)
+        self.pos = torch.full((1,), self.prompt_len, dtype=torch.long, device=dev)
+        out = model(prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                    cache_position=torch.arange(self.prompt_len, device=dev))
+        self.first = out.logits[:, -1:].argmax(-1)
+        self.tok = self.first.clone()
+        self.step, self.graph = self._step, None
+        if graph:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
+            self.step = self.graph.replay
+
+    def _step(self) -> None:
+        o = self.model(self.tok, past_key_values=self.cache, use_cache=True, cache_position=self.pos,
+                       logits_to_keep=1)
+        self.tok.copy_(o.logits[:, -1:].argmax(-1))
+        self.pos.add_(1)
+
+    def rewind(self) -> None:
+        """Back to the end of the prompt: the next step writes position prompt_len again."""
+        self.pos.fill_(self.prompt_len)
+        self.tok.copy_(self.first)
+        for layer in getattr(self.cache, "layers", []):  # newer caches count their own length on the device
+            length = getattr(layer, "cumulative_length", None)
+            if torch.is_tensor(length):
+                length.fill_(self.prompt_len)
+
+    def run(self, steps: int) -> torch.Tensor:
+        self.rewind()
+        toks = []
+        for _ in range(steps):
+            self.step()
+            toks.append(self.tok.clone())
+        return torch.cat([self.first] + toks, dim=1)
+
+
+@torch.no_grad()
+def decode_graph_tps(model, vocab: int, batch: int, prompt_len: int, steps: int, device, reps: int) -> float | None:
+    """tok/s of StaticDecode with CUDA graphs (on the CPU the same steps run eagerly). None, with a printed
+    reason, when the model's forward cannot be captured."""
+    prompt = torch.randint(0, vocab, (batch, prompt_len), device=device)
+    try:
+        dec = StaticDecode(model, prompt, steps, graph=device.type == "cuda")
+    except Exception as e:  # noqa: BLE001 - a benchmark row, not a result: say why and go on
+        print(f"[bench] graph decode not captured ({type(e).__name__}: {str(e).splitlines()[0][:160]})", flush=True)
+        return None
+
+    def run():
+        dec.rewind()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            dec.step()
+        sync(device)
+        return time.perf_counter() - t0
+
+    run()  # warm-up
+    return batch * steps / statistics.median(run() for _ in range(reps))
+
+
 @torch.no_grad()
 def layer_orders(shapes: list[tuple[int, int]], ratio: float, tokens: list[int], device, dtype, reps: int) -> list[dict]:
     """Microseconds of device time per call of one layer (CUDA-graph replay on a GPU): dense;
@@ -193,10 +269,10 @@ def layer_orders(shapes: list[tuple[int, int]], ratio: float, tokens: list[int],
 
 
 @torch.no_grad()
-def linears_us(linears, device, dtype, reps: int) -> float:
+def linears_us(mods: list[nn.Module], device, dtype, reps: int) -> float:
     """Device microseconds of every decoder linear, in execution order, applied to one token each
-    (one CUDA graph holding all of them on a GPU; wall time on the CPU)."""
-    mods = [info.module for info in linears]
+    (one CUDA graph holding all of them on a GPU; wall time on the CPU). Layers of one width read one
+    input tensor, so stacked siblings (fast forms) share their first product as in the model."""
     xs = {m.in_features: torch.randn(1, 1, m.in_features, device=device, dtype=dtype) for m in mods}
 
     def run():
@@ -216,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registry methods (or 'all'); one row per distinct layer form, labelled with its methods")
     p.add_argument("--ratios", default="0.8", help="uniform parameter ratios (kept fraction) to compare with dense")
     p.add_argument("--rank_aligns", default="1", help="rank alignments (acur.py --rank_align) to compare")
+    p.add_argument("--inference_forms", default="research,fast",
+                   help="research: the layers as compression builds them; fast: modules/fast_layers."
+                        "to_inference_form (plain products, siblings stacked)")
     p.add_argument("--prefill_batches", default="1,4")
     p.add_argument("--prefill_len", type=int, default=2048)
     p.add_argument("--decode_batches", default="1,16")
@@ -256,8 +335,12 @@ def measure(model, linears, a, device, dtype, pb: list[int], db: list[int]) -> d
         row[f"prefill_b{b}_tok_s"] = prefill_tps(model, vocab, b, a.prefill_len, device, a.reps)
     for b in db:
         row[f"decode_b{b}_tok_s"] = decode_tps(model, vocab, b, a.prompt_len, a.decode_tokens, device, a.reps)
+    for b in db:
+        row[f"decode_b{b}_graph_tok_s"] = decode_graph_tps(model, vocab, b, a.prompt_len, a.decode_tokens,
+                                                           device, a.reps)
     row["peak_mib"] = _mib(torch.cuda.max_memory_allocated(device)) if cuda else None
-    row["linears_1tok_us"] = linears_us(linears, device, dtype, max(a.reps, 5))
+    mods = [model.get_submodule(info.name) for info in linears]  # after any rewrite of the layers
+    row["linears_1tok_us"] = linears_us(mods, device, dtype, max(a.reps, 5))
     return row
 
 
@@ -275,6 +358,10 @@ def run_bench(a, on_case=None) -> dict:
     groups = form_groups(parse_methods(a.methods))
     pb, db = ints(a.prefill_batches, "--prefill_batches"), ints(a.decode_batches, "--decode_batches")
     aligns = ints(a.rank_aligns, "--rank_aligns")
+    iforms = [x.strip() for x in a.inference_forms.split(",") if x.strip()]
+    if not iforms or set(iforms) - {"research", "fast"} or len(set(iforms)) != len(iforms):
+        raise SystemExit("bench_inference.py: error: --inference_forms must be distinct names among research, "
+                         f"fast, got {a.inference_forms!r}")
     layer_tokens = ints(a.layer_tokens, "--layer_tokens")
     shape = SHAPE_ALIASES.get(a.shape, a.shape)
     model = build_model(shape, device, dtype, a.seed)
@@ -307,18 +394,21 @@ def run_bench(a, on_case=None) -> dict:
         torch.cuda.empty_cache()
     for form, methods in groups:
         for r in ratios:
-            for al in aligns:
-                label = f"{methods[0]}_{r:g}" + (f"_a{al}" if al > 1 else "")
+            for al, iform in [(al, f) for al in aligns for f in iforms]:
+                label = f"{methods[0]}_{r:g}" + (f"_a{al}" if al > 1 else "") + ("_fast" if iform == "fast" else "")
                 t0 = time.perf_counter()
                 for info in linears:  # the previous case's layers go before this one's are built
                     replace_module(info, nn.Identity())
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 layers = install_form(linears, lin_shapes, sources, r, form, al, device, gen)
+                groups = to_inference_form(model)["groups"] if iform == "fast" else []
                 build_s = time.perf_counter() - t0
                 row = measure(model, linears, a, device, dtype, pb, db)
+                classes = sorted({type(model.get_submodule(i.name)).__name__ for i in linears})
                 rep["models"][label] = {"form": form, "methods": methods, "ratio": r, "rank_align": al,
-                                        "class": sorted({c for c, _ in layers.values()})[0],
+                                        "inference_form": iform, "class": classes[0],
+                                        "stacked_groups": len(groups),
                                         "ranks": {s: k for s, (_, k) in layers.items()},
                                         "build_s": round(build_s, 2), **row}
                 print(f"[bench] {label} ({'/'.join(methods)}): "

@@ -1,0 +1,171 @@
+"""Inference forms (modules/fast_layers.py): the same function as the research forms, on every device.
+
+Each form is checked against the layer it replaces on random factors (outputs and dense weights), the
+stacked first product against unstacked layers (including an input modified in place between siblings),
+and whole tiny LLaMA / OPT models: siblings found by running the model, logits and greedy tokens unchanged."""
+import pytest
+import torch
+from torch import nn
+
+from modules import registry
+from modules.fast_layers import FastColID, FastPair, FastRowID, StackedFirst, fast_layer, to_inference_form
+from modules.low_rank_linear import compress_linear
+from modules.model_utils import find_linears, replace_module
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BUILDER = {"cur": "acur", "svd": "svd", "rowid": "rowid", "colid": "colid"}  # one method per form
+
+
+def _compressed(lin: nn.Linear, form: str, ratio: float = 0.6) -> nn.Module:
+    method = BUILDER[form]
+    n = lin.in_features
+    cov = torch.eye(n, device=lin.weight.device) if registry.get(method).needs_covariance() else None
+    return compress_linear(lin, ratio, method=method, cov=cov, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", list(BUILDER))
+@pytest.mark.parametrize("bias", [False, True])
+def test_each_form_computes_what_the_research_layer_computes(device, form, bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40, bias=bias).to(device)
+    slow = _compressed(lin, form)
+    fast = fast_layer(slow)
+    assert type(fast) is {"cur": FastPair, "svd": FastPair, "rowid": FastRowID, "colid": FastColID}[form]
+    for shape in [(1, 48), (7, 48), (2, 3, 48), (0, 48)]:
+        x = torch.randn(*shape, device=device)
+        want, got = slow(x), fast(x)
+        assert got.shape == want.shape and got.device.type == device
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.dense_weight(), slow.dense_weight(), rtol=1e-5, atol=1e-5)
+    if form == "cur":  # two products, U folded into C: fewer parameters than C, U, R
+        assert sum(p.numel() for p in fast.parameters()) < sum(p.numel() for p in slow.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_id_with_every_row_kept_has_no_interpolated_part(device):
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8).to(device)
+    slow = _compressed(lin, "rowid", ratio=1.0)
+    assert slow.rank == 8
+    x = torch.randn(3, 16, device=device)
+    torch.testing.assert_close(fast_layer(slow)(x), slow(x), rtol=1e-5, atol=1e-5)
+
+
+def _siblings(device, forms=("svd", "rowid", "cur"), widths=(24, 40, 13)):
+    torch.manual_seed(1)
+    layers = []
+    for form, m in zip(forms, widths):
+        layers.append(fast_layer(_compressed(nn.Linear(32, m).to(device), form)))
+    return layers
+
+
+def _stack(layers):
+    rows, offsets, at = [], [], 0
+    for lay in layers:
+        pad = -lay.rank % 8
+        rows += [lay.B, lay.B.new_zeros(pad, lay.in_features)]
+        offsets.append(at)
+        at += lay.rank + pad
+    stack = StackedFirst(torch.cat(rows), len(layers))
+    for slot, (lay, off) in enumerate(zip(layers, offsets)):
+        lay.join(stack, slot, off)
+    return stack
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stacked_first_product_is_computed_once_and_equals_separate_layers(device):
+    alone = _siblings(device)
+    shared = _siblings(device)
+    stack = _stack(shared)
+    real = torch.nn.functional.linear
+    counted = []
+
+    def counting(x, w, b=None):
+        if w is stack.weight:
+            counted.append(1)
+        return real(x, w, b)
+    torch.nn.functional.linear, x = counting, torch.randn(2, 5, 32, device=device)
+    try:
+        outs = [lay(x) for lay in shared]
+    finally:
+        torch.nn.functional.linear = real
+    assert len(counted) == 1  # one product for the three siblings
+    assert stack._out is None and stack._x is None  # released once every sibling took its part
+    for lay_alone, got in zip(alone, outs):
+        torch.testing.assert_close(got, lay_alone(x), rtol=1e-5, atol=1e-5)
+    for lay_alone, lay in zip(alone, shared):
+        torch.testing.assert_close(lay.dense_weight(), lay_alone.dense_weight())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stacked_product_is_recomputed_for_an_input_modified_in_place(device):
+    alone = _siblings(device)
+    shared = _siblings(device)
+    _stack(shared)
+    x = torch.randn(3, 32, device=device)
+    first = shared[0](x)
+    x.mul_(2.0)  # same tensor object, new values: the cached product must not be reused
+    second = shared[1](x)
+    torch.testing.assert_close(first, alone[0](x / 2.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, alone[1](x), rtol=1e-5, atol=1e-5)
+    # a sibling called twice with the same input recomputes rather than miscounting
+    y = torch.randn(3, 32, device=device)
+    torch.testing.assert_close(shared[2](y), alone[2](y), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[2](y), alone[2](y), rtol=1e-5, atol=1e-5)
+
+
+def _tiny(family: str, device: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    else:
+        cfg = OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=112, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=64, word_embed_proj_dim=64)
+    return AutoModelForCausalLM.from_config(cfg).to(device).eval()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("form", list(BUILDER))
+def test_model_in_inference_form_gives_the_same_logits_and_tokens(device, family, form):
+    model = _tiny(family, device)
+    for info in find_linears(model):
+        replace_module(info, _compressed(info.module, form))
+    ids = torch.randint(0, 96, (2, 12), device=device)
+    with torch.no_grad():
+        want = model(ids).logits
+        want_gen = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)
+    report = to_inference_form(model)
+    assert report["converted"] == (14 if family == "llama" else 12)
+    assert report["skipped"] == [] and len(find_linears(model, types=(FastPair, FastRowID, FastColID))) == report["converted"]
+    stackable = form != "colid"
+    names = {tuple(n.rsplit(".", 1)[1] for n in g) for g in report["groups"]}
+    if not stackable:
+        assert report["groups"] == []
+    elif family == "llama":
+        assert names == {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")} and len(report["groups"]) == 4
+    else:
+        assert names == {("q_proj", "k_proj", "v_proj")} and len(report["groups"]) == 2
+    with torch.no_grad():
+        got = model(ids).logits
+        got_gen = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got_gen, want_gen)
+
+
+def test_inference_form_leaves_dense_layers_and_counts_only_compressed_ones():
+    model = _tiny("llama", "cpu")
+    infos = find_linears(model)
+    for info in infos[:3]:  # q/k/v of block 0 compressed, the rest dense
+        replace_module(info, _compressed(info.module, "svd"))
+    ids = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        want = model(ids).logits
+    report = to_inference_form(model)
+    assert report["converted"] == 3 and len(report["groups"]) == 1
+    assert sum(isinstance(i.module, nn.Linear) for i in find_linears(model)) == len(infos) - 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
