@@ -10,9 +10,10 @@ for speed without changing its function (outputs agree to floating-point round-o
 - row ID: the kept outputs and the interpolated ones are written by two products straight into one
   buffer (kept first), then one gather puts them in the layer's order (no concatenation).
 - column ID: one gather of the input into kept-then-other order, one multiply-add, one product.
-- siblings, the layers that read the same input tensor (q/k/v of attention, gate/up of a gated MLP):
-  their first factors are stacked into one matrix, so one product serves all of them, and each sibling
-  slices its part. Siblings are found by running the model once, not by names, so any family works.
+- siblings, the layers that read the same input tensor (q/k/v of attention, gate/up of a gated MLP),
+  are computed together: their first factors stacked into one matrix (one product serves all), and one
+  gather for all row-ID members. Siblings are found by running the model once, not by names, so any
+  family works.
 
 Ranks aligned to tensor-core tiles (acur.py --rank_align 64) matter as much: a width that is not a
 multiple of 8 halves fp16 matmul throughput on the GPU (tools/bench_inference.py shows both).
@@ -31,33 +32,9 @@ from modules.model_utils import find_linears, is_offloaded_module, replace_modul
 STACK_ALIGN = 8  # each sibling's slice of a stacked product starts on a 16-byte boundary in fp16
 
 
-class StackedFirst(nn.Module):
-    """The first factors of sibling layers as one matrix: x W^T is computed once per input tensor and
-    each sibling slices its rows. The product is cached only while the same input tensor (same object,
-    not modified in place since) is being consumed, and dropped when every sibling has taken its part."""
-
-    def __init__(self, weight: torch.Tensor, members: int):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.members = members
-        self._x: torch.Tensor | None = None
-        self._version = -1
-        self._out: torch.Tensor | None = None
-        self._taken: set[int] = set()
-
-    def take(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        """The stacked product for input x; recomputed for a new or modified input."""
-        if self._x is not x or self._version != x._version or slot in self._taken:
-            self._out, self._x, self._version, self._taken = F.linear(x, self.weight), x, x._version, set()
-        out = self._out
-        self._taken.add(slot)
-        if len(self._taken) == self.members:  # every sibling has its part: hold no activations
-            self._out, self._x, self._taken = None, None, set()
-        return out
-
-
 class _FastBase(nn.Module):
-    """A first product h = B x (own weight, or a slice of a StackedFirst), then the form's own second stage."""
+    """A first product h = B x, then the form's own second stage; or, in a SiblingGroup, its slice of
+    the group's outputs."""
 
     def __init__(self, first: torch.Tensor, out_features: int, bias: torch.Tensor | None, method: str):
         super().__init__()
@@ -65,25 +42,17 @@ class _FastBase(nn.Module):
         self.out_features, self.method = out_features, method
         self.B = nn.Parameter(first, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.stack: StackedFirst | None = None
-        self.slot, self.offset = 0, 0
-
-    def join(self, stack: StackedFirst, slot: int, offset: int) -> None:
-        """Use rows offset..offset+rank of a stacked first factor instead of an own weight."""
-        self.stack, self.slot, self.offset = stack, slot, offset
-        self.B = None
+        self.group: SiblingGroup | None = None
+        self.slot = 0
 
     def first_weight(self) -> torch.Tensor:
-        return self.B if self.stack is None else self.stack.weight[self.offset:self.offset + self.rank]
-
-    def first_product(self, x: torch.Tensor) -> torch.Tensor:
-        """B x over x's last dimension (a strided slice of the stacked product when stacked)."""
-        if self.stack is None:
-            return F.linear(x, self.B)
-        return self.stack.take(x, self.slot)[..., self.offset:self.offset + self.rank]
+        if self.group is None:
+            return self.B
+        off = self.group.offsets[self.slot]
+        return self.group.weight[off:off + self.rank]
 
     def extra_repr(self) -> str:
-        shared = f", stacked slot={self.slot}" if self.stack is not None else ""
+        shared = f", sibling slot={self.slot}" if self.group is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{shared}"
 
 
@@ -98,7 +67,9 @@ class FastPair(_FastBase):
         return self.A @ self.first_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.first_product(x), self.A, self.bias)
+        if self.group is not None:
+            return self.group.take(x, self.slot)
+        return F.linear(F.linear(x, self.B), self.A, self.bias)
 
 
 class FastRowID(_FastBase):
@@ -115,18 +86,96 @@ class FastRowID(_FastBase):
         return torch.cat([R, self.Z @ R]).index_select(0, self.gather_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            return self.group.take(x, self.slot)
         x2, k = x.reshape(-1, self.in_features), self.rank
         buf = x2.new_empty(x2.shape[0], self.out_features)
-        if self.stack is None:
-            torch.mm(x2, self.B.t(), out=buf[:, :k])  # strided output: cuBLAS writes it in place
-        else:
-            buf[:, :k].copy_(self.first_product(x).reshape(-1, k))
+        torch.mm(x2, self.B.t(), out=buf[:, :k])  # strided output: cuBLAS writes it in place
         if self.out_features > k:
             torch.mm(buf[:, :k], self.Z.t(), out=buf[:, k:])
         y = buf.index_select(1, self.gather_index)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+
+class SiblingGroup(nn.Module):
+    """Sibling layers (FastPair / FastRowID reading one input tensor) computed together: one product for
+    all their first factors, each member's second product, and one gather for all row-ID members. The
+    outputs are computed at the first member's call and each member takes its own; they are held only
+    while the same input tensor (same object, not modified in place since) is being consumed, and
+    dropped once every member has taken its part."""
+
+    def __init__(self, members: list[_FastBase]):
+        super().__init__()
+        n = members[0].in_features
+        rows, self.offsets, at = [], [], 0
+        for lay in members:
+            pad = -lay.rank % STACK_ALIGN  # each slice starts on a 16-byte boundary in fp16
+            rows += [lay.first_weight()] + ([lay.first_weight().new_zeros(pad, n)] if pad else [])
+            self.offsets.append(at)
+            at += lay.rank + pad
+        self.width = at
+        self.weight = nn.Parameter(torch.cat(rows), requires_grad=False)
+        # pre-gather buffer: [stacked first product | Z part of each row-ID member]; one gather maps it
+        # to [outputs of row-ID member 0 | member 1 | ...] in each layer's own order
+        self.z_offsets, self.out_offsets, index = {}, {}, []
+        out_at = 0
+        for slot, lay in enumerate(members):
+            if isinstance(lay, FastRowID):
+                k, off = lay.rank, self.offsets[slot]
+                self.z_offsets[slot] = at
+                g = lay.gather_index
+                index.append(torch.where(g < k, g + off, g - k + at))
+                at += lay.out_features - k
+                self.out_offsets[slot] = out_at
+                out_at += lay.out_features
+        self.buffer_width = at
+        self.register_buffer("gather_index", torch.cat(index) if index else torch.zeros(0, dtype=torch.long,
+                                                                                          device=self.weight.device))
+        self.members = list(members)  # a plain list: the members own the group, not the other way round
+        for slot, lay in enumerate(members):
+            lay.group, lay.slot, lay.B = self, slot, None
+        self.computed = 0  # how many times the group's outputs were computed (tests count it)
+        self._x: torch.Tensor | None = None
+        self._version = -1
+        self._outs: list[torch.Tensor] | None = None
+        self._taken: set[int] = set()
+
+    def take(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """Member `slot`'s output for input x; all outputs are recomputed for a new or modified input."""
+        if self._x is not x or self._version != x._version or slot in self._taken:
+            self._outs, self._x, self._version, self._taken = self._compute(x), x, x._version, set()
+        out = self._outs[slot]
+        self._taken.add(slot)
+        if len(self._taken) == len(self.members):  # every member has its part: hold no activations
+            self._outs, self._x, self._taken = None, None, set()
+        return out
+
+    def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.computed += 1
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.weight.shape[1])
+        buf = x2.new_empty(x2.shape[0], self.buffer_width)
+        torch.mm(x2, self.weight.t(), out=buf[:, :self.width])
+        outs: list[torch.Tensor | None] = [None] * len(self.members)
+        for slot, lay in enumerate(self.members):
+            off = self.offsets[slot]
+            h = buf[:, off:off + lay.rank]
+            if isinstance(lay, FastPair):
+                outs[slot] = F.linear(h, lay.A, lay.bias).view(*lead, lay.out_features)
+            elif lay.out_features > lay.rank:
+                z = self.z_offsets[slot]
+                torch.mm(h, lay.Z.t(), out=buf[:, z:z + lay.out_features - lay.rank])
+        if self.out_offsets:
+            y = buf.index_select(1, self.gather_index)
+            for slot, o in self.out_offsets.items():
+                lay = self.members[slot]
+                part = y[:, o:o + lay.out_features]
+                if lay.bias is not None:
+                    part = part + lay.bias
+                outs[slot] = part.view(*lead, lay.out_features)
+        return outs
 
 
 class FastColID(nn.Module):
@@ -234,16 +283,9 @@ def to_inference_form(model: nn.Module, fuse: bool = True, example: dict | None 
             example = {"input_ids": torch.tensor([[1, 2]], device=dev)}
         for group in _sibling_sets(model, stackable, example):
             layers = [model.get_submodule(n) for n in group]
-            if len({(lay.B.device, lay.B.dtype, lay.in_features) for lay in layers}) != 1:
+            if len({(lay.B.device, lay.B.dtype, lay.in_features) for lay in layers}) != 1 or \
+                    any(lay.group is not None for lay in layers):
                 continue
-            rows, offsets, at = [], [], 0
-            for lay in layers:
-                pad = -lay.rank % STACK_ALIGN
-                rows += [lay.B] + ([lay.B.new_zeros(pad, lay.in_features)] if pad else [])
-                offsets.append(at)
-                at += lay.rank + pad
-            stack = StackedFirst(torch.cat(rows), len(layers))
-            for slot, (lay, off) in enumerate(zip(layers, offsets)):
-                lay.join(stack, slot, off)
+            SiblingGroup(layers)
             groups.append(group)
     return {"converted": len(converted), "groups": groups, "skipped": skipped}

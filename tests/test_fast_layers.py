@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from modules import registry
-from modules.fast_layers import FastColID, FastPair, FastRowID, StackedFirst, fast_layer, to_inference_form
+from modules.fast_layers import FastColID, FastPair, FastRowID, SiblingGroup, fast_layer, to_inference_form
 from modules.low_rank_linear import compress_linear
 from modules.model_utils import find_linears, replace_module
 
@@ -52,7 +52,7 @@ def test_row_id_with_every_row_kept_has_no_interpolated_part(device):
     torch.testing.assert_close(fast_layer(slow)(x), slow(x), rtol=1e-5, atol=1e-5)
 
 
-def _siblings(device, forms=("svd", "rowid", "cur"), widths=(24, 40, 13)):
+def _siblings(device, forms=("svd", "rowid", "cur"), widths=(24, 40, 13)) -> list:
     torch.manual_seed(1)
     layers = []
     for form, m in zip(forms, widths):
@@ -60,38 +60,18 @@ def _siblings(device, forms=("svd", "rowid", "cur"), widths=(24, 40, 13)):
     return layers
 
 
-def _stack(layers):
-    rows, offsets, at = [], [], 0
-    for lay in layers:
-        pad = -lay.rank % 8
-        rows += [lay.B, lay.B.new_zeros(pad, lay.in_features)]
-        offsets.append(at)
-        at += lay.rank + pad
-    stack = StackedFirst(torch.cat(rows), len(layers))
-    for slot, (lay, off) in enumerate(zip(layers, offsets)):
-        lay.join(stack, slot, off)
-    return stack
-
-
 @pytest.mark.parametrize("device", DEVICES)
-def test_stacked_first_product_is_computed_once_and_equals_separate_layers(device):
-    alone = _siblings(device)
-    shared = _siblings(device)
-    stack = _stack(shared)
-    real = torch.nn.functional.linear
-    counted = []
-
-    def counting(x, w, b=None):
-        if w is stack.weight:
-            counted.append(1)
-        return real(x, w, b)
-    torch.nn.functional.linear, x = counting, torch.randn(2, 5, 32, device=device)
-    try:
-        outs = [lay(x) for lay in shared]
-    finally:
-        torch.nn.functional.linear = real
-    assert len(counted) == 1  # one product for the three siblings
-    assert stack._out is None and stack._x is None  # released once every sibling took its part
+def test_sibling_group_computes_once_and_equals_separate_layers(device):
+    """Pair and row-ID members mixed, widths that need padding (13, 40): same outputs as the layers alone."""
+    alone = _siblings(device, forms=("svd", "rowid", "cur", "rowid"), widths=(24, 40, 13, 19))
+    shared = _siblings(device, forms=("svd", "rowid", "cur", "rowid"), widths=(24, 40, 13, 19))
+    group = SiblingGroup(shared)
+    assert all(lay.B is None for lay in shared) and list(group.offsets) == sorted(group.offsets)
+    assert all(off % 8 == 0 for off in group.offsets)
+    x = torch.randn(2, 5, 32, device=device)
+    outs = [lay(x) for lay in shared]
+    assert group.computed == 1  # one pass for the four siblings
+    assert group._outs is None and group._x is None  # released once every sibling took its part
     for lay_alone, got in zip(alone, outs):
         torch.testing.assert_close(got, lay_alone(x), rtol=1e-5, atol=1e-5)
     for lay_alone, lay in zip(alone, shared):
@@ -102,7 +82,7 @@ def test_stacked_first_product_is_computed_once_and_equals_separate_layers(devic
 def test_stacked_product_is_recomputed_for_an_input_modified_in_place(device):
     alone = _siblings(device)
     shared = _siblings(device)
-    _stack(shared)
+    group = SiblingGroup(shared)
     x = torch.randn(3, 32, device=device)
     first = shared[0](x)
     x.mul_(2.0)  # same tensor object, new values: the cached product must not be reused
@@ -113,6 +93,7 @@ def test_stacked_product_is_recomputed_for_an_input_modified_in_place(device):
     y = torch.randn(3, 32, device=device)
     torch.testing.assert_close(shared[2](y), alone[2](y), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared[2](y), alone[2](y), rtol=1e-5, atol=1e-5)
+    assert group.computed == 4
 
 
 def _tiny(family: str, device: str):
