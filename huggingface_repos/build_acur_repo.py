@@ -44,7 +44,7 @@ import acur  # noqa: E402
 import datautils  # noqa: E402
 import quantization  # noqa: E402
 from acur import UsageError  # noqa: E402
-from modules import kv_cache, packed_linear  # noqa: E402
+from modules import fast_layers, kv_cache, packed_linear  # noqa: E402
 from modules.model_utils import decoder_layers, find_linears  # noqa: E402
 from modules.runtime_text import runtime_source  # noqa: E402
 
@@ -262,11 +262,13 @@ def import_repo_code(folder: Path, module: str):
 
 
 def write_repo_code(folder: Path, model, family: str) -> list[str]:
-    """Write the configuration/modeling files, acur_layers.py and acur_kv_cache.py; returns their names."""
+    """Write the configuration/modeling files and the runtime modules (acur_layers, acur_kv_cache, acur_packed,
+    acur_fast); returns their names."""
     files = family_files(family)
     files["acur_layers.py"] = layers_source(lowrank_layer_classes(model))
     files["acur_kv_cache.py"] = runtime_source(kv_cache)  # imported by the modeling file
     files["acur_packed.py"] = runtime_source(packed_linear)  # imported by the modeling file
+    files["acur_fast.py"] = runtime_source(fast_layers)  # model.to_inference_form()
     for name, src in files.items():
         (folder / name).write_text(src)
     return sorted(files)

@@ -6,7 +6,8 @@ replacing the placeholder names: BaseConfig / BaseForCausalLM (the family's own 
 AcurBase (the exported class prefix, e.g. AcurLlama), acur_base (the file suffix, e.g. acur_llama). The
 low-rank layer classes come from the project's modules/ (copied with inspect.getsource into
 acur_layers.py), the KV runtime from modules/kv_cache.py (acur_kv_cache.py), the packed quantized weights
-and their kernels from modules/packed_linear.py (acur_packed.py): one source for each.
+and their kernels from modules/packed_linear.py (acur_packed.py), the inference forms from
+modules/fast_layers.py (acur_fast.py): one source for each.
 """
 # ===== BEGIN CONFIGURATION =====
 """Config of a low-rank compressed checkpoint written by CUR4LLM's build_acur_repo.py (loaded with
@@ -34,7 +35,8 @@ class AcurBaseConfig(BaseConfig):
 """Low-rank compressed model for `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)`,
 written by CUR4LLM's build_acur_repo.py. It imports nothing of CUR4LLM: the layer classes are in
 acur_layers.py, the low-rank KV cache in acur_kv_cache.py, the packed quantized weights and their kernels
-in acur_packed.py (all copied from the project's single sources).
+in acur_packed.py, the inference forms (`model.to_inference_form()`) in acur_fast.py (all copied from the
+project's single sources).
 
 The model swaps in the low-rank layers inside __init__, before any weight loads: from_pretrained builds
 the model on the meta device, so the dense weights of the compressed layers are never materialised, and
@@ -47,6 +49,7 @@ import inspect
 from torch import nn
 from transformers import BaseForCausalLM
 
+from .acur_fast import to_inference_form as _to_inference_form
 from .acur_kv_cache import enable_lowrank_kv_cache
 from .acur_layers import LAYER_CLASSES
 from .acur_packed import install_packed_layers, prepare_packed
@@ -138,4 +141,17 @@ class AcurBaseForCausalLM(BaseForCausalLM):
         if getattr(model.config, "packed_quant", None):
             prepare_packed(model)  # kernels for the device and dtype the weights landed on
         return out
+
+    def to_inference_form(self, fuse: bool = True) -> dict:
+        """Rewrite the low-rank layers for speed, in place, same outputs (acur_fast.py): CUR's U folded
+        into C, row ID without concatenation, q/k/v and gate/up computed together. The research layers
+        (actual columns and rows, kept indices) are gone afterwards: this model cannot be saved again."""
+        self._acur_inference_form = True
+        return _to_inference_form(self, fuse=fuse)
+
+    def save_pretrained(self, *args, **kwargs):
+        if getattr(self, "_acur_inference_form", False):
+            raise RuntimeError("this model was rewritten by to_inference_form(); its layers no longer match "
+                               "config.lowrank_layers: save the model loaded from the repo instead")
+        return super().save_pretrained(*args, **kwargs)
 # ===== END MODELING =====

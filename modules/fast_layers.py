@@ -20,14 +20,10 @@ multiple of 8 halves fp16 matmul throughput on the GPU (tools/bench_inference.py
 """
 from __future__ import annotations
 
+# ===== BEGIN FAST RUNTIME (self-contained: torch only; exported repos carry it as acur_fast.py) =====
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from modules.cur_linear import CURLinear
-from modules.kv_cache import LowRankKVAttention
-from modules.low_rank_linear import ColIDLinear, RowIDLinear, SVDLinear
-from modules.model_utils import find_linears, is_offloaded_module, replace_module
 
 STACK_ALIGN = 8  # each sibling's slice of a stacked product starts on a 16-byte boundary in fp16
 
@@ -210,19 +206,24 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
+# the research layer classes, by name: the project's modules/ and an exported repo's acur_layers.py alike
+RESEARCH_CLASSES = ("CURLinear", "SVDLinear", "RowIDLinear", "ColIDLinear")
+
+
 @torch.no_grad()
 def fast_layer(module: nn.Module) -> nn.Module | None:
     """The inference form of one compressed layer (None for a module that has none: dense, packed)."""
     bias = _detached(getattr(module, "bias", None))
     method = getattr(module, "method", "acur")
-    if type(module) is CURLinear:
+    kind = type(module).__name__
+    if kind == "CURLinear":
         A = (module.C.double() @ module.U.double()).to(module.C.dtype)
         return FastPair(A, module.R.detach(), bias, method)
-    if type(module) is SVDLinear:
+    if kind == "SVDLinear":
         return FastPair(module.A.detach(), module.B.detach(), bias, method)
-    if type(module) is RowIDLinear:
+    if kind == "RowIDLinear":
         return FastRowID(module.R.detach(), module.Z.detach(), module.gather_index.clone(), bias, method)
-    if type(module) is ColIDLinear:
+    if kind == "ColIDLinear":
         perm = torch.cat([module.col_indices, module.other_cols])
         return FastColID(module.C.detach(), module.Z.detach(), perm, bias, method)
     return None
@@ -261,20 +262,22 @@ def to_inference_form(model: nn.Module, fuse: bool = True, example: dict | None 
     the first factors of siblings. example: forward kwargs for finding siblings (default: two tokens).
     Returns {"converted": n, "groups": [[names]], "skipped": [names of compressed layers left as they were]}."""
     converted, skipped = [], []
-    for info in find_linears(model, include_lm_head=True, types=(CURLinear, SVDLinear, RowIDLinear, ColIDLinear)):
-        if is_offloaded_module(info.module) or isinstance(info.parent, LowRankKVAttention):
-            # offloaded: its weights live off the device; low-rank KV: the attention reads its factors
-            skipped.append(info.name)
+    for name, mod in list(model.named_modules()):
+        if type(mod).__name__ not in RESEARCH_CLASSES:
             continue
-        new = fast_layer(info.module)
-        if new is None:  # a subclass with its own forward (e.g. a KV-cache layer)
-            skipped.append(info.name)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        # accelerate hooks (device moves, offload) belong to the old module; a low-rank KV cache's
+        # attention reads its k/v factors itself
+        if getattr(mod, "_hf_hook", None) is not None or type(parent).__name__ == "LowRankKVAttention" \
+                or any(p.device.type == "meta" for p in mod.parameters()):
+            skipped.append(name)
             continue
-        replace_module(info, new)
-        converted.append(info.name)
+        setattr(parent, attr, fast_layer(mod))
+        converted.append(name)
     if skipped:
-        print(f"[fast] left {len(skipped)} compressed layer(s) in their research form (offloaded, a low-rank "
-              f"KV cache's k/v, or a subclass with its own forward): {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}", flush=True)
+        print(f"[fast] left {len(skipped)} compressed layer(s) in their research form (dispatched by "
+              f"accelerate, or a low-rank KV cache's k/v): {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}", flush=True)
     groups: list[list[str]] = []
     if fuse and converted:
         stackable = [n for n in converted if isinstance(model.get_submodule(n), (FastPair, FastRowID))]
@@ -289,3 +292,9 @@ def to_inference_form(model: nn.Module, fuse: bool = True, example: dict | None 
             SiblingGroup(layers)
             groups.append(group)
     return {"converted": len(converted), "groups": groups, "skipped": skipped}
+# ===== END FAST RUNTIME =====
+
+RUNTIME_MARK = "FAST RUNTIME"
+RUNTIME_DOC = ("Inference forms of the low-rank layers (plain products, siblings computed together), copied by "
+               "CUR4LLM build_acur_repo.py\nfrom the project's modules/fast_layers.py: "
+               "`model.to_inference_form()` rewrites a loaded model for speed, same outputs.")

@@ -123,7 +123,7 @@ def check_repo_files(repo: Path, results: dict, family: str) -> dict:
     names = {p.name for p in repo.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md",
             f"configuration_acur_{family}.py", f"modeling_acur_{family}.py", "acur_layers.py", "acur_kv_cache.py",
-            "acur_results.json"} <= names
+            "acur_packed.py", "acur_fast.py", "acur_results.json"} <= names
     assert not any(n.endswith(".bin") for n in names)
     cfg = json.loads((repo / "config.json").read_text())
     assert cfg["model_type"] == family  # the family's own: plain AutoTokenizer needs no remote code

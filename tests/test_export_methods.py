@@ -55,7 +55,21 @@ for repo, job in jobs.items():
         gen = model.generate(job["prompt"], max_new_tokens=5, min_new_tokens=5, do_sample=False,
                              pad_token_id=tok.eos_token_id)
     layers = {n: type(m).__name__ for n, m in model.named_modules() if n in model.config.lowrank_layers}
-    out[repo] = {"ppl": math.exp(nll.item()), "gen": gen, "tok_class": type(tok).__name__, "tok_log": tok_log,
+    fast = model.to_inference_form()  # the serving form: same perplexity and tokens
+    with torch.no_grad():
+        lf = model(w, use_cache=False).logits.float()
+        nll_f = torch.nn.functional.cross_entropy(lf[:, :-1].reshape(-1, lf.shape[-1]), w[:, 1:].reshape(-1))
+        gen_f = model.generate(job["prompt"], max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                               pad_token_id=tok.eos_token_id)
+    try:
+        model.save_pretrained(repo + "-resaved")
+        resave = "saved"
+    except RuntimeError as e:
+        resave = str(e)
+    out[repo] = {"ppl": math.exp(nll.item()), "gen": gen, "fast_ppl": math.exp(nll_f.item()), "fast_gen": gen_f,
+                 "fast": fast, "resave": resave,
+                 "fast_layers": sorted({type(m).__name__ for n, m in model.named_modules()
+                                        if n in model.config.lowrank_layers}), "tok_class": type(tok).__name__, "tok_log": tok_log,
                  "tok_ids": tok("the model compresses", add_special_tokens=False)["input_ids"],
                  "class_module": type(model).__module__, "layer_types": layers,
                  "attn": sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith("self_attn")})}
@@ -120,6 +134,18 @@ def test_random_export_reloads_and_reproduces_perplexity(case, exported):
     assert torch.equal(child["gen"], local["gen"])
     assert child["class_module"].startswith("transformers_modules")
     assert child["layer_types"] == local["types"] and local["types"]  # every low-rank layer rebuilt as itself
+    # model.to_inference_form(): the serving form (acur_fast.py) gives the same perplexity and tokens
+    assert child["fast_ppl"] == pytest.approx(child["ppl"], rel=1e-5), (child["fast_ppl"], child["ppl"])
+    assert torch.equal(child["fast_gen"], child["gen"])
+    n_low = len(local["types"])
+    if kv:  # the low-rank KV attention reads its k/v factors itself: left as they are, and said so
+        assert child["fast"]["converted"] == 0 and len(child["fast"]["skipped"]) == n_low
+    else:
+        assert child["fast"]["converted"] == n_low and child["fast"]["skipped"] == []
+        assert set(child["fast_layers"]) <= {"FastPair", "FastRowID", "FastColID"}
+        if registry.get(method).form != "colid":  # q/k/v and gate/up (or OPT's q/k/v) of every block stacked
+            assert len(child["fast"]["groups"]) >= 2
+    assert "to_inference_form" in child["resave"]  # a rewritten model refuses save_pretrained, in one line
     cfg = json.loads((repo / "config.json").read_text())
     assert cfg["acur"]["method"] == method and cfg["model_type"] == family
     assert {s["method"] for s in cfg["lowrank_layers"].values()} == {method}
