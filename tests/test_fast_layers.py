@@ -150,3 +150,32 @@ def test_inference_form_leaves_dense_layers_and_counts_only_compressed_ones():
     assert sum(isinstance(i.module, nn.Linear) for i in find_linears(model)) == len(infos) - 3
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_in_inference_form_moves_copies_and_frees_like_any_module(device):
+    """.to(), deepcopy and del behave: a copy computes on its own tensors; no reference cycle keeps a
+    dropped model's layers alive."""
+    import copy
+    import gc
+    import weakref
+    model = _tiny("llama", "cpu")
+    for info in find_linears(model):
+        replace_module(info, _compressed(info.module, "rowid"))
+    ids = torch.randint(0, 96, (1, 8))
+    to_inference_form(model)
+    with torch.no_grad():
+        want = model(ids).logits
+        model.to(device)
+        torch.testing.assert_close(model(ids.to(device)).logits.cpu(), want, rtol=1e-4, atol=1e-4)
+        twin = copy.deepcopy(model)
+        for p in model.parameters():  # the copy must not read the original's tensors
+            p.zero_()
+        torch.testing.assert_close(twin(ids.to(device)).logits.cpu(), want, rtol=1e-4, atol=1e-4)
+    probe = weakref.ref(twin.model.layers[0].self_attn.q_proj)
+    gc.disable()
+    try:
+        del twin
+        assert probe() is None  # freed by reference counting alone
+    finally:
+        gc.enable()

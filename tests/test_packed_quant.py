@@ -363,3 +363,12 @@ def test_smollm2_packed_equals_simulated(smollm2_dir):
             out = model(w, use_cache=False).logits
         nll = [nn.functional.cross_entropy(x[0, :-1], w[0, 1:]).item() for x in (ref, out)]
         assert abs(nll[1] - nll[0]) < 1e-5 and (out - ref).abs().max().item() < 1e-3, (nll, method)
+
+
+def test_int8_backend_order_follows_the_device():
+    """int8pack first on the CPU (its fast kernel), the cast first on CUDA, where torch's int8pack kernel
+    measured 25x slower than the dense layer (experiments/measured/h200_bench_packed_llama-1b.txt)."""
+    m = pl.PackedMatrix(8, 32, 8, 0, dtype=torch.float32)
+    assert m._candidates(torch.device("cpu")) == ["int8_pack", "int8_cast", "dequant"]
+    assert m._candidates(torch.device("cuda")) == ["int8_cast", "int8_pack", "dequant"]
+    assert pl.PackedMatrix(8, 32, 4, 0, dtype=torch.float32)._candidates(torch.device("cuda"))[0] == "int4_tinygemm"

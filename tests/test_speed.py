@@ -222,6 +222,9 @@ def test_random_bench_inference_every_method_one_row_per_form(tmp_path, capsys):
     for row in m.values():
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in keys)
         assert row["peak_mib"] is None
+    assert {r["shape"] for r in rep["fast_layers"]} == {"32x64", "64x64", "128x64", "64x128"}
+    assert all(r[c] > 0 for r in rep["fast_layers"] for c in r if c.endswith("_us"))
+    assert all(("rowid3_group_us" in r) == (r["shape"] == "64x64") for r in rep["fast_layers"])
     text = capsys.readouterr().out
     assert "rowid/srid" in text and "svd/asvd/wsvd" in text and "peak GPU MiB" in text and "n/a" in text
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import statistics
@@ -43,7 +44,7 @@ from torch import nn  # noqa: E402
 from bench_pipeline import SHAPES, build_model, sync  # noqa: E402
 from modules import registry  # noqa: E402
 from modules.decompositions import release_pick_graphs  # noqa: E402
-from modules.fast_layers import to_inference_form  # noqa: E402
+from modules.fast_layers import FastColID, FastPair, FastRowID, SiblingGroup, to_inference_form  # noqa: E402
 from modules.low_rank_linear import compress_linear  # noqa: E402
 from modules.model_utils import find_linears, replace_module  # noqa: E402
 
@@ -281,6 +282,47 @@ def linears_us(mods: list[nn.Module], device, dtype, reps: int) -> float:
     return device_us(run, device, reps, calls=2)
 
 
+@torch.no_grad()
+def fast_layer_table(shapes: list[tuple[int, int]], ratio: float, align: int, tokens: list[int], device, dtype,
+                     reps: int) -> list[dict]:
+    """Device microseconds per call of one layer in each inference form (random factors at the registry's
+    ranks): dense; FastPair (SVD's rank); FastRowID and its three parts (first product, Z product, gather);
+    FastColID; and three square row-ID siblings as one SiblingGroup against three dense layers (q/k/v)."""
+    F = nn.functional
+    rows = []
+    for m, n in shapes:
+        W = torch.randn(m, n, device=device, dtype=dtype) / n ** 0.5
+        r_svd = registry.get("svd").rank(m, n, ratio, align)
+        k = registry.get("rowid").rank(m, n, ratio, align)
+        kc = registry.get("colid").rank(m, n, ratio, align)
+        pair = FastPair(W[:, :r_svd].contiguous(), W[:r_svd].contiguous(), None, "svd")
+        perm = torch.randperm(m, device=device)
+        rowid = FastRowID(W[:k].contiguous(), torch.randn(m - k, k, device=device, dtype=dtype) / k ** 0.5,
+                          perm, None, "rowid")
+        colid = FastColID(W[:, :kc].contiguous(), torch.randn(kc, n - kc, device=device, dtype=dtype) / n ** 0.5,
+                          torch.randperm(n, device=device), None, "colid")
+        for t in tokens:
+            x = torch.randn(t, n, device=device, dtype=dtype)
+            h = torch.randn(t, k, device=device, dtype=dtype)
+            buf = torch.randn(t, m, device=device, dtype=dtype)
+            row = {"shape": f"{m}x{n}", "tokens": t, "svd_rank": r_svd, "rowid_rank": k, "colid_rank": kc,
+                   "dense_us": device_us(lambda: F.linear(x, W), device, reps),
+                   "pair_us": device_us(lambda: pair(x), device, reps),
+                   "rowid_us": device_us(lambda: rowid(x), device, reps),
+                   "rowid_first_us": device_us(lambda: F.linear(x, rowid.B), device, reps),
+                   "rowid_z_us": device_us(lambda: F.linear(h, rowid.Z), device, reps),
+                   "rowid_gather_us": device_us(lambda: buf.index_select(1, perm), device, reps),
+                   "colid_us": device_us(lambda: colid(x), device, reps)}
+            if m == n:
+                trio = [FastRowID(rowid.B.clone(), rowid.Z.clone(), perm.clone(), None, "rowid") for _ in range(3)]
+                SiblingGroup(trio)
+                row["dense3_us"] = device_us(lambda: [F.linear(x, W) for _ in range(3)], device, reps)
+                row["rowid3_group_us"] = device_us(lambda: [lay(x) for lay in trio], device, reps)
+            rows.append(row)
+        del W, pair, rowid, colid
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -326,6 +368,7 @@ def measure(model, linears, a, device, dtype, pb: list[int], db: list[int]) -> d
     """One case's row: weights, prefill and decode speed, peak memory, one-token device time of the linears."""
     cuda = device.type == "cuda"
     vocab = model.config.vocab_size
+    gc.collect()  # what an earlier case left behind is not this case's memory
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -403,6 +446,8 @@ def run_bench(a, on_case=None) -> dict:
                     torch.cuda.empty_cache()
                 layers = install_form(linears, lin_shapes, sources, r, form, al, device, gen)
                 groups = to_inference_form(model)["groups"] if iform == "fast" else []
+                for info in linears:  # the bench's handles follow the rewrite, so the research layers go
+                    info.module = model.get_submodule(info.name)
                 build_s = time.perf_counter() - t0
                 row = measure(model, linears, a, device, dtype, pb, db)
                 classes = sorted({type(model.get_submodule(i.name)).__name__ for i in linears})
@@ -420,6 +465,8 @@ def run_bench(a, on_case=None) -> dict:
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    rep["fast_layers"] = fast_layer_table(shapes, min(ratios, key=lambda r: abs(r - 0.8)), max(aligns),
+                                          layer_tokens, device, dtype, max(a.reps, 10))
     rep["layer_orders"] = layer_orders(shapes, min(ratios, key=lambda r: abs(r - 0.9)), layer_tokens,
                                        device, dtype, max(a.reps, 10))
     # device time of all the model's linears for one forward of `tokens` tokens (e.g. 1 = a decode step),
@@ -478,6 +525,12 @@ def print_report(rep: dict) -> None:
               f"{r['cur_us']:9.1f} {r['cur_align8_us']:9.1f} {r['folded_us']:9.1f}")
     for t, v in rep["linears_total_us"].items():
         print(f"  all linears, {t} tokens: " + "  ".join(f"{k[:-3]} {x / 1e3:.2f} ms" for k, x in v.items()))
+    cols = ("dense_us", "pair_us", "rowid_us", "rowid_first_us", "rowid_z_us", "rowid_gather_us", "colid_us",
+            "dense3_us", "rowid3_group_us")
+    print("inference forms per layer, device us per call: " + " | ".join(c[:-3] for c in cols))
+    for r in rep.get("fast_layers", []):
+        print(f"  {r['shape']:>11s} tokens={r['tokens']:<6d}" + "".join(
+            f"{r[c]:9.1f}" if c in r else f"{'':9s}" for c in cols))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,8 @@ rows of the random weight, random core); each --quant method is applied simulate
 research runs measure), measured, then converted in place to the packed layers exported repos load
 (quantization.to_packed, the runtime of modules/packed_linear.py = a repo's acur_packed.py) and measured again.
 Reported per variant: bytes of the weights on disk (safetensors of the state dict) and in memory (parameters
-+ buffers, kernel copies included), decode tokens/s (eager HF generation steps with the KV cache), perplexity
++ buffers, kernel copies included), decode tokens/s (eager HF generation steps with the KV cache, and static-cache steps replayed as CUDA
+graphs), perplexity
 of fixed random-token windows (a random model's perplexity means nothing; packed must equal simulated), the
 max |logit| difference packed vs simulated, the kernels chosen, and the device time of one CUR layer per
 shape (CUDA-graph replay: launch overhead removed) for float / simulated vs packed factors.
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import quantization as qz  # noqa: E402
-from bench_inference import decode_tps, device_us, weight_bytes  # noqa: E402
+from bench_inference import decode_graph_tps, decode_tps, device_us, weight_bytes  # noqa: E402
 from bench_pipeline import SHAPES, sync, write_json  # noqa: E402
 from modules import registry  # noqa: E402
 from modules.cur_linear import CURLinear  # noqa: E402
@@ -109,6 +110,9 @@ def measure(model: nn.Module, windows: torch.Tensor, device: torch.device, a) ->
     row = {"disk_mib": disk_bytes(model) / 2**20, "memory_mib": weight_bytes(model) / 2**20, "ppl": ppl}
     for b in a.decode_batches:
         row[f"decode_b{b}_tok_s"] = decode_tps(model, vocab, b, a.prompt_len, a.decode_tokens, device, a.reps)
+    for b in a.decode_batches:  # static KV cache, one CUDA graph per step: the kernels' own speed
+        row[f"decode_b{b}_graph_tok_s"] = decode_graph_tps(model, vocab, b, a.prompt_len, a.decode_tokens,
+                                                           device, a.reps)
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row, logits
