@@ -79,9 +79,13 @@ for repo, job in jobs.items():
         with torch.no_grad():
             lg = m(job["windows"][:1].to(m.device)).logits.float().cpu()
             g = m.generate(job["prompt"].to(m.device), max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
+        fast_auto = m.to_inference_form()
+        with torch.no_grad():
+            lg_fast = m(job["windows"][:1].to(m.device)).logits.float().cpu()
         out[repo]["auto"] = {"dtypes": sorted({str(p.dtype) for p in m.parameters()}),
                              "max_diff": (lg - logits[:1]).abs().max().item(), "gen_len": g.shape[1],
-                             "device": str(m.device)}
+                             "device": str(m.device), "fast": fast_auto,
+                             "fast_diff": (lg_fast - lg).abs().max().item()}
 out["modules"] = sorted(n for n in sys.modules if n.split(".")[0] in ("acur", "modules", "datautils", "build_acur_repo"))
 torch.save(out, sys.argv[2])
 """
@@ -159,6 +163,11 @@ def test_random_export_reloads_and_reproduces_perplexity(case, exported):
     if "auto" in child:
         a = child["auto"]
         assert a["dtypes"] == ["torch.bfloat16"] and a["gen_len"] == 10 and a["max_diff"] < 0.5, a
+        # device_map="auto" + bf16: the inference form converts (or says which layers accelerate holds) and
+        # computes the same logits to bf16 round-off (U folded into C in fp64 rounds once instead of twice)
+        assert a["fast"]["converted"] + len(a["fast"]["skipped"]) == len(local["types"]), a["fast"]
+        assert a["fast"]["converted"] == len(local["types"]), a["fast"]
+        assert a["fast_diff"] < 0.1, a
 
 
 @pytest.mark.parametrize("case", [("llama", m, False) for m in METHODS], ids=case_id)
