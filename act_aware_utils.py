@@ -266,6 +266,12 @@ def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.
     return out
 
 
+def uniform_fisher_layers(fisher: dict[str, torch.Tensor]) -> list[str]:
+    """Layers whose output fisher is exactly 1 everywhere: what output_fisher puts in place of a non-finite
+    one (a measured fisher is never exactly uniform), so a run read from the cache can still record it."""
+    return [k for k, v in fisher.items() if v.numel() and bool((v == 1).all())]
+
+
 GroupFit = Callable[[list[LinearInfo], dict[str, dict]], None]
 
 

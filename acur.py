@@ -30,7 +30,8 @@ import evaluate_utils
 import quantization
 import selfgen_utils
 import sensitivity as sens
-from act_aware_utils import calib_scales, input_covariances, output_fisher, sequential_calibration
+from act_aware_utils import (calib_scales, input_covariances, output_fisher, sequential_calibration,
+                             uniform_fisher_layers)
 from acur_args import (build_parser, check_ppl_target, check_rank_align, cur_settings, lm_eval_tasks, lm_task_metadata,
                        method_settings, needs_covariance, needs_fisher, parse_kv_fractions, sensitivity_ratios,
                        validate_args)
@@ -378,6 +379,9 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
     scales = timed("calibration", stage_scales, model, linears, calib_ids, args, fp)
     covs = timed("covariance", stage_covariance, model, linears, calib_ids, args, fp) if needs_covariance(args) else None
     fisher = timed("fisher", stage_fisher, model, linears, calib_ids, args, fp) if needs_fisher(args) else None
+    uniform = uniform_fisher_layers(fisher or {})
+    if uniform:  # recorded in the JSON, not only printed
+        add_warning(results, f"output fisher not finite in {len(uniform)} layer(s), weighted uniformly: {', '.join(uniform)}")
     stats = layer_stats(linears, scales, covs, fisher, calib_ids.numel())
     table, sens_info = timed("sensitivity", stage_sensitivity, model, linears, calib_ids, scales, args, fp, covs,
                              stats)
