@@ -492,6 +492,10 @@ def model_card(args, results: dict, sizes: dict, repo_dir: Path, family: str, ve
               "The custom code (`modeling_{0}.py`, `configuration_{0}.py`, `acur_layers.py`) builds the low-rank "
               "layers before the weights load, so the dense weights are never materialised. The tokenizer "
               "loads with plain `AutoTokenizer.from_pretrained`.".format(family_names(family)["acur_base"]), "",
+              "For serving, `model.to_inference_form()` rewrites the low-rank layers in place for speed with the "
+              "same outputs (`acur_fast.py`: CUR's U folded into C, q/k/v and gate/up computed together); "
+              "decode with a static KV cache and CUDA graphs (or `torch.compile`) to see the bytes saved. A "
+              "rewritten model cannot be saved again: save the one you loaded.", "",
               "## Parameters and size", "", "| | dense | compressed |", "|---|---:|---:|",
               f"| parameters (whole model) | {m['params_total']:,} | {m.get('params_compressed', m['params_total']):,} |",
               f"| parameters (compressed linears) | {pr.get('compressed_linears_dense', 0):,} | "
