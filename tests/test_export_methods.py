@@ -17,7 +17,6 @@ import datautils
 from conftest import ROOT, run_fresh_loader, tiny_args
 from evaluate_utils import windows
 from modules import registry
-from modules import decompositions
 
 sys.path.insert(0, str(ROOT / "huggingface_repos"))
 import build_acur_repo as bar  # noqa: E402

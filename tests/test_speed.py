@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import acur
 import sensitivity
 from conftest import ROOT, tiny_args
-from modules.model_utils import LinearInfo, find_linears
+from modules.model_utils import LinearInfo, find_linears, replace_module
 
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_inference  # noqa: E402
@@ -267,12 +267,21 @@ def test_random_bench_block_counts_the_protocol_and_times_every_part(capsys):
         assert part in out
 
 
-def test_static_decode_gives_the_greedy_tokens_of_generate_and_rewinds():
-    """The bench's graph-decode loop (run eagerly on the CPU) decodes what model.generate does, every run."""
-    model = bench_pipeline.build_model("tiny-llama", torch.device("cpu"), torch.float32, seed=3)
-    prompt = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("fast", [False, True])
+def test_static_decode_gives_the_greedy_tokens_of_generate_and_rewinds(device, fast):
+    """The bench's graph-decode loop (a CUDA graph per step on a GPU, eager on the CPU) decodes what
+    model.generate does, every run; also with compressed layers in their inference form."""
+    from modules.fast_layers import to_inference_form
+    dev = torch.device(device)
+    model = bench_pipeline.build_model("tiny-llama", dev, torch.float32, seed=3)
+    if fast:
+        for info in find_linears(model):
+            replace_module(info, bench_inference.build_layer(info.module, 0.7, "rowid", 1, torch.Generator()))
+        to_inference_form(model)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0)).to(dev)
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)[:, 7:]
-        dec = bench_inference.StaticDecode(model, prompt, steps=5, graph=False)
+        dec = bench_inference.StaticDecode(model, prompt, steps=5, graph=device == "cuda")
         first, second = dec.run(5), dec.run(5)
     assert torch.equal(first, want) and torch.equal(second, want)

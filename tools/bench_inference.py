@@ -319,7 +319,6 @@ def fast_layer_table(shapes: list[tuple[int, int]], ratio: float, align: int, to
                 row["dense3_us"] = device_us(lambda: [F.linear(x, W) for _ in range(3)], device, reps)
                 row["rowid3_group_us"] = device_us(lambda: [lay(x) for lay in trio], device, reps)
             rows.append(row)
-        del W, pair, rowid, colid
     return rows
 
 
