@@ -257,19 +257,14 @@ def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.
             h.remove()
         for p, r in req.items():
             p.requires_grad_(r)
-    out = {name: (a / max(count[0], 1)).cpu() for name, a in acc.items()}
-    bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
-    if bad:
-        print(f"WARNING: non-finite output fisher in {len(bad)} layers (e.g. {bad[0]}); they are weighted uniformly")
-        for k in bad:
-            out[k] = torch.ones_like(out[k])
-    return out
+    return {name: (a / max(count[0], 1)).cpu() for name, a in acc.items()}
 
 
-def uniform_fisher_layers(fisher: dict[str, torch.Tensor]) -> list[str]:
-    """Layers whose output fisher is exactly 1 everywhere: what output_fisher puts in place of a non-finite
-    one (a measured fisher is never exactly uniform), so a run read from the cache can still record it."""
-    return [k for k, v in fisher.items() if v.numel() and bool((v == 1).all())]
+def finite_fisher(fisher: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(fisher with every non-finite layer's weights set to 1, those layers): the layers whose outputs
+    are then weighted uniformly, for the run to record. output_fisher returns (and caches) what it measured."""
+    bad = [k for k, v in fisher.items() if not torch.isfinite(v).all()]
+    return {k: torch.ones_like(v) if k in bad else v for k, v in fisher.items()}, bad
 
 
 GroupFit = Callable[[list[LinearInfo], dict[str, dict]], None]

@@ -30,8 +30,7 @@ import evaluate_utils
 import quantization
 import selfgen_utils
 import sensitivity as sens
-from act_aware_utils import (calib_scales, input_covariances, output_fisher, sequential_calibration,
-                             uniform_fisher_layers)
+from act_aware_utils import calib_scales, finite_fisher, input_covariances, output_fisher, sequential_calibration
 from acur_args import (build_parser, check_ppl_target, check_rank_align, cur_settings, lm_eval_tasks, lm_task_metadata,
                        method_settings, needs_covariance, needs_fisher, parse_kv_fractions, sensitivity_ratios,
                        validate_args)
@@ -379,7 +378,7 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
     scales = timed("calibration", stage_scales, model, linears, calib_ids, args, fp)
     covs = timed("covariance", stage_covariance, model, linears, calib_ids, args, fp) if needs_covariance(args) else None
     fisher = timed("fisher", stage_fisher, model, linears, calib_ids, args, fp) if needs_fisher(args) else None
-    uniform = uniform_fisher_layers(fisher or {})
+    fisher, uniform = finite_fisher(fisher) if fisher else (fisher, [])
     if uniform:  # recorded in the JSON, not only printed
         add_warning(results, f"output fisher not finite in {len(uniform)} layer(s), weighted uniformly: {', '.join(uniform)}")
     stats = layer_stats(linears, scales, covs, fisher, calib_ids.numel())

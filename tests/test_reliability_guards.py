@@ -335,22 +335,27 @@ def test_two_runs_on_one_cache_compute_each_layer_once(tiny_llama_dir, tiny_text
 def test_non_finite_output_fisher_is_recorded_in_the_results(tiny_llama_dir, tiny_text_file, tmp_path, monkeypatch):
     """A fisher that is not finite (here: the last linear's output gradient poisoned, which reaches every layer
     before it) is replaced by uniform weights, and the run JSON says which layers, not only the console; a
-    healthy fisher records nothing."""
+    healthy fisher records nothing. output_fisher itself returns what it measured."""
+    import torch
+
     import act_aware_utils
     real = act_aware_utils.output_fisher
+    measured = []
 
     def poisoned(model, linears, ids, batch_size, **kw):
         def hook(mod, args, out):
             out.register_hook(lambda g: g * float("nan"))
         handle = linears[-1].module.register_forward_hook(hook)
         try:
-            return real(model, linears, ids, batch_size, **kw)
+            measured.append(real(model, linears, ids, batch_size, **kw))
+            return measured[-1]
         finally:
             handle.remove()
     argv = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--method", "srid", "--act_aware",
                      "--sensitivity_metric", "fisher_error", "--param_ratio_target", "0.8")
     monkeypatch.setattr(acur, "output_fisher", poisoned)
     _, _, res = acur.run_pipeline(acur.build_parser().parse_args(argv))
+    assert not all(torch.isfinite(v).all() for v in measured[0].values())  # measured as it was, not patched
     saved = json.loads(Path(res["output_file"]).read_text())
     hit = [w for w in saved["warnings"] if w.startswith("output fisher not finite")]
     names = list(res["sensitivity"]["table"])  # every linear of the run, in order
@@ -358,5 +363,5 @@ def test_non_finite_output_fisher_is_recorded_in_the_results(tiny_llama_dir, tin
     monkeypatch.setattr(acur, "output_fisher", real)
     _, _, clean = acur.run_pipeline(acur.build_parser().parse_args(argv + ["--output_dir", str(tmp_path / "clean")]))
     assert not any(w.startswith("output fisher") for w in clean["warnings"])
-    import torch
-    assert act_aware_utils.uniform_fisher_layers({"a": torch.ones(3), "b": torch.tensor([1.0, 2.0])}) == ["a"]
+    fixed, bad = act_aware_utils.finite_fisher({"a": torch.tensor([1.0, float("inf")]), "b": torch.tensor([1.0, 2.0])})
+    assert bad == ["a"] and torch.equal(fixed["a"], torch.ones(2)) and torch.equal(fixed["b"], torch.tensor([1.0, 2.0]))
