@@ -204,9 +204,6 @@ class FastColID(nn.Module):
         return F.linear(z, self.C, self.bias).view(*x.shape[:-1], self.out_features)
 
 
-FAST_CLASSES = (FastPair, FastRowID, FastColID)
-
-
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
@@ -291,8 +288,7 @@ def to_inference_form(model: nn.Module, fuse: bool = True, example: dict | None 
             example = {"input_ids": torch.tensor([[1, 2]], device=dev)}
         for group in _sibling_sets(model, stackable, example):
             layers = [model.get_submodule(n) for n in group]
-            if len({(lay.B.device, lay.B.dtype, lay.in_features) for lay in layers}) != 1 or \
-                    any(lay.group is not None for lay in layers):
+            if len({(lay.B.device, lay.B.dtype, lay.in_features) for lay in layers}) != 1:
                 continue
             SiblingGroup(layers)
             groups.append(group)

@@ -41,35 +41,40 @@ log = io.StringIO()
 handler = logging.StreamHandler(log)
 hf_logging.get_logger().addHandler(handler)
 jobs = torch.load(sys.argv[1])
-out = {}
-for repo, job in jobs.items():
-    log.truncate(0); log.seek(0)
-    tok = AutoTokenizer.from_pretrained(repo)
-    tok_log = log.getvalue()
-    model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, dtype=torch.float32).eval()
+
+
+def measure(model, job, tok):  # (logits, perplexity, greedy tokens) of the job's windows and prompt
     with torch.no_grad():
         w = job["windows"]
         logits = model(w, use_cache=False).logits.float()
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
         gen = model.generate(job["prompt"], max_new_tokens=5, min_new_tokens=5, do_sample=False,
                              pad_token_id=tok.eos_token_id)
-    layers = {n: type(m).__name__ for n, m in model.named_modules() if n in model.config.lowrank_layers}
+    return logits, math.exp(nll.item()), gen
+
+
+def layer_types(model):
+    return {n: type(m).__name__ for n, m in model.named_modules() if n in model.config.lowrank_layers}
+
+
+out = {}
+for repo, job in jobs.items():
+    log.truncate(0); log.seek(0)
+    tok = AutoTokenizer.from_pretrained(repo)
+    tok_log = log.getvalue()
+    model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, dtype=torch.float32).eval()
+    logits, ppl, gen = measure(model, job, tok)
+    layers = layer_types(model)
     fast = model.to_inference_form()  # the serving form: same perplexity and tokens
-    with torch.no_grad():
-        lf = model(w, use_cache=False).logits.float()
-        nll_f = torch.nn.functional.cross_entropy(lf[:, :-1].reshape(-1, lf.shape[-1]), w[:, 1:].reshape(-1))
-        gen_f = model.generate(job["prompt"], max_new_tokens=5, min_new_tokens=5, do_sample=False,
-                               pad_token_id=tok.eos_token_id)
+    _, fast_ppl, fast_gen = measure(model, job, tok)
     try:
         model.save_pretrained(repo + "-resaved")
         resave = "saved"
     except RuntimeError as e:
         resave = str(e)
-    out[repo] = {"ppl": math.exp(nll.item()), "gen": gen, "fast_ppl": math.exp(nll_f.item()), "fast_gen": gen_f,
-                 "fast": fast, "resave": resave,
-                 "fast_layers": sorted({type(m).__name__ for n, m in model.named_modules()
-                                        if n in model.config.lowrank_layers}), "tok_class": type(tok).__name__, "tok_log": tok_log,
-                 "tok_ids": tok("the model compresses", add_special_tokens=False)["input_ids"],
+    out[repo] = {"ppl": ppl, "gen": gen, "fast_ppl": fast_ppl, "fast_gen": fast_gen, "fast": fast, "resave": resave,
+                 "fast_layers": sorted(set(layer_types(model).values())), "tok_class": type(tok).__name__,
+                 "tok_log": tok_log, "tok_ids": tok("the model compresses", add_special_tokens=False)["input_ids"],
                  "class_module": type(model).__module__, "layer_types": layers,
                  "attn": sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith("self_attn")})}
     if job.get("auto"):

@@ -311,7 +311,7 @@ def fast_layer_table(shapes: list[tuple[int, int]], ratio: float, align: int, to
                    "rowid_us": device_us(lambda: rowid(x), device, reps),
                    "rowid_first_us": device_us(lambda: F.linear(x, rowid.B), device, reps),
                    "rowid_z_us": device_us(lambda: F.linear(h, rowid.Z), device, reps),
-                   "rowid_gather_us": device_us(lambda: buf.index_select(1, perm), device, reps),
+                   "rowid_gather_us": device_us(lambda: buf[:, perm], device, reps),  # as FastRowID gathers
                    "colid_us": device_us(lambda: colid(x), device, reps)}
             if m == n:
                 trio = [FastRowID(rowid.B.clone(), rowid.Z.clone(), perm.clone(), None, "rowid") for _ in range(3)]
@@ -381,8 +381,7 @@ def measure(model, linears, a, device, dtype, pb: list[int], db: list[int]) -> d
         row[f"decode_b{b}_graph_tok_s"] = decode_graph_tps(model, vocab, b, a.prompt_len, a.decode_tokens,
                                                            device, a.reps)
     row["peak_mib"] = _mib(torch.cuda.max_memory_allocated(device)) if cuda else None
-    mods = [model.get_submodule(info.name) for info in linears]  # after any rewrite of the layers
-    row["linears_1tok_us"] = linears_us(mods, device, dtype, max(a.reps, 5))
+    row["linears_1tok_us"] = linears_us([info.module for info in linears], device, dtype, max(a.reps, 5))
     return row
 
 
@@ -444,15 +443,15 @@ def run_bench(a, on_case=None) -> dict:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 layers = install_form(linears, lin_shapes, sources, r, form, al, device, gen)
-                groups = to_inference_form(model)["groups"] if iform == "fast" else []
+                stacked = to_inference_form(model)["groups"] if iform == "fast" else []
                 for info in linears:  # the bench's handles follow the rewrite, so the research layers go
                     info.module = model.get_submodule(info.name)
                 build_s = time.perf_counter() - t0
                 row = measure(model, linears, a, device, dtype, pb, db)
-                classes = sorted({type(model.get_submodule(i.name)).__name__ for i in linears})
+                classes = sorted({type(i.module).__name__ for i in linears})
                 rep["models"][label] = {"form": form, "methods": methods, "ratio": r, "rank_align": al,
                                         "inference_form": iform, "class": classes[0],
-                                        "stacked_groups": len(groups),
+                                        "stacked_groups": len(stacked),
                                         "ranks": {s: k for s, (_, k) in layers.items()},
                                         "build_s": round(build_s, 2), **row}
                 print(f"[bench] {label} ({'/'.join(methods)}): "
