@@ -19,6 +19,9 @@ Ranks aligned to tensor-core tiles (acur.py --rank_align 64) matter as much: a w
 multiple of 8 halves fp16 matmul throughput on the GPU (tools/bench_inference.py shows both). Measured
 (H200, LLaMA-2-7B shape, ratio 0.8, CUDA-graph decode; README_CUR4LLM "Inference forms"): CUR and SVD
 become faster than dense, row and column ID stay below it, held back by their gathers.
+
+Under torch.compile (no graph break) row ID and the groups trace functional paths instead, so the compiler
+fuses the gathers into the neighbouring kernels; compiled, row ID decodes at compiled dense's speed.
 """
 from __future__ import annotations
 
@@ -28,6 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 STACK_ALIGN = 8  # each sibling's slice of a stacked product starts on a 16-byte boundary in fp16
+
+
+def _compiling() -> bool:
+    """Inside torch.compile's trace: the layers take plain functional paths (no in-place writes into
+    views, no Python-side caches), which the compiler fuses: gathers into their neighbours' kernels."""
+    return bool(getattr(torch, "compiler", None) and torch.compiler.is_compiling())
 
 
 class _FastBase(nn.Module):
@@ -87,6 +96,11 @@ class FastRowID(_FastBase):
         if self.group is not None:
             return self.group.take(x, self.slot)
         x2, k = x.reshape(-1, self.in_features), self.rank
+        if _compiling():  # one expression: the compiler writes both products into one buffer and fuses the gather
+            h = F.linear(x2, self.B)
+            y = (torch.cat([h, F.linear(h, self.Z)], dim=1) if self.out_features > k else h)[:, self.gather_index]
+            y = y if self.bias is None else y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
         buf = x2.new_empty(x2.shape[0], self.out_features)
         torch.mm(x2, self.B.t(), out=buf[:, :k])  # strided output: cuBLAS writes it in place
         if self.out_features > k:
@@ -144,30 +158,43 @@ class SiblingGroup(nn.Module):
         self._taken: set[int] = set()
 
     def take(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        """Member `slot`'s output for input x; all outputs are recomputed for a new or modified input."""
-        if self._x is not x or self._version != x._version or slot in self._taken:
-            self._outs, self._x, self._version, self._taken = self._compute(x), x, x._version, set()
+        """Member `slot`'s output for input x; all outputs are recomputed for a new or modified input.
+        Under torch.compile the cache is traced too (the compiler replays it), by identity only: it cannot
+        read _version, and _sibling_sets grouped only siblings whose input was unmodified between them."""
+        traced = _compiling()  # the compiler cannot read _version: siblings were found reading an unmodified input
+        if self._x is not x or slot in self._taken or (not traced and self._version != x._version):
+            self._outs, self._x, self._taken = self._compute(x, traced), x, set()
+            self._version = -1 if traced else x._version
         out = self._outs[slot]
         self._taken.add(slot)
         if len(self._taken) == len(self._slots):  # every member has its part: hold no activations
             self._outs, self._x, self._taken = None, None, set()
         return out
 
-    def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self.computed += 1
+    def _compute(self, x: torch.Tensor, traced: bool = False) -> list[torch.Tensor]:
+        """traced: build the pre-gather buffer by concatenation instead of writes into its views."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.weight.shape[1])
-        buf = x2.new_empty(x2.shape[0], self.buffer_width)
-        torch.mm(x2, self.weight.t(), out=buf[:, :self.width])
+        if traced:
+            first = F.linear(x2, self.weight)
+            zs = []
+        else:
+            self.computed += 1
+            buf = x2.new_empty(x2.shape[0], self.buffer_width)
+            first = torch.mm(x2, self.weight.t(), out=buf[:, :self.width])
         outs: list[torch.Tensor | None] = [None] * len(self._slots)
         for slot, (pair, second, bias, rank, out_features) in enumerate(self._slots):
             off = self.offsets[slot]
-            h = buf[:, off:off + rank]
+            h = first[:, off:off + rank]
             if pair:
                 outs[slot] = F.linear(h, second, bias).view(*lead, out_features)
+            elif out_features > rank and traced:
+                zs.append(F.linear(h, second))
             elif out_features > rank:
                 z = self.z_offsets[slot]
                 torch.mm(h, second.t(), out=buf[:, z:z + out_features - rank])
+        if traced and self.out_offsets:
+            buf = torch.cat([first] + zs, dim=1)
         if self.out_offsets:
             y = buf[:, self.gather_index]  # advanced indexing: 1 us faster per call than index_select on an H200
             for slot, o in self.out_offsets.items():
@@ -232,16 +259,17 @@ def fast_layer(module: nn.Module) -> nn.Module | None:
 
 
 def _sibling_sets(model: nn.Module, names: list[str], example: dict) -> list[list[str]]:
-    """Groups (of two or more) of the named modules that read the very same input tensor in one forward."""
+    """Groups (of two or more) of the named modules that read the very same input tensor, unmodified
+    between their calls, in one forward."""
     mods = dict(model.named_modules())
-    seen: dict[int, list[str]] = {}
+    seen: dict[tuple[int, int], list[str]] = {}
     keep: list[torch.Tensor] = []  # held so no tensor id is reused during the pass
     hooks = []
     for name in names:
         def hook(mod, args, name=name):
             x = args[0]
             keep.append(x)
-            seen.setdefault(id(x), []).append(name)
+            seen.setdefault((id(x), x._version), []).append(name)
         hooks.append(mods[name].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from conftest import ROOT
 from modules.fast_layers import FastColID, FastPair, FastRowID, SiblingGroup, fast_layer, to_inference_form
@@ -181,3 +182,74 @@ def test_model_in_inference_form_moves_copies_and_frees_like_any_module(device):
         assert probe() is None  # freed by reference counting alone
     finally:
         gc.enable()
+
+
+def test_siblings_are_grouped_only_if_their_input_is_unmodified_between_them():
+    """The compiled path caches by tensor identity alone, so discovery must not group layers across an
+    in-place change of their input."""
+    from modules.fast_layers import _sibling_sets
+
+    class Toy(nn.Module):
+        def __init__(self, mutate: bool):
+            super().__init__()
+            self.a, self.b, self.c, self.mutate = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 4), mutate
+
+        def forward(self, x):
+            x = x * 1.0
+            ya, yb = self.a(x), self.b(x)
+            if self.mutate:
+                x.mul_(2.0)
+            return ya + yb + self.c(x)
+
+    example = {"x": torch.randn(2, 8)}
+    assert _sibling_sets(Toy(False), ["a", "b", "c"], example) == [["a", "b", "c"]]
+    assert _sibling_sets(Toy(True), ["a", "b", "c"], example) == [["a", "b"]]
+
+
+class _CountWeightProducts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Matrix products (out= variants too) that read one of the given parameters: the layers' products,
+    not attention's (which differs by device)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.ptrs, self.n = {p.untyped_storage().data_ptr() for p in params}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.n += any(torch.is_tensor(a) and a.untyped_storage().data_ptr() in self.ptrs for a in args)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["rowid", "svd"])
+def test_compiled_inference_form_gives_the_same_logits_with_one_product_per_group(device, form):
+    """torch.compile (fullgraph: no graph break) traces the layers' functional paths and the sibling
+    cache: the same logits as eager, and the traced graph holds as many weight products as the eager
+    model runs (the stacked first product once per group, not once per member)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    model = _tiny("llama", device)
+    for info in find_linears(model):
+        replace_module(info, _compressed(info.module, form))
+    assert len(to_inference_form(model)["groups"]) == 4
+    ids = torch.randint(0, 96, (1, 8), device=device)
+    traced = []
+
+    def backend(gm, example_inputs):  # inductor, keeping the traced graph to count its products
+        traced.append(gm)
+        return compile_fx(gm, example_inputs)
+    with torch.no_grad():
+        counter = _CountWeightProducts(list(model.parameters()))
+        with counter:
+            want = model(ids).logits
+        got, code = run_and_get_code(torch.compile(model, backend=backend, fullgraph=True, dynamic=False), ids)
+    torch.testing.assert_close(got.logits, want, rtol=1e-4, atol=1e-4)
+    products = [n for n in traced[0].graph.nodes if n.op == "call_function"
+                and n.target in (F.linear, torch.mm, torch.addmm, torch.matmul)]
+    assert len(traced) == 1 and len(products) == counter.n > 0
+    if form == "rowid":  # the gathers became part of the compiler's own kernels (fused, not called)
+        src = "\n".join(code)
+        assert "Original ATen: [aten.index" in src or "aten.index, " in src
+        assert "torch.ops.aten.index" not in src and "aten.index_select.default(" not in src
+    torch._dynamo.reset()

@@ -108,13 +108,14 @@ def test_random_acur_under_torchrun_two_gloo_ranks_matches_single_run(tiny_llama
     extra = ["--param_ratio_target", "0.8", "--act_aware", "--use_cache", "--run_name", "r",
              "--sensitivity_ratios", "0.5,0.8", "--layer_filter", "o_proj|down_proj", "--eval_max_windows", "2"]
     one = tmp_path / "one"
-    args = acur.build_parser().parse_args(tiny_args(tiny_llama_dir, tiny_text_file, one, *extra))
+    # both runs on the CPU (gloo): on a GPU machine the single run would otherwise take the GPU
+    args = acur.build_parser().parse_args(tiny_args(tiny_llama_dir, tiny_text_file, one, *extra, "--device", "cpu"))
     _, _, res1 = acur.run_pipeline(args)
     two = tmp_path / "two"
     # same thread count as this process: CPU reductions then add in the same order, bit for bit
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "acur.py"), *tiny_args(tiny_llama_dir, tiny_text_file, two, *extra), "--device", "cpu"]
+           str(ROOT / "acur.py"), *tiny_args(tiny_llama_dir, tiny_text_file, two, *extra, "--device", "cpu")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("param ratio of compressed linears") == 1  # rank 0 alone reports
@@ -227,6 +228,39 @@ def test_random_bench_inference_every_method_one_row_per_form(tmp_path, capsys):
     assert all(("rowid3_group_us" in r) == (r["shape"] == "64x64") for r in rep["fast_layers"])
     text = capsys.readouterr().out
     assert "rowid/srid" in text and "svd/asvd/wsvd" in text and "peak GPU MiB" in text and "n/a" in text
+
+
+def test_random_bench_inference_compiled_cases_compile_every_block_and_compare_with_compiled_dense(tmp_path):
+    """--inference_forms compiled: a compiled dense case as the baseline, every decoder block compiled
+    without a graph break, the blocks back to eager after each case, eager decode not measured."""
+    out = tmp_path / "bc.json"
+    rc = bench_inference.main(["--shape", "tiny", "--device", "cpu", "--prefill_batches", "1", "--prefill_len", "16",
+                               "--decode_batches", "1", "--prompt_len", "8", "--decode_tokens", "2", "--reps", "1",
+                               "--layer_tokens", "1", "--methods", "rowid", "--inference_forms", "compiled",
+                               "--json_out", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    m = rep["models"]
+    assert list(m) == ["dense", "dense_compiled", "rowid_0.8_compiled"]
+    for name in ("dense_compiled", "rowid_0.8_compiled"):
+        row = m[name]
+        assert row["compiled_blocks"] == 3 and row["graph_breaks"] == 0 and row["decode_b1_tok_s"] is None
+        assert row["decode_b1_graph_tok_s"] > 0 and row["prefill_b1_tok_s"] > 0
+    assert m["rowid_0.8_compiled"]["class"] == "FastRowID"
+    rows = bench_inference.table_rows(rep)  # a compiled case's "x dense" is against compiled dense
+    ratios = rows[[label for label, _ in rows].index("decode_b1_graph_tok_s") + 1][1]
+    assert ratios[2] == pytest.approx(m["rowid_0.8_compiled"]["decode_b1_graph_tok_s"]
+                                      / m["dense_compiled"]["decode_b1_graph_tok_s"])
+    assert m["rowid_0.8_compiled"]["weight_mib"] < m["dense"]["weight_mib"]
+
+
+def test_random_bench_compile_blocks_compiles_the_decoder_layers_and_uncompile_restores_eager():
+    model = bench_pipeline.build_model("tiny-llama", torch.device("cpu"), torch.float32, 0)
+    assert bench_inference.compile_blocks(model) == len(model.model.layers) == 3
+    compiled = [n for n, mod in model.named_modules() if getattr(mod, "_compiled_call_impl", None) is not None]
+    assert compiled == [f"model.layers.{i}" for i in range(3)]
+    bench_inference.uncompile_blocks(model)
+    assert not any(getattr(mod, "_compiled_call_impl", None) is not None for mod in model.modules())
 
 
 def test_random_bench_inference_rejects_unknown_method():

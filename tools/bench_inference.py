@@ -25,6 +25,7 @@ compares CURLinear's multiplication order with a dense nn.Linear and with U fold
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -109,6 +110,36 @@ def install_form(linears, shapes: dict, sources: dict, ratio: float, form: str, 
     return {"x".join(map(str, s)): (type(p).__name__, int(p.rank)) for s, p in protos.items()}
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """Regional compilation: torch.compile each repeated block (the decoder layers), so the compiler
+    traces one block, reuses it for the others, and fuses a layer's gathers into the pointwise kernels
+    around it (RoPE, residual add, norms). Returns the number of blocks compiled."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    # the KV cache indexes its layers by the block's layer index, so each block is traced on its own per
+    # input shape (the compiled kernels are shared through the compiler's cache)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # loud, not a silent fall back to eager
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+             and len({type(b) for b in m}) == 1]
+    blocks = max(lists, key=len) if lists else []
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
+
+
+def uncompile_blocks(model: nn.Module) -> None:
+    """Back to eager (and the compiler's caches dropped), so the next case compiles its own layers."""
+    import torch._dynamo
+    for m in model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
 def timeit(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
     """Median seconds of fn() after warm-up (synchronised around each call)."""
     for _ in range(warmup):
@@ -176,8 +207,10 @@ class StaticDecode:
         self.model, self.prompt_len, dev = model, prompt.shape[1], prompt.device
         self.cache = StaticCache(config=model.config, max_cache_len=self.prompt_len + steps + 4)
         self.pos = torch.full((1,), self.prompt_len, dtype=torch.long, device=dev)
-        out = model(prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-                    cache_position=torch.arange(self.prompt_len, device=dev))
+        stance = getattr(torch.compiler, "set_stance", None)  # the untimed prompt pass need not be compiled
+        with stance("force_eager") if stance else contextlib.nullcontext():
+            out = model(prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                        cache_position=torch.arange(self.prompt_len, device=dev))
         self.first = out.logits[:, -1:].argmax(-1)
         self.tok = self.first.clone()
         self.step, self.graph = self._step, None
@@ -335,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank_aligns", default="1", help="rank alignments (acur.py --rank_align) to compare")
     p.add_argument("--inference_forms", default="research,fast",
                    help="research: the layers as compression builds them; fast: modules/fast_layers."
-                        "to_inference_form (plain products, siblings stacked)")
+                        "to_inference_form (plain products, siblings stacked); compiled: fast, and each decoder "
+                        "block torch.compile'd (dense gets a compiled case too; eager decode is not measured)")
     p.add_argument("--prefill_batches", default="1,4")
     p.add_argument("--prefill_len", type=int, default=2048)
     p.add_argument("--decode_batches", default="1,16")
@@ -363,8 +397,9 @@ def _mib(x: float | None) -> float | None:
     return None if x is None else x / 2**20
 
 
-def measure(model, linears, a, device, dtype, pb: list[int], db: list[int]) -> dict:
-    """One case's row: weights, prefill and decode speed, peak memory, one-token device time of the linears."""
+def measure(model, linears, a, device, dtype, pb: list[int], db: list[int], compiled: bool = False) -> dict:
+    """One case's row: weights, prefill and decode speed, peak memory, one-token device time of the linears.
+    compiled: the blocks are compiled first; eager decode and the linears' time (eager layers) are skipped."""
     cuda = device.type == "cuda"
     vocab = model.config.vocab_size
     gc.collect()  # what an earlier case left behind is not this case's memory
@@ -373,15 +408,28 @@ def measure(model, linears, a, device, dtype, pb: list[int], db: list[int]) -> d
         torch.cuda.reset_peak_memory_stats(device)
     row = {"weight_mib": weight_bytes(model) / 2**20,
            "allocated_mib": _mib(torch.cuda.memory_allocated(device)) if cuda else None}
+    t0 = time.perf_counter()
+    if compiled:
+        row["compiled_blocks"] = compile_blocks(model)
     for b in pb:
         row[f"prefill_b{b}_tok_s"] = prefill_tps(model, vocab, b, a.prefill_len, device, a.reps)
     for b in db:
-        row[f"decode_b{b}_tok_s"] = decode_tps(model, vocab, b, a.prompt_len, a.decode_tokens, device, a.reps)
+        row[f"decode_b{b}_tok_s"] = None if compiled else decode_tps(model, vocab, b, a.prompt_len,
+                                                                     a.decode_tokens, device, a.reps)
     for b in db:
         row[f"decode_b{b}_graph_tok_s"] = decode_graph_tps(model, vocab, b, a.prompt_len, a.decode_tokens,
                                                            device, a.reps)
     row["peak_mib"] = _mib(torch.cuda.max_memory_allocated(device)) if cuda else None
-    row["linears_1tok_us"] = linears_us([info.module for info in linears], device, dtype, max(a.reps, 5))
+    row["linears_1tok_us"] = None if compiled else linears_us([info.module for info in linears], device, dtype,
+                                                              max(a.reps, 5))
+    if compiled:
+        from torch._dynamo.utils import counters
+        row["graph_breaks"] = sum(counters["graph_break"].values())  # each one splits a block's fusion
+        row["compiled_graphs"] = counters["stats"]["unique_graphs"]
+        if row["graph_breaks"]:
+            print(f"[bench] graph breaks: {dict(counters['graph_break'])}"[:600], flush=True)
+        uncompile_blocks(model)
+        row["compile_and_measure_s"] = round(time.perf_counter() - t0, 1)
     return row
 
 
@@ -400,9 +448,9 @@ def run_bench(a, on_case=None) -> dict:
     pb, db = ints(a.prefill_batches, "--prefill_batches"), ints(a.decode_batches, "--decode_batches")
     aligns = ints(a.rank_aligns, "--rank_aligns")
     iforms = [x.strip() for x in a.inference_forms.split(",") if x.strip()]
-    if not iforms or set(iforms) - {"research", "fast"} or len(set(iforms)) != len(iforms):
+    if not iforms or set(iforms) - {"research", "fast", "compiled"} or len(set(iforms)) != len(iforms):
         raise SystemExit("bench_inference.py: error: --inference_forms must be distinct names among research, "
-                         f"fast, got {a.inference_forms!r}")
+                         f"fast, compiled, got {a.inference_forms!r}")
     layer_tokens = ints(a.layer_tokens, "--layer_tokens")
     shape = SHAPE_ALIASES.get(a.shape, a.shape)
     model = build_model(shape, device, dtype, a.seed)
@@ -423,6 +471,13 @@ def run_bench(a, on_case=None) -> dict:
     print("[bench] dense: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()), flush=True)
     if on_case:
         on_case(rep)
+    if "compiled" in iforms:
+        row = measure(model, linears, a, device, dtype, pb, db, compiled=True)
+        rep["models"]["dense_compiled"] = {"form": "dense", "methods": [], "class": "Linear",
+                                           "inference_form": "compiled", **row}
+        print("[bench] dense_compiled: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()), flush=True)
+        if on_case:
+            on_case(rep)
     # one dense weight per shape, on the CPU, to build every form from; the model's dense linears are freed
     sources: dict[tuple, nn.Module] = {}
     for info in linears:
@@ -436,18 +491,18 @@ def run_bench(a, on_case=None) -> dict:
     for form, methods in groups:
         for r in ratios:
             for al, iform in [(al, f) for al in aligns for f in iforms]:
-                label = f"{methods[0]}_{r:g}" + (f"_a{al}" if al > 1 else "") + ("_fast" if iform == "fast" else "")
+                label = f"{methods[0]}_{r:g}" + (f"_a{al}" if al > 1 else "") + ("" if iform == "research" else f"_{iform}")
                 t0 = time.perf_counter()
                 for info in linears:  # the previous case's layers go before this one's are built
                     replace_module(info, nn.Identity())
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 layers = install_form(linears, lin_shapes, sources, r, form, al, device, gen)
-                stacked = to_inference_form(model)["groups"] if iform == "fast" else []
+                stacked = to_inference_form(model)["groups"] if iform != "research" else []
                 for info in linears:  # the bench's handles follow the rewrite, so the research layers go
                     info.module = model.get_submodule(info.name)
                 build_s = time.perf_counter() - t0
-                row = measure(model, linears, a, device, dtype, pb, db)
+                row = measure(model, linears, a, device, dtype, pb, db, compiled=iform == "compiled")
                 classes = sorted({type(i.module).__name__ for i in linears})
                 rep["models"][label] = {"form": form, "methods": methods, "ratio": r, "rank_align": al,
                                         "inference_form": iform, "class": classes[0],
@@ -497,11 +552,13 @@ def table_rows(rep: dict) -> list[tuple[str, list]]:
     keys = [("weight_mib", "weights MiB")] + [(k, k) for k in speed] + list(METRICS[1:])
     out = [("methods", ["dense"] + ["/".join(m["methods"]) for m in list(models.values())[1:]]),
            ("layer class", [m["class"] for m in models.values()])]
-    dense = models["dense"]
+    def base(m: dict) -> dict:  # compiled cases against the compiled dense model
+        return models.get("dense_compiled", models["dense"]) if m.get("inference_form") == "compiled" else models["dense"]
     for k, label in keys:
         out.append((label, [m.get(k) for m in models.values()]))
         if k.endswith("_tok_s") or k == "linears_1tok_us":  # speed-up (tok/s) or time ratio (us) against dense
-            out.append(("  x dense", [m[k] / dense[k] if dense.get(k) else None for m in models.values()]))
+            out.append(("  x dense", [m[k] / base(m)[k] if m.get(k) and base(m).get(k) else None
+                                      for m in models.values()]))
     return out
 
 
