@@ -252,6 +252,7 @@ def test_random_bench_inference_compiled_cases_compile_every_block_and_compare_w
     assert ratios[2] == pytest.approx(m["rowid_0.8_compiled"]["decode_b1_graph_tok_s"]
                                       / m["dense_compiled"]["decode_b1_graph_tok_s"])
     assert m["rowid_0.8_compiled"]["weight_mib"] < m["dense"]["weight_mib"]
+    assert torch._dynamo.config.fail_on_recompile_limit_hit is False  # the compiler's settings are restored
 
 
 def test_random_bench_compile_blocks_compiles_the_decoder_layers_and_uncompile_restores_eager():

@@ -110,19 +110,24 @@ def install_form(linears, shapes: dict, sources: dict, ratio: float, form: str, 
     return {"x".join(map(str, s)): (type(p).__name__, int(p.rank)) for s, p in protos.items()}
 
 
+def compile_settings():
+    """The compiler settings of a compiled case, for its duration only. The KV cache indexes its layers by
+    the block's layer index, so each block is its own trace per input shape (32 blocks x 2 shapes for
+    LLaMA-2-7B's graph decode): the recompile limits are raised, and a limit hit fails loudly instead of
+    falling back to eager unseen."""
+    import torch._dynamo
+    return torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096,
+                                      fail_on_recompile_limit_hit=True)
+
+
 def compile_blocks(model: nn.Module) -> int:
-    """Regional compilation: torch.compile each repeated block (the decoder layers), so the compiler
-    traces one block, reuses it for the others, and fuses a layer's gathers into the pointwise kernels
-    around it (RoPE, residual add, norms). Returns the number of blocks compiled."""
+    """Regional compilation: torch.compile each repeated block (the decoder layers); the compiler fuses a
+    layer's gathers into the pointwise kernels around it (RoPE, residual add, norms). Returns the number
+    of blocks compiled."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
-    # the KV cache indexes its layers by the block's layer index, so each block is traced on its own per
-    # input shape (the compiled kernels are shared through the compiler's cache)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
-    torch._dynamo.config.fail_on_recompile_limit_hit = True  # loud, not a silent fall back to eager
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
              and len({type(b) for b in m}) == 1]
     blocks = max(lists, key=len) if lists else []
@@ -400,6 +405,11 @@ def _mib(x: float | None) -> float | None:
 def measure(model, linears, a, device, dtype, pb: list[int], db: list[int], compiled: bool = False) -> dict:
     """One case's row: weights, prefill and decode speed, peak memory, one-token device time of the linears.
     compiled: the blocks are compiled first; eager decode and the linears' time (eager layers) are skipped."""
+    with compile_settings() if compiled else contextlib.nullcontext():
+        return _measure(model, linears, a, device, dtype, pb, db, compiled)
+
+
+def _measure(model, linears, a, device, dtype, pb: list[int], db: list[int], compiled: bool) -> dict:
     cuda = device.type == "cuda"
     vocab = model.config.vocab_size
     gc.collect()  # what an earlier case left behind is not this case's memory
