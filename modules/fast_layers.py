@@ -36,7 +36,8 @@ STACK_ALIGN = 8  # each sibling's slice of a stacked product starts on a 16-byte
 def _compiling() -> bool:
     """Inside torch.compile's trace: the layers take plain functional paths (no in-place writes into
     views, no Python-side caches), which the compiler fuses: gathers into their neighbours' kernels."""
-    return bool(getattr(torch, "compiler", None) and torch.compiler.is_compiling())
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
 
 
 class _FastBase(nn.Module):

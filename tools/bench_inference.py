@@ -256,6 +256,13 @@ class StaticDecode:
 
 
 @torch.no_grad()
+def greedy_tokens(model, vocab: int, prompt_len: int, steps: int, device, seed: int, graph: bool) -> torch.Tensor:
+    """The greedy tokens StaticDecode produces from a seeded random prompt (batch 1)."""
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
+    return StaticDecode(model, prompt, steps, graph=graph).run(steps)[0, 1:].cpu()
+
+
+@torch.no_grad()
 def decode_graph_tps(model, vocab: int, batch: int, prompt_len: int, steps: int, device, reps: int) -> float | None:
     """tok/s of StaticDecode with CUDA graphs (on the CPU the same steps run eagerly). None, with a printed
     reason, when the model's forward cannot be captured."""
@@ -420,6 +427,7 @@ def _measure(model, linears, a, device, dtype, pb: list[int], db: list[int], com
            "allocated_mib": _mib(torch.cuda.memory_allocated(device)) if cuda else None}
     t0 = time.perf_counter()
     if compiled:
+        eager_tokens = greedy_tokens(model, vocab, a.prompt_len, a.decode_tokens, device, a.seed, graph=False)
         row["compiled_blocks"] = compile_blocks(model)
     for b in pb:
         row[f"prefill_b{b}_tok_s"] = prefill_tps(model, vocab, b, a.prefill_len, device, a.reps)
@@ -438,6 +446,11 @@ def _measure(model, linears, a, device, dtype, pb: list[int], db: list[int], com
         row["compiled_graphs"] = counters["stats"]["unique_graphs"]
         if row["graph_breaks"]:
             print(f"[bench] graph breaks: {dict(counters['graph_break'])}"[:600], flush=True)
+        # the compiled case's speed counts only if it decodes what the eager model decodes: how many of
+        # the greedy tokens agree before the first difference (round-off can flip a near-tie in fp16)
+        got = greedy_tokens(model, vocab, a.prompt_len, a.decode_tokens, device, a.seed, graph=cuda)
+        differ = (got != eager_tokens).flatten().nonzero()
+        row["compiled_tokens_agree"] = int(differ[0]) if len(differ) else got.numel()
         uncompile_blocks(model)
         row["compile_and_measure_s"] = round(time.perf_counter() - t0, 1)
     return row
