@@ -77,6 +77,12 @@ for repo, job in jobs.items():
                  "tok_log": tok_log, "tok_ids": tok("the model compresses", add_special_tokens=False)["input_ids"],
                  "class_module": type(model).__module__, "layer_types": layers,
                  "attn": sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith("self_attn")})}
+    if job.get("compile"):  # the serving form under torch.compile: no graph break, the same logits
+        torch._dynamo.reset()
+        with torch.no_grad():
+            lg_fast = model(job["windows"], use_cache=False).logits.float()
+            lg_comp = torch.compile(model, fullgraph=True, dynamic=False)(job["windows"], use_cache=False).logits.float()
+        out[repo]["compiled_diff"] = (lg_comp - lg_fast).abs().max().item()
     if job.get("auto"):
         m = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, dtype=torch.bfloat16,
                                                  device_map="auto").eval()
@@ -127,7 +133,8 @@ def exported(request, tiny_llama_dir, tiny_opt_dir, tiny_qwen2_dir, tiny_text_fi
                                           if n in res["layers"] and res["layers"][n]["rank"] is not None},
                                 "tok_ids": tok("the model compresses", add_special_tokens=False)["input_ids"]}
         jobs[str(repo)] = {"windows": windows(ids, EVAL_SEQLEN, EVAL_WINDOWS), "prompt": prompt,
-                           "auto": case == ("qwen2", "acur", False) or case == ("llama", "svd", False)}
+                           "auto": case == ("qwen2", "acur", False) or case == ("llama", "svd", False),
+                           "compile": case == ("llama", "srid", False)}
     child = run_fresh_loader(CHILD, jobs, tmp)
     return {k: (v, child[str(v["repo"])]) for k, v in local.items()}
 
@@ -154,6 +161,8 @@ def test_random_export_reloads_and_reproduces_perplexity(case, exported):
         if registry.get(method).form != "colid":  # q/k/v and gate/up (or OPT's q/k/v) of every block stacked
             assert len(child["fast"]["groups"]) >= 2
     assert "to_inference_form" in child["resave"]  # a rewritten model refuses save_pretrained, in one line
+    if case == ("llama", "srid", False):  # an exported row-ID repo's serving form compiles whole (fullgraph)
+        assert child["compiled_diff"] < 1e-4, child["compiled_diff"]
     cfg = json.loads((repo / "config.json").read_text())
     assert cfg["acur"]["method"] == method and cfg["model_type"] == family
     assert {s["method"] for s in cfg["lowrank_layers"].values()} == {method}
