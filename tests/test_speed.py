@@ -245,7 +245,7 @@ def test_random_bench_inference_compiled_cases_compile_every_block_and_compare_w
     for name in ("dense_compiled", "rowid_0.8_compiled"):
         row = m[name]
         assert row["compiled_blocks"] == 3 and row["graph_breaks"] == 0 and row["decode_b1_tok_s"] is None
-        assert row["decode_b1_graph_tok_s"] > 0 and row["prefill_b1_tok_s"] > 0
+        assert row["decode_b1_graph_tok_s"] > 0 and row["prefill_b1_tok_s"] > 0 and row["linears_1tok_us"] > 0
         assert row["compiled_tokens_agree"] == 2  # --decode_tokens 2: fp32, the compiled model decodes the same
     assert m["rowid_0.8_compiled"]["class"] == "FastRowID"
     rows = bench_inference.table_rows(rep)  # a compiled case's "x dense" is against compiled dense

@@ -315,16 +315,16 @@ def layer_orders(shapes: list[tuple[int, int]], ratio: float, tokens: list[int],
 
 
 @torch.no_grad()
-def linears_us(mods: list[nn.Module], device, dtype, reps: int) -> float:
+def linears_us(mods: list[nn.Module], device, dtype, reps: int, compiled: bool = False) -> float:
     """Device microseconds of every decoder linear, in execution order, applied to one token each
     (one CUDA graph holding all of them on a GPU; wall time on the CPU). Layers of one width read one
-    input tensor, so stacked siblings (fast forms) share their first product as in the model."""
+    input tensor, so stacked siblings (fast forms) share their first product as in the model.
+    compiled: the whole sequence is one torch.compile'd function."""
     xs = {m.in_features: torch.randn(1, 1, m.in_features, device=device, dtype=dtype) for m in mods}
 
     def run():
-        for m in mods:
-            m(xs[m.in_features])
-    return device_us(run, device, reps, calls=2)
+        return [m(xs[m.in_features]) for m in mods]  # returned, so a compiler keeps every product
+    return device_us(torch.compile(run, dynamic=False) if compiled else run, device, reps, calls=2)
 
 
 @torch.no_grad()
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference_forms", default="research,fast",
                    help="research: the layers as compression builds them; fast: modules/fast_layers."
                         "to_inference_form (plain products, siblings stacked); compiled: fast, and each decoder "
-                        "block torch.compile'd (dense gets a compiled case too; eager decode is not measured)")
+                        "block torch.compile'd, and the linears' sequence (dense gets a compiled case too; eager decode is not measured)")
     p.add_argument("--prefill_batches", default="1,4")
     p.add_argument("--prefill_len", type=int, default=2048)
     p.add_argument("--decode_batches", default="1,16")
@@ -411,7 +411,7 @@ def _mib(x: float | None) -> float | None:
 
 def measure(model, linears, a, device, dtype, pb: list[int], db: list[int], compiled: bool = False) -> dict:
     """One case's row: weights, prefill and decode speed, peak memory, one-token device time of the linears.
-    compiled: the blocks are compiled first; eager decode and the linears' time (eager layers) are skipped."""
+    compiled: the blocks are compiled first, and the linears' sequence too; eager decode is skipped."""
     with compile_settings() if compiled else contextlib.nullcontext():
         return _measure(model, linears, a, device, dtype, pb, db, compiled)
 
@@ -438,8 +438,7 @@ def _measure(model, linears, a, device, dtype, pb: list[int], db: list[int], com
         row[f"decode_b{b}_graph_tok_s"] = decode_graph_tps(model, vocab, b, a.prompt_len, a.decode_tokens,
                                                            device, a.reps)
     row["peak_mib"] = _mib(torch.cuda.max_memory_allocated(device)) if cuda else None
-    row["linears_1tok_us"] = None if compiled else linears_us([info.module for info in linears], device, dtype,
-                                                              max(a.reps, 5))
+    row["linears_1tok_us"] = linears_us([info.module for info in linears], device, dtype, max(a.reps, 5), compiled)
     if compiled:
         from torch._dynamo.utils import counters
         row["graph_breaks"] = sum(counters["graph_break"].values())  # each one splits a block's fusion
