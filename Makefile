@@ -19,7 +19,7 @@ demo: venv
 		--eval_ppl new_wiki --eval_seqlen 512 --eval_max_windows 8 --use_cache
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not integration" tests
