@@ -494,7 +494,8 @@ def model_card(args, results: dict, sizes: dict, repo_dir: Path, family: str, ve
               "loads with plain `AutoTokenizer.from_pretrained`.".format(family_names(family)["acur_base"]), "",
               "For serving, `model.to_inference_form()` rewrites the low-rank layers in place for speed with the "
               "same outputs (`acur_fast.py`: CUR's U folded into C, q/k/v and gate/up computed together); "
-              "decode with a static KV cache and CUDA graphs (or `torch.compile`) to see the bytes saved. A "
+              "decode with a static KV cache and CUDA graphs to see the bytes saved; the rewritten model also "
+              "compiles with `torch.compile` (no graph break), which fuses row ID's gathers away. A "
               "rewritten model cannot be saved again: save the one you loaded.", "",
               "## Parameters and size", "", "| | dense | compressed |", "|---|---:|---:|",
               f"| parameters (whole model) | {m['params_total']:,} | {m.get('params_compressed', m['params_total']):,} |",
