@@ -162,7 +162,7 @@ class SiblingGroup(nn.Module):
         """Member `slot`'s output for input x; all outputs are recomputed for a new or modified input.
         Under torch.compile the cache is traced too (the compiler replays it), by identity only: it cannot
         read _version, and _sibling_sets grouped only siblings whose input was unmodified between them."""
-        traced = _compiling()  # the compiler cannot read _version: siblings were found reading an unmodified input
+        traced = _compiling()
         if self._x is not x or slot in self._taken or (not traced and self._version != x._version):
             self._outs, self._x, self._taken = self._compute(x, traced), x, set()
             self._version = -1 if traced else x._version

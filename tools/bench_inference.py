@@ -488,18 +488,17 @@ def run_bench(a, on_case=None) -> dict:
            "dtype": str(dtype), "torch": torch.__version__,
            "settings": {k: v for k, v in vars(a).items() if k != "json_out"},
            "linear_counts": counts, "models": {}}
-    row = measure(model, linears, a, device, dtype, pb, db)
-    rep["models"]["dense"] = {"form": "dense", "methods": [], "class": "Linear", **row}
-    print("[bench] dense: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()), flush=True)
-    if on_case:
-        on_case(rep)
-    if "compiled" in iforms:
-        row = measure(model, linears, a, device, dtype, pb, db, compiled=True)
-        rep["models"]["dense_compiled"] = {"form": "dense", "methods": [], "class": "Linear",
-                                           "inference_form": "compiled", **row}
-        print("[bench] dense_compiled: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()), flush=True)
+
+    def add_case(label: str, title: str, entry: dict, row: dict) -> None:  # stored, printed, handed on at once
+        rep["models"][label] = {**entry, **row}
+        print(f"[bench] {title}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()), flush=True)
         if on_case:
             on_case(rep)
+    dense = {"form": "dense", "methods": [], "class": "Linear"}
+    add_case("dense", "dense", dense, measure(model, linears, a, device, dtype, pb, db))
+    if "compiled" in iforms:
+        add_case("dense_compiled", "dense_compiled", {**dense, "inference_form": "compiled"},
+                 measure(model, linears, a, device, dtype, pb, db, compiled=True))
     # one dense weight per shape, on the CPU, to build every form from; the model's dense linears are freed
     sources: dict[tuple, nn.Module] = {}
     for info in linears:
@@ -526,15 +525,10 @@ def run_bench(a, on_case=None) -> dict:
                 build_s = time.perf_counter() - t0
                 row = measure(model, linears, a, device, dtype, pb, db, compiled=iform == "compiled")
                 classes = sorted({type(i.module).__name__ for i in linears})
-                rep["models"][label] = {"form": form, "methods": methods, "ratio": r, "rank_align": al,
-                                        "inference_form": iform, "class": classes[0],
-                                        "stacked_groups": len(stacked),
-                                        "ranks": {s: k for s, (_, k) in layers.items()},
-                                        "build_s": round(build_s, 2), **row}
-                print(f"[bench] {label} ({'/'.join(methods)}): "
-                      + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()), flush=True)
-                if on_case:
-                    on_case(rep)
+                add_case(label, f"{label} ({'/'.join(methods)})",
+                         {"form": form, "methods": methods, "ratio": r, "rank_align": al, "inference_form": iform,
+                          "class": classes[0], "stacked_groups": len(stacked),
+                          "ranks": {s: k for s, (_, k) in layers.items()}, "build_s": round(build_s, 2)}, row)
     for info in linears:
         replace_module(info, nn.Identity())
     del model
