@@ -80,6 +80,33 @@ def test_sibling_group_computes_once_and_equals_separate_layers(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("forms, widths, bundles", [
+    (("svd", "svd", "rowid", "rowid", "rowid", "cur"), (24, 24, 40, 40, 16, 24), {0: (0, 0), 1: (0, 1), 2: (2, 0), 3: (2, 1)}),
+    (("colid", "colid", "colid"), (24, 24, 13), {0: (0, 0), 1: (0, 1)})])
+def test_bundles_of_equal_siblings_run_batched_and_equal_separate_layers(device, forms, widths, bundles):
+    """Neighbouring siblings of one kind and shape are stacked into one batched product (biases too):
+    same outputs and dense weights as the layers alone, for one token (written in place), a few, and
+    more than BATCHED_MAX_TOKENS (each member alone on its slices of the stacks)."""
+    from modules.fast_layers import BATCHED_MAX_TOKENS
+    from modules.fast_layers import ColIDGroup
+    alone = _siblings(device, forms=forms, widths=widths)
+    shared = _siblings(device, forms=forms, widths=widths)
+    group = (ColIDGroup if forms[0] == "colid" else SiblingGroup)(shared)
+    assert group.bundle_of == bundles
+    stacked = dict(group.named_parameters())
+    assert ("C_0" if forms[0] == "colid" else "A_0") in stacked and "bias_0" in stacked
+    assert all(getattr(lay, "bias") is None for lay in shared[:2])  # a pair bundle's biases moved to the group
+    for shape in [(1, 32), (5, 32), (2, 3, 32), (BATCHED_MAX_TOKENS + 1, 32)]:
+        x = torch.randn(*shape, device=device)
+        outs = [lay(x) for lay in shared]
+        for lay_alone, got in zip(alone, outs):
+            torch.testing.assert_close(got, lay_alone(x), rtol=1e-5, atol=1e-5)
+    assert group.computed == 4
+    for lay_alone, lay in zip(alone, shared):
+        torch.testing.assert_close(lay.dense_weight(), lay_alone.dense_weight())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_stacked_product_is_recomputed_for_an_input_modified_in_place(device):
     alone = _siblings(device)
     shared = _siblings(device)
@@ -125,14 +152,17 @@ def test_model_in_inference_form_gives_the_same_logits_and_tokens(device, family
     report = to_inference_form(model)
     assert report["converted"] == (14 if family == "llama" else 12)
     assert report["skipped"] == [] and len(find_linears(model, types=(FastPair, FastRowID, FastColID))) == report["converted"]
-    stackable = form != "colid"
     names = {tuple(n.rsplit(".", 1)[1] for n in g) for g in report["groups"]}
-    if not stackable:
-        assert report["groups"] == []
-    elif family == "llama":
+    # bundles (batched second products): members of one shape next to each other; grouped-query
+    # attention's k/v are narrower than q
+    bundled = {tuple(n.rsplit(".", 1)[1] for n in g if model.get_submodule(n).slot in model.get_submodule(n).group.bundle_of)
+               for g in report["groups"]}
+    if family == "llama":
         assert names == {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")} and len(report["groups"]) == 4
+        assert bundled == {("k_proj", "v_proj"), ("gate_proj", "up_proj")}
     else:
         assert names == {("q_proj", "k_proj", "v_proj")} and len(report["groups"]) == 2
+        assert bundled == {("q_proj", "k_proj", "v_proj")}
     with torch.no_grad():
         got = model(ids).logits
         got_gen = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)
@@ -215,24 +245,29 @@ class _CountWeightProducts(torch.utils._python_dispatch.TorchDispatchMode):
         self.ptrs, self.n = {p.untyped_storage().data_ptr() for p in params}, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm):
             self.n += any(torch.is_tensor(a) and a.untyped_storage().data_ptr() in self.ptrs for a in args)
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_inference_form_gives_the_same_logits_with_one_product_per_group(device):
+@pytest.mark.parametrize("mix", ["layers", "blocks"])
+def test_compiled_inference_form_gives_the_same_logits_with_one_product_per_group(device, mix):
     """torch.compile (fullgraph: no graph break) traces the layers' functional paths and the sibling
     cache: the same logits as eager, and the traced graph holds as many weight products as the eager
-    model runs (the stacked first product once per group, not once per member). Row-ID and SVD layers
-    alternate, so groups mix both kinds of member."""
+    model runs (the stacked first product once per group, not once per member; one batched product per
+    bundle). mix="layers": row-ID and SVD layers alternate, so groups mix both kinds of member (no
+    bundles); "blocks": block 0 is row ID, block 1 column ID, so k/v and gate/up are bundles."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
     model = _tiny("llama", device)
     for i, info in enumerate(find_linears(model)):
-        replace_module(info, _compressed(info.module, ("rowid", "svd")[i % 2]))
-    assert len(to_inference_form(model)["groups"]) == 4
+        replace_module(info, _compressed(info.module, ("rowid", "svd")[i % 2] if mix == "layers" else ("rowid", "colid")[i // 7]))
+    report = to_inference_form(model)
+    assert len(report["groups"]) == 4
+    n_bundled = sum(len(model.get_submodule(g[0]).group.bundle_of) for g in report["groups"])
+    assert n_bundled == (0 if mix == "layers" else 8)
     ids = torch.randint(0, 96, (1, 8), device=device)
     traced = []
 
@@ -246,9 +281,11 @@ def test_compiled_inference_form_gives_the_same_logits_with_one_product_per_grou
         got, code = run_and_get_code(torch.compile(model, backend=backend, fullgraph=True, dynamic=False), ids)
     torch.testing.assert_close(got.logits, want, rtol=1e-4, atol=1e-4)
     products = [n for n in traced[0].graph.nodes if n.op == "call_function"
-                and n.target in (F.linear, torch.mm, torch.addmm, torch.matmul)]
+                and n.target in (F.linear, torch.mm, torch.addmm, torch.matmul, torch.bmm, torch.baddbmm)]
     assert len(traced) == 1 and len(products) == counter.n > 0
-    src = "\n".join(code)  # the gathers became part of the compiler's own kernels (fused, not called)
-    assert "Original ATen: [aten.index" in src or "aten.index, " in src
+    # the gathers became part of the compiler's own kernels (fused, not called); comment lines quote
+    # the traced graph, and on CUDA that quote names aten.index
+    src = "\n".join(line for c in code for line in c.splitlines() if not line.lstrip().startswith("#"))
+    assert "Original ATen: [aten.index" in "\n".join(code) or "aten.index, " in "\n".join(code)
     assert "torch.ops.aten.index" not in src and "aten.index_select.default(" not in src
     torch._dynamo.reset()

@@ -180,6 +180,19 @@ def test_random_bench_inference_runs_on_cpu(tmp_path):
     assert {r["shape"] for r in rep["layer_orders"]} == {"32x64", "64x64", "128x64", "64x128"}
 
 
+def test_random_bench_batched_siblings_checks_each_variant_and_times_it(capsys):
+    import bench_batched_siblings
+    bench_batched_siblings.main(["--device", "cpu", "--reps", "1", "--tokens", "1,3", "--shapes", "40x24x3,56x24x2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["40x24 x3 tokens 1", "40x24 x3 tokens 3", "56x24 x2 tokens 1", "56x24 x2 tokens 3"]
+    for line in lines:
+        times = dict(zip(*[iter(line.split(": ")[1].split())] * 2))
+        assert {"dense_sep", "pair_bmm", "rowid_bmm", "colid_sep", "colid_bmm"} <= set(times)
+        assert all(float(v) > 0 for v in times.values())
+    with pytest.raises(SystemExit, match="differ"):
+        bench_batched_siblings.same([torch.zeros(2, 3)], torch.ones(1, 2, 3), 1e-4)
+
+
 def test_random_bench_inference_every_method_one_row_per_form(tmp_path, capsys):
     """Default --methods: one row per layer form of the registry, labelled with every method that shares
     it, layers of the real classes at the registry's ranks, every number finite; peak memory n/a on CPU."""
@@ -197,7 +210,7 @@ def test_random_bench_inference_every_method_one_row_per_form(tmp_path, capsys):
     fast = {k: r for k, r in m.items() if k.endswith("_fast")}
     assert {r["class"] for r in fast.values()} == {"FastPair", "FastRowID", "FastColID"}
     # stacked siblings (q/k/v and gate/up of each block) for every form whose first factor is a plain product
-    assert {r["form"]: r["stacked_groups"] for r in fast.values()} == {"cur": 6, "svd": 6, "rowid": 6, "colid": 0}  # 3 blocks
+    assert {r["form"]: r["stacked_groups"] for r in fast.values()} == {"cur": 6, "svd": 6, "rowid": 6, "colid": 6}  # 3 blocks
     for k, r in fast.items():  # same ranks as the research layers; CUR's folded U makes it smaller, stacks
         research = m[k[:-len("_fast")]]  # pad each sibling's rows to a multiple of 8 (these ranks are not)
         assert r["ranks"] == research["ranks"]
