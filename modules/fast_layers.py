@@ -44,7 +44,28 @@ def _compiling() -> bool:
     return bool(is_compiling and is_compiling())
 
 
-class _FastBase(nn.Module):
+class _Member(nn.Module):
+    """An inference-form layer that may join a group of siblings (slot `slot` of `group`), which may then
+    hold some of its factors."""
+
+    def __init__(self):
+        super().__init__()
+        self.group: _SharedInputGroup | None = None
+        self.slot = 0
+
+    def factor(self, name: str) -> torch.Tensor | None:
+        """A factor or the bias: the layer's own, or its slice of its bundle's stack."""
+        own = getattr(self, name)
+        if own is not None or self.group is None or self.slot not in self.group.bundle_of:
+            return own
+        return self.group.bundled(name, self.slot)
+
+    def extra_repr(self) -> str:
+        shared = f", sibling slot={self.slot}" if self.group is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{shared}"
+
+
+class _FastBase(_Member):
     """A first product h = B x, then the form's own second stage; or, in a SiblingGroup, its slice of
     the group's outputs."""
 
@@ -54,25 +75,12 @@ class _FastBase(nn.Module):
         self.out_features, self.method = out_features, method
         self.B = nn.Parameter(first, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.group: SiblingGroup | None = None
-        self.slot = 0
 
     def first_weight(self) -> torch.Tensor:
         if self.group is None:
             return self.B
         off = self.group.offsets[self.slot]
         return self.group.weight[off:off + self.rank]
-
-    def factor(self, name: str) -> torch.Tensor | None:
-        """A second factor (A, Z) or the bias: the layer's own, or its slice of its bundle's stack."""
-        own = getattr(self, name)
-        if own is not None or self.group is None or self.slot not in self.group.bundle_of:
-            return own
-        return self.group.bundled(name, self.slot)
-
-    def extra_repr(self) -> str:
-        shared = f", sibling slot={self.slot}" if self.group is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{shared}"
 
 
 class FastPair(_FastBase):
@@ -308,7 +316,7 @@ class SiblingGroup(_SharedInputGroup):
         return outs
 
 
-class FastColID(nn.Module):
+class FastColID(_Member):
     """Column ID: x gathered once into kept-then-other order, z = x_kept + Z x_other (one multiply-add), y = C z."""
 
     def __init__(self, C: torch.Tensor, Z: torch.Tensor, perm: torch.Tensor, bias: torch.Tensor | None,
@@ -320,17 +328,12 @@ class FastColID(nn.Module):
         self.Z = nn.Parameter(Z, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.register_buffer("perm", perm)
-        self.group: ColIDGroup | None = None
-        self.slot = 0
 
     def factor(self, name: str) -> torch.Tensor | None:
-        """C, Z, bias or perm: the layer's own, or its slice of the group's."""
-        own = getattr(self, name)
-        if own is not None or self.group is None:
-            return own
-        if name == "perm":
+        """As _Member's; in a group, the input order (perm) is the member's slice of the group's."""
+        if name == "perm" and self.perm is None:
             return self.group.perm[self.slot * self.in_features:(self.slot + 1) * self.in_features]
-        return self.group.bundled(name, self.slot)
+        return super().factor(name)
 
     def dense_weight(self) -> torch.Tensor:
         C, Z = self.factor("C"), self.factor("Z")
@@ -345,10 +348,6 @@ class FastColID(nn.Module):
         k = self.rank
         z = torch.addmm(xp[:, :k], xp[:, k:], self.Z.t()) if self.in_features > k else xp
         return F.linear(z, self.C, self.bias).view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        shared = f", sibling slot={self.slot}" if self.group is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{shared}"
 
 
 class ColIDGroup(_SharedInputGroup):

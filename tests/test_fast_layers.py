@@ -87,15 +87,14 @@ def test_bundles_of_equal_siblings_run_batched_and_equal_separate_layers(device,
     """Neighbouring siblings of one kind and shape are stacked into one batched product (biases too):
     same outputs and dense weights as the layers alone, for one token (written in place), a few, and
     more than BATCHED_MAX_TOKENS (each member alone on its slices of the stacks)."""
-    from modules.fast_layers import BATCHED_MAX_TOKENS
-    from modules.fast_layers import ColIDGroup
+    from modules.fast_layers import BATCHED_MAX_TOKENS, ColIDGroup
     alone = _siblings(device, forms=forms, widths=widths)
     shared = _siblings(device, forms=forms, widths=widths)
     group = (ColIDGroup if forms[0] == "colid" else SiblingGroup)(shared)
     assert group.bundle_of == bundles
     stacked = dict(group.named_parameters())
     assert ("C_0" if forms[0] == "colid" else "A_0") in stacked and "bias_0" in stacked
-    assert all(getattr(lay, "bias") is None for lay in shared[:2])  # a pair bundle's biases moved to the group
+    assert all(lay.bias is None for lay in shared[:2])  # a pair bundle's biases moved to the group
     for shape in [(1, 32), (5, 32), (2, 3, 32), (BATCHED_MAX_TOKENS + 1, 32)]:
         x = torch.randn(*shape, device=device)
         outs = [lay(x) for lay in shared]
