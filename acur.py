@@ -30,6 +30,7 @@ import evaluate_utils
 import quantization
 import selfgen_utils
 import sensitivity as sens
+import structured
 from act_aware_utils import calib_scales, finite_fisher, input_covariances, output_fisher, sequential_calibration
 from acur_args import (build_parser, check_ppl_target, check_rank_align, cur_settings, lm_eval_tasks, lm_task_metadata,
                        method_settings, needs_covariance, needs_fisher, parse_kv_fractions, sensitivity_ratios,
@@ -51,8 +52,9 @@ class Terminated(BaseException):
     a BaseException like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
 
 
-# What the running pipeline has finished and saved, for main's one-line interrupt report.
-_RUN_STATE: dict = {"stage": None, "saved": {}}
+# What the running pipeline has finished and saved, for main's one-line interrupt report, and the run's
+# warnings list (results["warnings"]), where the stages' cache loads record an entry they could not use.
+_RUN_STATE: dict = {"stage": None, "saved": {}, "warnings": []}
 
 
 def add_warning(results: dict, msg: str) -> None:
@@ -64,7 +66,10 @@ def add_warning(results: dict, msg: str) -> None:
 # ---------------------------------------------------------------- stages
 def select_linears(model, args) -> list[LinearInfo]:
     """The linears this run compresses: decoder-block linears (lm_head on request), optionally filtered."""
-    linears = find_linears(model, include_lm_head=args.compress_lm_head)
+    try:
+        linears = find_linears(model, include_lm_head=args.compress_lm_head)
+    except ValueError as exc:  # an unknown layout (GPT-2's transformer.h): one line, before any heavy work
+        raise UsageError(str(exc)) from None
     if getattr(args, "compress_kv_cache", False):  # KV-cache mode: k_proj / v_proj only
         try:
             kv_compress.check_kv_support(model)
@@ -75,6 +80,11 @@ def select_linears(model, args) -> list[LinearInfo]:
         linears = [i for i in linears if re.search(args.layer_filter, i.name)]
         if not linears:
             raise UsageError(f"--layer_filter {args.layer_filter!r} matches no linear layer")
+    if not registry.get(args.method).per_linear:
+        try:  # blocks structured compression does not know fail here, in one line
+            structured.find_units(model, linears, args.method)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     return linears
 
 
@@ -89,6 +99,8 @@ def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: 
     covs: input covariances, for the data-aware methods; stats: everything calibration measured per
     layer (layer_stats). sequential = (model, calib_ids): methods the registry marks sequential are
     fitted block by block on the compressed model's own inputs. Returns a per-layer report."""
+    if not registry.get(args.method).per_linear:  # whole neurons and heads: the block walk of structured.py
+        return structured.compress(sequential[0], linears, ratios, stats or {}, sequential[1], args, desc=desc)
     if getattr(args, "compress_kv_cache", False):  # ratios are rank fractions of the K/V width
         return kv_compress.compress_kv_linears(linears, ratios, scales, args.alpha, cur_settings(args), args.seed,
                                                desc=desc and desc + " (KV)")
@@ -139,18 +151,23 @@ def layer_stats(linears: list[LinearInfo], scales: dict | None, covs: dict | Non
 def restore_model(linears: list[LinearInfo], originals: dict) -> None:
     for info in linears:
         replace_module(info, originals[info.name])
+    structured.restore_widths(info.parent for info in linears)  # structured methods' width attributes
 
 
 def cache_key(args, fp: dict, kind: str, linears: list[LinearInfo]) -> dict:
     key = {**fp, "kind": kind, "code": code_digest(kind), "dataset": args.calib_dataset,
            "n": args.n_calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed, "bos": args.use_bos,
            "scaling": args.scaling_method if args.act_aware else "none"}
+    if args.calib_dataset not in datautils.GENERATED_DATASETS:  # the text itself, not its name: an edited
+        key["text"] = datautils.text_digest(datautils.get_text(args.calib_dataset, "train"))  # file is new
     if kind == "sensitivity":
         key.update(metric=args.sensitivity_metric, alpha=args.alpha if args.act_aware else None,
                    ratios=sensitivity_ratios(args), layers=[i.name for i in linears],
                    **cur_settings(args))
         if getattr(args, "method", "acur") != "acur":  # acur keys stay as before: existing caches stay valid
             key.update(method=args.method)
+        if not registry.get(args.method).per_linear:
+            key.update(structured_selection=args.structured_selection)
         if needs_covariance(args):
             key.update(cov_damp=args.cov_damp)
         if getattr(args, "compress_kv_cache", False):
@@ -159,9 +176,10 @@ def cache_key(args, fp: dict, kind: str, linears: list[LinearInfo]) -> dict:
 
 
 def cached_layer_tensors(kind: str, key: dict, args, linears, label: str, compute: Callable[[], dict]) -> dict:
-    """datautils.cached_layer_tensors under --use_cache / --cache_dir; what it saves enters the interrupt report."""
+    """datautils.cached_layer_tensors under --use_cache / --cache_dir; what it saves enters the interrupt report,
+    a cache entry it cannot use the run's warnings."""
     return datautils.cached_layer_tensors(kind, key, [i.name for i in linears], label, compute, args.use_cache,
-                                          args.cache_dir, _RUN_STATE["saved"])
+                                          args.cache_dir, _RUN_STATE["saved"], _RUN_STATE["warnings"])
 
 
 def stage_scales(model, linears, calib_ids, args, fp) -> dict | None:
@@ -220,7 +238,7 @@ def sensitivity_table(model, linears, calib_ids, scales, args, fp, covs: dict | 
     kv_mode = getattr(args, "compress_kv_cache", False)
     done, info = {}, {"cache": str(path), "from_cache": 0, "computed": 0}
     if args.use_cache:
-        blob = datautils.load_json_cache(path, key)
+        blob = datautils.load_json_cache(path, key, _RUN_STATE["warnings"])
         if blob is not None:
             done = blob.get("table", {})
             print(f"[acur] sensitivity: {len(done)}/{len(linears)} layers from cache {path}")
@@ -233,7 +251,11 @@ def sensitivity_table(model, linears, calib_ids, scales, args, fp, covs: dict | 
             _RUN_STATE["saved"]["sensitivity"] = f"sensitivity {len(table)}/{len(linears)} layers in {path}"
 
     ratios = sensitivity_ratios(args)
-    if kv_mode:  # candidates are rank fractions of the K/V width
+    if not registry.get(args.method).per_linear:  # closed-form refit loss per unit (MLP / attention) and width
+        units = structured.find_units(model, linears, args.method)
+        fractions = ratios if args.sensitivity_ratios is not None else None
+        table = structured.sensitivity(units, stats or {}, args, fractions, done, save)
+    elif kv_mode:  # candidates are rank fractions of the K/V width
         table = kv_compress.kv_sensitivity(args.sensitivity_metric, model, linears, calib_ids,
                                            parse_kv_fractions(args.kv_rank_fractions), scales, stats, args.alpha,
                                            cur_settings(args), args.calib_batch_size, done, save)
@@ -256,6 +278,13 @@ def stage_search(model, linears, calib_ids, scales, table, args, covs: dict | No
         try:
             search = binary_search.search_kv_ratio_allocated if additive else binary_search.search_kv_ratio
             return search(table, shapes, args.kv_cache_ratio_target, args.rank_align), []
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if not registry.get(args.method).per_linear:
+        units = structured.find_units(model, linears, args.method)
+        try:
+            return structured.search(units, linears, table, args.param_ratio_target, args.structured_widths,
+                                     args.rank_align), []
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     if args.param_ratio_target != -1:
@@ -297,14 +326,15 @@ def stage_eval_lm(model, tokenizer, args) -> tuple[dict, dict]:
                                            batch_size=args.eval_batch_size, metadata=lm_task_metadata(args))
     info = {k: v for k, v in out.items() if k != "acc"}
     info.update(tasks=lm_eval_tasks(args), limit=args.eval_limit, num_fewshot=0,
-                mc_task=(args.mc_task or "general_knowledge") if "bigbench_mc" in lm_eval_tasks(args) else None)
+                mc_task=(args.mc_task or datautils.DEFAULT_MC_TASK) if "bigbench_mc" in lm_eval_tasks(args) else None)
     return out["acc"], info
 
 
 def prepare_selfgen(model, tokenizer, args, fp) -> tuple[str, dict]:
     """(text, info) of --calib_dataset selfgen: the dense model's own samples (cached with --use_cache)."""
     return selfgen_utils.prepare_selfgen_text(model, tokenizer, args.n_calib_samples, args.calib_seqlen, args.seed,
-                                              args.calib_batch_size, args.cache_dir if args.use_cache else None, fp)
+                                              args.calib_batch_size, args.cache_dir if args.use_cache else None, fp,
+                                              warnings=_RUN_STATE["warnings"])
 
 
 def stage_kv_cache(model, args) -> dict:
@@ -335,7 +365,7 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
                      "env": {"python": platform.python_version(), "torch": torch.__version__,
                              "started": dt.datetime.now().isoformat(timespec="seconds")},
                      "timings": timings, "warnings": []}
-    _RUN_STATE.update(stage=None, saved={})
+    _RUN_STATE.update(stage=None, saved={}, warnings=results["warnings"])
 
     def timed(stage, fn, *a, **kw):
         _RUN_STATE["stage"] = stage
@@ -398,6 +428,9 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
                               **summarize_params(report)}
     results["model"]["params_compressed"] = sum(p.numel() for p in model.parameters())
     results["fallbacks"] = {k: v["fallback"] for k, v in report.items() if v["fallback"]}
+    if not registry.get(args.method).per_linear:  # per-layer widths; same widths everywhere: a stock config
+        results["structured"] = structured.summary(report, args.structured_widths, args.structured_selection)
+        results["structured"]["config_notes"] = structured.apply_config(model, report)
     if trace and "ppl_calibration" in results:  # the final model is the smallest accepted cut
         accepted = [t for t in trace if t["ppl"] <= args.ppl_target]
         if accepted:

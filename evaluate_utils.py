@@ -75,7 +75,7 @@ def evaluate_perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 2048,
     return perplexity_of_windows(model, windows(ids, seqlen, max_windows, bos_token_id), batch_size, desc)
 
 
-# ================================================================ lm-eval tasks (MMLU, offline BIG-bench MC, any task)
+# ================================================================ lm-eval tasks (MMLU, offline multiple choice, any task)
 # Accuracy of the in-memory (compressed) model through lm-eval 0.4: HFLM wraps the model object itself, so
 # what is scored is exactly what acur.py built (no save/reload round trip). ASVD4LLM reported MMLU as the
 # unweighted mean of the 57 hendrycksTest subject accuracies, 0-shot; lm-eval 0.4's "mmlu" group weights
@@ -87,7 +87,7 @@ _TASK_MANAGERS: dict[str, object] = {}
 
 
 def lm_task_metadata(mc_task: str | None = None, seed: int | None = None) -> dict:
-    """lm-eval metadata read by the offline `bigbench_mc` task (BIG-bench task name, shuffle seed)."""
+    """lm-eval metadata read by the offline `bigbench_mc` task (carried task name, shuffle seed)."""
     meta = {}
     if mc_task:
         meta["bigbench_task"] = mc_task
@@ -122,7 +122,7 @@ def check_lm_tasks(tasks: list[str], metadata: dict | None = None) -> None:
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm_eval ls tasks`; the offline "
-                         f"BIG-bench multiple-choice task is 'bigbench_mc')")
+                         f"multiple-choice task is 'bigbench_mc', over the tasks data/mc carries: --mc_task)")
 
 
 def leaf_tasks(name: str, group_subtasks: dict[str, list[str]]) -> list[str]:

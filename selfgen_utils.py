@@ -61,8 +61,10 @@ def generate_text(model, tokenizer, n_samples: int, seqlen: int, seed: int, batc
 
 
 def prepare_selfgen_text(model, tokenizer, n_samples: int, seqlen: int, seed: int, batch_size: int = 4,
-                         cache_dir: str | Path | None = None, fingerprint: dict | None = None) -> tuple[str, dict]:
-    """(text, info): the selfgen calibration text for this model, generated or read from cache_dir.
+                         cache_dir: str | Path | None = None, fingerprint: dict | None = None,
+                         warnings: list[str] | None = None) -> tuple[str, dict]:
+    """(text, info): the selfgen calibration text for this model, generated or read from cache_dir
+    (warnings receives the line of a cache entry that could not be used).
 
     One sample more than the calibration needs is drawn, so the re-tokenised text always holds a full window.
     The caller passes the text on (datautils.get_calib_data(..., text=text)): nothing is kept here."""
@@ -70,7 +72,7 @@ def prepare_selfgen_text(model, tokenizer, n_samples: int, seqlen: int, seed: in
     key = {**(fingerprint or {}), "kind": "selfgen", "v": SELFGEN_VERSION, "n": n_gen, "seqlen": seqlen,
            "seed": seed, "start": start_token_id(tokenizer)}
     path = datautils.cache_path("selfgen", key, cache_dir, ".json") if cache_dir else None
-    blob = datautils.load_json_cache(path, key) if path else None
+    blob = datautils.load_json_cache(path, key, warnings) if path else None
     if blob is not None and blob.get("text"):
         text, source = blob["text"], f"cache {path}"
     else:

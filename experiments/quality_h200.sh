@@ -2,7 +2,7 @@
 # The GPU runs behind experiments/measured/h200_quality_*: SmolLM2-135M in bf16 on one H200, the protocol
 # of issue 18 (calibration squad_wiki 16 x 2048, --act_aware --alpha 0.5 --scaling_method abs_mean,
 # evaluation new_wiki = held-out Wikipedia articles, 2048-token windows, all of them).
-#   bash experiments/quality_h200.sh setup   # SmolLM2 from its GGUF (carried in two halves), texts
+#   bash experiments/quality_h200.sh setup D # SmolLM2 from its GGUF (carried in two halves under D); the texts are in data/
 #   bash experiments/quality_h200.sh fast    # closed-form allocation (fisher_error) + srid ablation
 #   bash experiments/quality_h200.sh ppl     # every method with the ppl sensitivity (ASVD's protocol)
 #   bash experiments/quality_h200.sh lowdata # 2 x 128 and 4 x 512 calibration tokens
@@ -19,11 +19,10 @@ RATIOS=0.9,0.8,0.7,0.6
 FE=sensitivity_metric=fisher_error
 JOBS=${JOBS:-4}
 case "${1:-}" in
-  setup)  # $2: folder holding SmolLM2-135M-Instruct.Q4_1.gguf's two halves and the two texts
-    mkdir -p "$CUR4LLM_HOME/gguf" "$CUR4LLM_HOME/text"
+  setup)  # $2: folder holding SmolLM2-135M-Instruct.Q4_1.gguf's two halves (the texts are carried in data/)
+    mkdir -p "$CUR4LLM_HOME/gguf"
     cat "$2"/gguf_part_aa "$2"/gguf_part_ab > "$CUR4LLM_HOME/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
-    cp "$2"/squad_wiki.txt "$2"/new_wiki.txt "$CUR4LLM_HOME/text/"
-    python3 -c "import datautils; print(datautils.offline_model_dir('smollm2-135m'))" ;;
+    python3 -c "import offline_resources as o; print(o.offline_model_dir('smollm2-135m'))" ;;
   fast)
     python3 tools/compare.py --name h200_quality_fisher_error --jobs "$JOBS" --ratios $RATIOS --methods \
 "wsvd:$FE,rowid:$FE,srid:$FE,srid:correct=1:$FE,srid:sequential=0:$FE,srid:fisher=0:$FE,srid:shrink=0:$FE,colid:$FE,asvd:$FE,acur:$FE" \

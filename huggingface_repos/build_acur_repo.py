@@ -44,8 +44,9 @@ import acur  # noqa: E402
 import datautils  # noqa: E402
 import quantization  # noqa: E402
 from acur import UsageError  # noqa: E402
+from cache_store import new_file_mode, unwritable  # noqa: E402
 from modules import fast_layers, kv_cache, packed_linear  # noqa: E402
-from modules.model_utils import decoder_layers, find_linears  # noqa: E402
+from modules.model_utils import check_architecture, find_linears  # noqa: E402
 from modules.runtime_text import runtime_source  # noqa: E402
 
 TEMPLATE = HERE / "modeling_acur_template.py"  # the one source of every family's configuration/modeling files
@@ -77,29 +78,19 @@ def build_parser():
 
 # ---------------------------------------------------------------- checks before any heavy work
 def model_family(args) -> str:
-    """The checkpoint's model_type, when transformers has a causal-LM class for it with decoder blocks the
-    pipeline walks (model.model.layers or model.model.decoder.layers); UsageError otherwise. Checked on
-    the meta device: no weights are read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """The checkpoint's model_type, when the pipeline can walk its layout (model_utils.check_architecture);
+    UsageError otherwise. Checked on the meta device: no weights are read."""
+    from transformers import AutoConfig
     path, _ = datautils.resolve_model(args)
     try:
         cfg = AutoConfig.from_pretrained(path, revision=args.revision)
     except (OSError, ValueError) as exc:
         raise UsageError(f"model not found or hub unreachable: {args.model_id!r} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    why = None
-    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        why = "transformers has no causal-LM class for it"
-    else:
-        try:
-            with torch.device("meta"):
-                decoder_layers(AutoModelForCausalLM.from_config(cfg))
-        except ValueError as exc:
-            why = str(exc)
-    if why:
-        raise UsageError(f"build_acur_repo.py exports decoder-only models whose blocks are model.model.layers or "
-                         f"model.model.decoder.layers; {args.model_id!r} has model_type {cfg.model_type!r} ({why})")
+    try:
+        check_architecture(cfg)
+    except ValueError as exc:
+        raise UsageError(f"{args.model_id}: {exc}") from None
     return cfg.model_type
 
 
@@ -116,8 +107,26 @@ def default_repo_dir(args, ratio: float) -> Path:
     return HERE / f"{model_name(args.model_id)}-{tag}{int(round(ratio * 100))}"
 
 
+# what an export written before acur_results.json listed its files ("export": {"files"}) can hold: the names
+# this script and save_pretrained write; anything else in the folder is the user's
+_EXPORT_NAMES = re.compile(r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                           r"model\.safetensors\.index\.json|tokenizer\w*\.(json|model)|special_tokens_map\.json|"
+                           r"added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json)|"
+                           r"(configuration|modeling)_acur_\w+\.py|acur_\w+\.(py|json)|README\.md|__pycache__")
+
+
+def export_files(path: Path) -> set[str] | None:
+    """The names an earlier export says it wrote (acur_results.json), or None when it does not say."""
+    try:
+        files = json.loads((path / "acur_results.json").read_text())["export"]["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return set(files) if isinstance(files, list) else None
+
+
 def check_repo_dir(path: Path) -> None:
-    """Refuse to replace a folder that is not an earlier ACUR export (never delete a user's files)."""
+    """Refuse to replace a folder that is not an earlier ACUR export, or an export that holds files this
+    script did not write: re-exporting replaces the whole folder, and a user's file is never deleted."""
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
     cfg = path / "config.json"
@@ -128,6 +137,20 @@ def check_repo_dir(path: Path) -> None:
         is_export = False
     if not is_export:
         raise UsageError(f"--repo_dir {path} exists and is not an ACUR export; choose another folder")
+    written = export_files(path)
+    foreign = sorted(p.name for p in path.iterdir()
+                     if (p.name not in written if written is not None else not _EXPORT_NAMES.fullmatch(p.name)))
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise UsageError(f"--repo_dir {path} holds {path / foreign[0]}{more}, which build_acur_repo.py did not "
+                         "write; re-exporting replaces the whole folder: move it out or choose another folder")
+
+
+def check_repo_parent(folder: Path) -> None:
+    """The export is written beside its folder, then swapped in: that parent must accept new files."""
+    why = unwritable(folder)
+    if why:
+        raise UsageError(f"cannot write the export into {folder} ({why}); choose another --repo_dir")
 
 
 def hub_client(args):
@@ -488,10 +511,13 @@ def model_card(args, results: dict, sizes: dict, repo_dir: Path, family: str, ve
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f'model = AutoModelForCausalLM.from_pretrained("{load_id}", trust_remote_code=True,',
               '                                             dtype=torch.float16, device_map="auto")',
-              f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")', "```", "",
+              f'tokenizer = AutoTokenizer.from_pretrained("{load_id}", trust_remote_code=True)', "```", "",
               "The custom code (`modeling_{0}.py`, `configuration_{0}.py`, `acur_layers.py`) builds the low-rank "
-              "layers before the weights load, so the dense weights are never materialised. The tokenizer "
-              "loads with plain `AutoTokenizer.from_pretrained`.".format(family_names(family)["acur_base"]), "",
+              "layers before the weights load, so the dense weights are never materialised. `config.json` has "
+              "the model type `{0}` of its own: without `trust_remote_code=True`, transformers stops with an "
+              "error instead of building the dense model with random weights in place of the low-rank layers "
+              "(the tokenizer itself is the base model's, no custom code; `trust_remote_code=True` only lets "
+              "AutoTokenizer read the config).".format(family_names(family)["acur_base"]), "",
               "For serving, `model.to_inference_form()` rewrites the low-rank layers in place for speed with the "
               "same outputs (`acur_fast.py`: CUR's U folded into C, q/k/v and gate/up computed together); "
               "decode with a static KV cache and CUDA graphs to see the bytes saved; the rewritten model also "
@@ -609,6 +635,9 @@ def write_repo(model, tokenizer, results: dict, args, family: str, repo_dir: Pat
         export = build_export_model(model, mdl_cls, cfg, save_dtype)
         export.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():  # save_pretrained writes model.safetensors 0o600: give every file the umask's mode
+            if f.is_file():
+                os.chmod(f, new_file_mode())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -623,7 +652,8 @@ def write_repo(model, tokenizer, results: dict, args, family: str, repo_dir: Pat
                            f"{sizes['files']['dense_weights_of_compressed_layers'][:5]}")
     verify = verify_repo(repo_dir, model, tokenizer) if args.verify else None
     export_info = {"repo_dir": str(repo_dir), "family": family, "sizes": sizes, "verify": verify,
-                   "lowrank_layers": len(specs), "code_files": code_files,
+                   "lowrank_layers": len(specs), "code_files": code_files,  # files: what a re-export may replace
+                   "files": sorted({p.name for p in repo_dir.iterdir()} | {"README.md", "acur_results.json"}),
                    "packed_quant": ({k: packed[k] for k in ("format", "bits", "group_size")} | {"layers": len(packed["layers"])}
                                     if packed else None)}
     results["export"] = export_info
@@ -652,20 +682,21 @@ def build_repo(args) -> tuple[Path, torch.nn.Module, object, dict]:
     if getattr(args, "device_map", "none") == "auto":  # the offloaded factors sit in hooks' weights maps, not in .weight
         raise UsageError("--device_map auto is not supported by build_acur_repo.py (export reads every weight)")
     acur.validate_args(args)
+    ratio = args.kv_cache_ratio_target if args.compress_kv_cache else args.param_ratio_target
+    if ratio == 1:
+        raise UsageError(f"--{'kv_cache' if args.compress_kv_cache else 'param'}_ratio_target 1.0 keeps every layer "
+                         "dense: nothing to export; give a ratio below 1")
     if args.weight_quant != "none" and args.compress_kv_cache and not args.save_simulated_quant:
         raise UsageError("a packed export of --compress_kv_cache is not supported yet (the KV runtime reads float "
                          "factors); add --save_simulated_quant to store the dequantized floats")
     family = model_family(args)
-    if args.repo_dir:
-        check_repo_dir(Path(args.repo_dir))
-    elif args.param_ratio_target != -1 or args.compress_kv_cache:
-        check_repo_dir(default_repo_dir(args, args.kv_cache_ratio_target if args.compress_kv_cache
-                                        else args.param_ratio_target))
+    planned = Path(args.repo_dir) if args.repo_dir else default_repo_dir(args, ratio) if ratio != -1 else None
+    if planned is not None:  # None: a --ppl_target run's default folder is named after the ratio it reaches
+        check_repo_dir(planned)
+    check_repo_parent(planned.absolute().parent if planned is not None else HERE)
     hub = hub_client(args) if args.push else None
     model, tokenizer, results = acur.run_pipeline(args)
-    ratio = (args.kv_cache_ratio_target if args.compress_kv_cache else
-             args.param_ratio_target if args.param_ratio_target != -1 else results["param_ratio"]["reached"])
-    repo_dir = Path(args.repo_dir) if args.repo_dir else default_repo_dir(args, ratio)
+    repo_dir = planned or default_repo_dir(args, results["param_ratio"]["reached"])
     check_repo_dir(repo_dir)
     api, repo_id = hub if hub is not None else (None, None)
     if repo_id and repo_id.endswith("/"):

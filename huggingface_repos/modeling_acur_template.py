@@ -22,10 +22,12 @@ class AcurBaseConfig(BaseConfig):
     + packed_quant (None, or {format, bits, group_size, layers: {name: {parts}}}: quantized layers held packed).
 
     The kept column / row indices are integer tensors in the safetensors weights, not here. model_type is
-    the family's own, so a plain AutoTokenizer.from_pretrained(repo) needs no remote code; the auto_map
-    of config.json sends AutoModelForCausalLM (with trust_remote_code) to the compressed model class."""
+    this repo's own (acur_base, not the family's): without trust_remote_code AutoConfig and AutoModel
+    stop with transformers' "pass trust_remote_code=True" error instead of building the family's dense
+    model with random weights in place of the low-rank layers; the auto_map of config.json sends
+    AutoConfig / AutoModelForCausalLM (with trust_remote_code) to these classes."""
 
-    model_type = BaseConfig.model_type
+    model_type = "acur_base"
     lowrank_layers: dict | None = None
     acur: dict | None = None
     lowrank_kv_cache: bool = False

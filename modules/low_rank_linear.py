@@ -143,6 +143,13 @@ class LayerPrep:
     fallback: str = ""
 
 
+def _check_per_linear(spec: registry.Method) -> None:
+    """The structured form is no decomposition of one linear: it slices a whole block (structured.py)."""
+    if not spec.per_linear:
+        raise ValueError(f"method {spec.name} keeps whole neurons and heads of a block (structured.py); "
+                         "it does not decompose one linear")
+
+
 def _on(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """Statistics follow the weight's device (caches load them on the CPU)."""
     return None if t is None else t.detach().to(like.device)
@@ -158,6 +165,7 @@ def prepare_layer(weight: torch.Tensor, method: str = "acur", scale: torch.Tenso
     fisher, token count). A non-finite activation statistic or covariance is dropped with a recorded
     fallback (the layer is then decomposed without it), never silently used."""
     spec = registry.get(method)
+    _check_per_linear(spec)
     stats = stats or LayerStats()
     scale = _on(scale if scale is not None else stats.scale, weight)
     cov = _on(cov if cov is not None else stats.cov, weight)
@@ -246,6 +254,7 @@ def compress_linear(linear: nn.Linear, ratio: float, method: str = "acur", scale
     W = linear.weight.data
     m, n = W.shape
     spec = registry.get(method)
+    _check_per_linear(spec)
     bias = linear.bias.data if linear.bias is not None else None
     k = spec.rank(m, n, ratio, rank_align)
     if registry.is_seed_cur(method, selection, u_mode):

@@ -36,6 +36,32 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                      "(expected model.model.layers or model.model.decoder.layers)")
 
 
+SUPPORTED_LAYOUTS = ("decoder-only causal LMs whose blocks hold nn.Linear layers at model.model.layers (LLaMA, "
+                     "Mistral, Qwen2, Gemma, Phi-3, ...) or model.model.decoder.layers (OPT)")
+
+
+def check_architecture(config) -> None:
+    """ValueError naming the supported layouts unless transformers builds a causal LM for this config whose
+    decoder blocks find_linears walks and that holds nn.Linear layers (GPT-2's blocks are transformer.h of
+    Conv1D). Built on the meta device from the config alone: no weights are read, no memory is used."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    kind = getattr(config, "model_type", None)
+    why = None
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        why = "transformers has no causal-LM class for it"
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        try:
+            if not find_linears(model):
+                why = "its decoder blocks hold no nn.Linear"
+        except ValueError:
+            why = f"{type(model).__name__} keeps its blocks elsewhere"
+    if why:
+        raise ValueError(f"model_type {kind!r} is not supported ({why}); supported: {SUPPORTED_LAYOUTS}")
+
+
 def find_linears(model: nn.Module, include_lm_head: bool = False,
                  types: tuple[type, ...] = (nn.Linear,)) -> list[LinearInfo]:
     """Every linear inside the decoder blocks, in execution order; lm_head only on request."""

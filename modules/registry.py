@@ -13,8 +13,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-# forms: how a method's factors are stored, which fixes the parameter count at rank k
-FORMS = ("cur", "svd", "rowid", "colid")
+# forms: how a method's factors are stored, which fixes the parameter count at rank k. "structured" keeps
+# whole neurons / KV groups of a block (structured.py): each linear keeps k of its rows or columns as a
+# plain smaller nn.Linear; counted here as k kept rows of m (the walk cuts the side the block needs)
+FORMS = ("cur", "svd", "rowid", "colid", "structured")
 SEED_SELECTIONS = ("topk", "sample")          # the seed's CURLinear.from_linear path
 SELECTIONS = SEED_SELECTIONS + ("deim",)
 SEED_U_MODES = ("pinv", "act_weighted")
@@ -34,6 +36,12 @@ class Method:
     fisher: bool = False      # output rows weighted by the loss's sensitivity to them (output fisher)
     shrink: bool = False      # covariance shrunk toward its diagonal by the calibration token count
 
+    @property
+    def per_linear(self) -> bool:
+        """True when every linear becomes its own low-rank module (low_rank_linear.compress_linear);
+        False for the structured form, which slices whole neurons and heads of a block (structured.py)."""
+        return self.form != "structured"
+
     def needs_covariance(self, u_mode: str = "pinv") -> bool:
         """The data-aware U of the CUR forms reads the covariance too."""
         return self.covariance or (self.form == "cur" and u_mode == "data_aware")
@@ -44,6 +52,8 @@ class Method:
             return m * k + k * k + k * n
         if self.form == "svd":
             return k * (m + n)
+        if self.form == "structured":
+            return k * n
         return k * (m + n - k)  # interpolative forms: the k x k identity block is not stored
 
     def rank(self, m: int, n: int, ratio: float, rank_align: int = 1) -> int:
@@ -54,6 +64,10 @@ class Method:
         if rank_align < 1:
             raise ValueError(f"rank_align must be >= 1, got {rank_align}")
         budget = ratio * m * n
+        if self.form == "structured":  # k of m rows: no rank cap at min(m, n)
+            k = max(int(math.floor(ratio * m + 1e-9)), 1)
+            aligned = (k // rank_align) * rank_align
+            return aligned if aligned > 0 else k
         if self.form == "cur":  # positive root of k^2 + (m+n)k - budget
             k = int(math.floor((-(m + n) + math.sqrt((m + n) ** 2 + 4 * budget)) / 2))
         elif self.form == "svd":
@@ -90,6 +104,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("srid", "rowid", "sequential Fisher-weighted row ID: actual rows picked by the loss-weighted "
            "output error, the others fitted block by block on the compressed model's inputs, covariance "
            "shrunk by the token count", covariance=True, sequential=True, fisher=True, shrink=True),
+    Method("neurons", "structured", "structured CUR of the MLPs: keep whole intermediate neurons (rows of gate/up, "
+           "columns of down), refit down_proj on the kept activations block by block; attention stays dense",
+           covariance=True, sequential=True, correct=True, fisher=True),
+    Method("structured", "structured", "structured CUR of MLPs and attentions: whole neurons and whole KV groups "
+           "(with their query heads) kept, down_proj / o_proj refitted; a plain smaller model",
+           covariance=True, sequential=True, correct=True, fisher=True),
 )}
 
 

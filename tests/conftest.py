@@ -13,7 +13,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 threads; OMP_NUM_THREADS=1 is kept (the comparative tests are checked at 1 and 2 threads)
+torch.set_num_threads(max(1, min(2, int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)))
 
 WORDS = ("the model compresses every layer with actual columns and rows of its weight while the "
          "calibration text decides which input channels matter most for perplexity and accuracy in "

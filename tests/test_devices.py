@@ -23,7 +23,7 @@ def _stats(n: int, seed: int = 0) -> LayerStats:
                       row_weight=torch.rand(24, generator=g) + 0.1, n_tokens=x.shape[0])
 
 
-COMBOS = [(m, s, u) for m in registry.METHODS for s in (registry.SELECTIONS if registry.get(m).form == "cur" else ("topk",))
+COMBOS = [(m, s, u) for m in registry.METHODS if registry.get(m).per_linear for s in (registry.SELECTIONS if registry.get(m).form == "cur" else ("topk",))
           for u in (registry.U_MODES if registry.get(m).form == "cur" else ("pinv",))]
 
 

@@ -1,8 +1,8 @@
-"""Evaluation breadth: lm-eval tasks (MMLU path, offline BIG-bench multiple choice), LongBench, selfgen
+"""Evaluation breadth: lm-eval tasks (MMLU path, offline multiple choice), LongBench, selfgen
 calibration, the results table and the experiment script.
 
-MMLU and LongBench data need the hub; the same code paths run here on data a package ships (BIG-bench
-general_knowledge through lm-eval) or on a LongBench-schema file the test writes."""
+MMLU and LongBench data need the hub; the same code paths run here on data the repo carries (PIQA through
+lm-eval, data/mc/piqa.json) or on a LongBench-schema file the test writes."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ from conftest import ROOT, tiny_args
 from tools import eval_longbench as lb
 from tools import mmlu_result_calc as calc
 import selfgen_utils as selfgen
-from datautils import bigbench_mc_docs, chance_accuracy
+from offline_resources import chance_accuracy, mc_docs
 
 
 def run_acur(argv: list[str]) -> dict:
@@ -59,29 +59,44 @@ def test_summarize_lm_results_mmlu_mean_is_unweighted_subject_mean():
     assert any(subjects[3] in w for w in out["warnings"]) and any("56/57" in w for w in out["warnings"])
 
 
-# ---------------------------------------------------------------- offline BIG-bench multiple choice
-@pytest.mark.integration
-def test_bigbench_mc_docs_seeded_shuffle():
-    docs = bigbench_mc_docs("general_knowledge", seed=1)
-    raw = json.loads(datautils.bigbench_file(
-        "bigbench-1.0.0/bigbench/benchmark_tasks/general_knowledge/task.json").read_text())["examples"]
-    assert len(docs) == len(raw) == 70
-    for d, ex in zip(docs, raw):
-        assert sorted(d["choices"]) == sorted(ex["target_scores"])
-        best = max(ex["target_scores"].values())
-        assert d["gold"] and all(ex["target_scores"][d["choices"][g]] == best for g in d["gold"])
-    first_gold = sum(list(ex["target_scores"].values()).index(max(ex["target_scores"].values())) == 0 for ex in raw)
-    assert first_gold > 30  # the raw file often lists gold first ...
-    assert sum(0 in d["gold"] for d in docs) < 25  # ... the shuffled docs do not
-    assert docs == bigbench_mc_docs("general_knowledge", seed=1)
-    assert [d["choices"] for d in docs] != [d["choices"] for d in bigbench_mc_docs("general_knowledge", seed=2)]
-    assert 0.13 < chance_accuracy(docs) < 0.16
+# ---------------------------------------------------------------- offline multiple choice (carried tasks)
+def test_mc_docs_seeded_shuffle(tmp_path):
+    """A BIG-bench-layout task that lists gold first: the docs keep every choice, mark the right golds,
+    and shuffle them with the seed (the same seed, the same order)."""
+    raw = [{"input": f"q{i}", "target_scores": {"right": 1, "wrong a": 0, "wrong b": 0, "wrong c": 0}}
+           for i in range(40)]
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps({"examples": raw}))
+    docs = mc_docs("own", seed=1, path=path)
+    assert len(docs) == 40
+    for d in docs:
+        assert sorted(d["choices"]) == sorted(raw[0]["target_scores"]) and d["choices"][d["gold"][0]] == "right"
+    assert sum(0 in d["gold"] for d in docs) < 20  # gold first in every raw example, not after the shuffle
+    assert docs == mc_docs("own", seed=1, path=path)
+    assert [d["choices"] for d in docs] != [d["choices"] for d in mc_docs("own", seed=2, path=path)]
+    assert chance_accuracy(docs) == 0.25
+
+
+def test_carried_piqa_task():
+    """The carried PIQA file: 1,838 two-choice items with one gold each, read through the checksum."""
+    docs = mc_docs("piqa", seed=1)
+    assert len(docs) == 1838 and all(len(d["choices"]) == 2 and len(d["gold"]) == 1 for d in docs)
+    assert chance_accuracy(docs) == 0.5
+    assert 0.4 < sum(0 in d["gold"] for d in docs) / len(docs) < 0.6
+
+
+def test_gone_and_unknown_mc_tasks_say_what_is_carried():
+    with pytest.raises(ValueError, match="no longer serves.*carries: piqa"):
+        mc_docs("general_knowledge", seed=1)
+    with pytest.raises(ValueError, match="carries: piqa"):
+        mc_docs("no_such_task", seed=1)
 
 
 def test_lm_eval_bad_inputs_exit_2(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     base = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--raw_model")
     for extra, msg in [(["--eval_tasks", "no_such_task_xyz"], "unknown lm-eval task"),
-                       (["--mc_task", "general_knowledge", "--eval_limit", "0"], "--eval_limit"),
+                       (["--mc_task", "piqa", "--eval_limit", "0"], "--eval_limit"),
+                       (["--mc_task", "general_knowledge"], "no longer serves"),
                        (["--mc_task", "bad name"], "--mc_task"),
                        (["--eval_ppl", "selfgen"], "calibration data only")]:
         assert acur.main(base + extra) == 2, extra
@@ -93,11 +108,11 @@ def test_lm_eval_bad_inputs_exit_2(tiny_llama_dir, tiny_text_file, tmp_path, cap
 def test_mc_task_through_acur_random_tiny_llama(tiny_llama_dir, tiny_text_file, tmp_path):
     """The acur.py path end to end (raw and compressed) on a random model: results carry the accuracy."""
     res = run_acur(tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--param_ratio_target", "0.9",
-                             "--sensitivity_metric", "stable_rank", "--mc_task", "general_knowledge",
+                             "--sensitivity_metric", "stable_rank", "--mc_task", "piqa",
                              "--eval_limit", "12", "--eval_batch_size", "8", "--run_name", "tiny_mc"))
     assert set(res["lm_eval"]) == {"bigbench_mc"} and 0 <= res["lm_eval"]["bigbench_mc"] <= 1
     info = res["lm_eval_info"]
-    assert info["n_samples"] == {"bigbench_mc": 12} and info["mc_task"] == "general_knowledge"
+    assert info["n_samples"] == {"bigbench_mc": 12} and info["mc_task"] == "piqa"
     assert "eval_lm" in res["timings"] and res["param_ratio"]["reached"] <= 0.9
 
 

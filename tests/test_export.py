@@ -39,7 +39,7 @@ ids = torch.load(ids_path)
 t0 = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, dtype=torch.float32).eval()
 load_s = time.perf_counter() - t0
-tok = AutoTokenizer.from_pretrained(repo)
+tok = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)
 with torch.no_grad():
     logits = model(ids).logits
     gen = model.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=tok.eos_token_id)
@@ -126,7 +126,7 @@ def check_repo_files(repo: Path, results: dict, family: str) -> dict:
             "acur_packed.py", "acur_fast.py", "acur_results.json"} <= names
     assert not any(n.endswith(".bin") for n in names)
     cfg = json.loads((repo / "config.json").read_text())
-    assert cfg["model_type"] == family  # the family's own: plain AutoTokenizer needs no remote code
+    assert cfg["model_type"] == f"acur_{family}"  # its own: without trust_remote_code transformers refuses
     assert cfg["auto_map"]["AutoModelForCausalLM"].startswith(f"modeling_acur_{family}.")
     assert cfg["auto_map"]["AutoConfig"].startswith(f"configuration_acur_{family}.")
     with safe_open(repo / "model.safetensors", "pt") as f:

@@ -320,6 +320,7 @@ def test_smollm2_kv_mode_perplexity_and_cache(smollm2_dir, tmp_path):
         if target != 0.5:
             kv.disable_lowrank_kv_cache(model)
             acur.restore_model(linears, originals)
+    print(f"\nFIGS kv dense {dense_ppl:.4f}, " + ", ".join(f"{t}: {v:.4f}" for t, v in measured.items()))
     if SMOLLM2_DENSE_PPL is not None:
         assert dense_ppl == pytest.approx(SMOLLM2_DENSE_PPL, rel=1e-3)
     # real weights: the low-rank cache's greedy decode equals the no-cache run of the same model

@@ -287,7 +287,7 @@ def test_smollm2_ratio09_perplexity_by_bit_width(tmp_path):
             "--sensitivity_metric", "fisher_error",
             "--sensitivity_ratios", "0.6,0.8,0.9", "--layer_filter", r"layers\.[0-3]\.",
             "--eval_ppl", "new_wiki", "--eval_seqlen", "512", "--eval_max_windows", "4", "--use_cache",
-            "--output_dir", str(tmp_path), "--eval_dense"]
+            "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path), "--eval_dense"]
     args = acur.build_parser().parse_args(argv)
     model, tok, res = acur.run_pipeline(args)
     assert 0.88 < res["param_ratio"]["reached"] <= 0.9
@@ -309,7 +309,7 @@ def test_smollm2_ratio09_perplexity_by_bit_width(tmp_path):
         reps[label] = qz.quantize_model(model, method, g, scales)
         ppl[label] = evaluate_perplexity(model, ids, 512, 1, 4, desc=label)
     model.load_state_dict(saved)
-    print("SmolLM2 blocks 0-3 at ratio 0.9, perplexity (new_wiki, 4 x 512):", json.dumps(ppl))
+    print("\nFIGS SmolLM2 blocks 0-3 at ratio 0.9, perplexity (new_wiki, 4 x 512):", json.dumps(ppl))
     assert len(reps["int8"]["layers"]) == 210
     # statistics exist only for the 28 filtered layers: the other 182 fall back to RTN, recorded
     assert len(reps["awq int4 g128"]["fallbacks"]) == 210 - 28

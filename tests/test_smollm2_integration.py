@@ -11,8 +11,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_offline_corpora_are_real_disjoint_wikipedia_text():
+    """The carried texts, read through their checksums: 48 articles each, no title shared."""
     calib, ev = datautils.get_text("squad_wiki", "train"), datautils.get_text("new_wiki", "test")
-    assert 1_500_000 < len(calib) < 1_700_000 and 1_100_000 < len(ev) < 1_300_000
+    assert len(calib) == 1_455_525 and len(ev) == 1_212_732
     titles = lambda t: {line.strip(" =") for line in t.splitlines() if line.startswith(" = ")}
     assert len(titles(calib)) == 48 and len(titles(ev)) == 48
     assert not titles(calib) & titles(ev)
@@ -27,6 +28,7 @@ def test_smollm2_reduced_real_run_ppl_sensitivity(smollm2_dir, tmp_path):
             "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"), "--run_name", "smol"]
     _, _, res = acur.run_pipeline(acur.build_parser().parse_args(argv))
     dense, comp = res["ppl"]["dense"]["new_wiki"], res["ppl"]["compressed"]["new_wiki"]
+    print(f"\nFIGS ppl sensitivity 0.9: dense {dense:.4f}, compressed {comp:.4f}")
     assert len(res["layers"]) == 28 and res["fallbacks"] == {}
     assert 0.88 <= res["param_ratio"]["reached"] <= 0.9
     # measured on this machine: dense 25.09, compressed 38.87 (see closing note); margins for BLAS variation
@@ -49,5 +51,6 @@ def test_smollm2_srid_beats_asvd_and_the_seed_acur(tmp_path):
     res = compare.run_grid(base, ["acur", "asvd", "srid"], [0.8])
     ppl = {c["method"]: c["ppl"]["new_wiki"] for c in res["cells"]}
     dense = res["dense"]["new_wiki"]
+    print(f"\nFIGS srid vs asvd vs acur: dense {dense:.4f}, " + ", ".join(f"{k} {v:.4f}" for k, v in ppl.items()))
     assert all(0.79 <= c["reached"] <= 0.8 for c in res["cells"])
     assert dense < ppl["srid"] < 0.9 * min(ppl["asvd"], ppl["acur"]), (dense, ppl)

@@ -72,11 +72,12 @@ def form_groups(methods: list[str]) -> list[tuple[str, list[str]]]:
 def parse_methods(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     if text.strip() in ("all", ""):
-        names = list(registry.METHODS)
-    bad = [x for x in names if x not in registry.METHODS]
+        names = [m for m in registry.METHODS if registry.get(m).per_linear]
+    per_linear = [m for m in registry.METHODS if registry.get(m).per_linear]  # structured: a plain narrower model
+    bad = [x for x in names if x not in per_linear]
     if bad or len(set(names)) != len(names):
         raise SystemExit(f"bench_inference.py: error: --methods must be distinct names among "
-                         f"{', '.join(registry.METHODS)}, got {text!r}")
+                         f"{', '.join(per_linear)}, got {text!r}")
     return names
 
 
@@ -374,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a published config with random weights (tiny = tiny-llama, for CPU tests)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--methods", default=",".join(registry.METHODS),
+    p.add_argument("--methods", default=",".join(m for m in registry.METHODS if registry.get(m).per_linear),
                    help="registry methods (or 'all'); one row per distinct layer form, labelled with its methods")
     p.add_argument("--ratios", default="0.8", help="uniform parameter ratios (kept fraction) to compare with dense")
     p.add_argument("--rank_aligns", default="1", help="rank alignments (acur.py --rank_align) to compare")

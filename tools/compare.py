@@ -8,7 +8,8 @@ Everything after the compare flags is an acur.py flag (--param_ratio_target come
 model, calibration data, activation statistics and input covariances are computed once; every method
 gets its own sensitivity (cached per method with --use_cache), search and decomposition, and the
 model is restored between cells. A method spec is METHOD[:flag=value...] with flags among
-selection, u_mode, cov_damp, alpha, rank_align (e.g. acur:selection=deim:u_mode=data_aware).
+selection, u_mode, cov_damp, alpha, rank_align, structured_widths, structured_selection (e.g.
+acur:selection=deim:u_mode=data_aware, structured:structured_widths=uniform).
 Writes <output_dir>/<name>.md (tables), .png (perplexity vs parameter ratio, one line per method)
 and .json (every number, schema cur4llm.compare/1).
 """
@@ -33,7 +34,8 @@ import datautils  # noqa: E402
 from modules import registry  # noqa: E402
 
 SCHEMA = "cur4llm.compare/1"
-SPEC_FLAGS = ("selection", "u_mode", "cov_damp", "alpha", "rank_align", "sensitivity_metric")
+SPEC_FLAGS = ("selection", "u_mode", "cov_damp", "alpha", "rank_align", "sensitivity_metric", "structured_widths",
+              "structured_selection")
 DEFAULT_METHODS = "acur,acur:u_mode=data_aware,asvd,rowid,colid"
 DEFAULT_RATIOS = "0.95,0.9,0.85,0.8"
 

@@ -1,0 +1,163 @@
+"""Exports of structured models (kept neurons and heads): a stock HF repo (uniform widths), a remote-code HF
+repo (per-layer widths) and GGUF files, loaded by the engines themselves in fresh processes.
+
+The models here are sliced by hand (the first neurons / KV groups of each layer), so the exports are tested
+apart from how the structured methods choose what to keep. llama.cpp runs where llama-cpp-python is
+installed (`make engines` installs it from the wheel cached in .whl/): otherwise those tests skip."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "huggingface_repos"))
+
+import export_gguf  # noqa: E402
+import export_structured as xs  # noqa: E402
+
+
+def slice_llama(model, widths: list[tuple[int, int]]) -> None:
+    """Keep the first `neurons` MLP channels and the first `groups` KV groups (with their query heads) of
+    each layer: what a structured method does, with a trivial choice."""
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    q_per_kv = cfg.num_attention_heads // cfg.num_key_value_heads
+    for layer, (neurons, groups) in zip(model.model.layers, widths):
+        attn, mlp = layer.self_attn, layer.mlp
+        kv_rows = torch.arange(groups * head_dim)
+        q_rows = torch.arange(groups * q_per_kv * head_dim)
+
+        def sub(lin: nn.Linear, rows=None, cols=None) -> nn.Linear:
+            w = lin.weight.data
+            w = w[rows] if rows is not None else w
+            w = w[:, cols] if cols is not None else w
+            new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None)
+            new.weight.data = w.clone()
+            if lin.bias is not None:
+                new.bias.data = (lin.bias.data[rows] if rows is not None else lin.bias.data).clone()
+            return new
+        attn.q_proj, attn.k_proj, attn.v_proj = sub(attn.q_proj, q_rows), sub(attn.k_proj, kv_rows), sub(attn.v_proj, kv_rows)
+        attn.o_proj = sub(attn.o_proj, cols=q_rows)
+        keep = torch.arange(neurons)
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = sub(mlp.gate_proj, keep), sub(mlp.up_proj, keep), sub(mlp.down_proj, cols=keep)
+
+
+def load_tiny(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return (AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(tiny_llama_dir))
+
+
+CHILD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+path, remote, ids = sys.argv[1], sys.argv[2] == "1", json.loads(sys.argv[3])
+kw = {"trust_remote_code": True} if remote else {}
+m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+with torch.no_grad():
+    logits = m(torch.tensor([ids])).logits[0]
+out = {"class": type(m).__module__ + "." + type(m).__name__, "logits": logits.tolist(),
+       "modules": sorted(k for k in sys.modules if k.split(".")[0] in ("acur", "datautils", "export_structured"))}
+print(json.dumps(out))
+"""
+
+
+def run_child(path: Path, remote: bool, ids: list[int]) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), "1" if remote else "0", json.dumps(ids)],
+                          capture_output=True, text=True, timeout=300, cwd=path, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_rotary_interleave_matches_pairwise_rope():
+    """GGUF's LLaMA rope rotates consecutive pairs; HF's rotates (i, i + d/2): the row order maps one onto
+    the other, head by head."""
+    d, heads = 8, 3
+    w = torch.arange(heads * d * 2, dtype=torch.float32).reshape(heads * d, 2)
+    out = export_gguf.interleave_rotary(w, d)
+    for h in range(heads):
+        for i in range(d // 2):
+            assert torch.equal(out[h * d + 2 * i], w[h * d + i])
+            assert torch.equal(out[h * d + 2 * i + 1], w[h * d + d // 2 + i])
+
+
+def test_uniform_export_loads_in_stock_transformers(tiny_llama_dir, tmp_path):
+    model, tok = load_tiny(tiny_llama_dir)
+    slice_llama(model, [(96, 1), (96, 1)])
+    ids = tok("the quick brown fox jumps over the lazy dog", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    info = xs.export_structured(model, tok, tmp_path / "repo", "uniform", save_dtype=torch.float32, gguf_dtype="f32")
+    cfg = json.loads((tmp_path / "repo" / "config.json").read_text())
+    assert "auto_map" not in cfg and cfg["model_type"] == "llama"
+    assert (cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (96, 2, 1, 16)
+    assert not list((tmp_path / "repo").glob("*.py"))  # no code: nothing to trust
+    child = run_child(tmp_path / "repo", remote=False, ids=ids)
+    assert child["class"] == "transformers.models.llama.modeling_llama.LlamaForCausalLM" and child["modules"] == []
+    torch.testing.assert_close(torch.tensor(child["logits"]), ref, rtol=1e-5, atol=1e-5)
+    assert info["gguf"]["architecture"] == "llama"
+
+
+def test_per_layer_export_loads_with_remote_code_and_refuses_plain(tiny_llama_dir, tmp_path):
+    model, tok = load_tiny(tiny_llama_dir)
+    slice_llama(model, [(112, 2), (48, 1)])
+    with pytest.raises(xs.StructuredExportError, match="llama.cpp .* load it"):
+        xs.check_width_mode(model, "per_layer", plain_hf=True)
+    with pytest.raises(xs.StructuredExportError, match="export it as per_layer"):
+        xs.export_structured(model, tok, tmp_path / "bad", "uniform")
+    assert not (tmp_path / "bad").exists()
+    ids = tok("pack my box with five dozen liquor jugs", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    info = xs.export_structured(model, tok, tmp_path / "repo", "per_layer", save_dtype=torch.float32, gguf_dtype="f32")
+    child = run_child(tmp_path / "repo", remote=True, ids=ids)
+    assert child["class"].endswith("StructuredLlamaForCausalLM")
+    torch.testing.assert_close(torch.tensor(child["logits"]), ref, rtol=1e-5, atol=1e-5)
+    import gguf
+    reader = gguf.GGUFReader(str(tmp_path / "repo" / info["gguf"]["file"]))
+    assert reader.fields["general.architecture"].contents() == "deci"
+    assert reader.fields["deci.feed_forward_length"].contents() == [112, 48]
+    assert reader.fields["deci.attention.head_count"].contents() == [4, 2]
+    assert reader.fields["deci.attention.head_count_kv"].contents() == [2, 1]
+
+
+def test_gguf_export_refuses_unknown_family(tiny_opt_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_opt_dir)
+    with pytest.raises(export_gguf.GGUFExportError, match="knows the llama family, not 'opt'"):
+        export_gguf.write_gguf(model, tmp_path / "x.gguf", tokenizer_dir=tiny_opt_dir)
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- llama.cpp itself (make engines)
+def llama_cpp_logits(gguf_path: Path, ids: list[int]) -> torch.Tensor:
+    """Logits of every position from llama.cpp, fed the token ids directly (its tokenizer is not tested)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: `make engines`")
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(64, len(ids)), logits_all=True, verbose=False,
+                          n_threads=1, seed=0)
+    llm.eval(ids)
+    return torch.tensor(llm.scores[:len(ids)], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("widths, mode", [([(96, 1), (96, 1)], "uniform"), ([(112, 2), (48, 1)], "per_layer")])
+def test_llama_cpp_runs_the_gguf_like_transformers(tiny_llama_dir, tmp_path, widths, mode):
+    """The f32 GGUF in llama.cpp gives the HF model's logits to float round-off, so the same greedy tokens
+    and the same perplexity."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: `make engines`")
+    model, tok = load_tiny(tiny_llama_dir)
+    slice_llama(model, widths)
+    ids = tok("the quick brown fox jumps over the lazy dog and then runs far away", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    info = xs.export_structured(model, tok, tmp_path / "repo", mode, save_dtype=torch.float32, gguf_dtype="f32")
+    got = llama_cpp_logits(tmp_path / "repo" / info["gguf"]["file"], ids)
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    nll = lambda lg: torch.nn.functional.cross_entropy(lg[:-1], torch.tensor(ids[1:]))
+    assert abs(nll(got).item() - nll(ref).item()) < 1e-4

@@ -1,0 +1,79 @@
+"""The offline resources: carried texts and tasks checked against their checksums, the model download's
+failure said in one line. Nothing here downloads."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import acur
+import offline_resources as off
+from conftest import tiny_args
+
+
+@pytest.fixture
+def data_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of data/ that the test may damage, in place of the repo's."""
+    dst = tmp_path / "data"
+    shutil.copytree(off.DATA_DIR, dst)
+    monkeypatch.setattr(off, "DATA_DIR", dst)
+    monkeypatch.setattr(off, "CHECKSUMS", dst / "SHA256SUMS")
+    return dst
+
+
+def test_every_carried_file_has_its_checksum():
+    files = sorted(str(p.relative_to(off.DATA_DIR)) for p in off.DATA_DIR.rglob("*")
+                   if p.is_file() and p.suffix in (".txt", ".json"))
+    pinned = off._pinned_digests()
+    assert files == sorted(pinned)
+    for rel in files:
+        assert hashlib.sha256((off.DATA_DIR / rel).read_bytes()).hexdigest() == pinned[rel]
+
+
+def test_texts_are_wikipedia_articles_without_markup():
+    for name in off.OFFLINE_TEXTS:
+        text = off.offline_text(name)
+        titles = [ln for ln in text.split("\n\n") if ln.startswith(" = ") and ln.endswith(" = ")]
+        assert len(titles) >= 48, name
+    built = off.offline_text("squad_wiki")  # the text tools/build_offline_data.py stripped of its markup
+    assert not any(mark in built for mark in ("{{", "}}", "[[", "<ref", "&lt;"))
+
+
+def test_damaged_or_missing_text_fails_in_one_line(data_copy):
+    path = data_copy / "texts" / "new_wiki.txt"
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n", 3))  # what a CRLF checkout does
+    with pytest.raises(off.OfflineResourceError, match="differs from the copy the repo carries") as exc:
+        off.offline_text("new_wiki")
+    assert "\n" not in str(exc.value)
+    path.unlink()
+    with pytest.raises(off.OfflineResourceError, match="missing from this checkout"):
+        off.offline_text("new_wiki")
+
+
+def test_damaged_text_stops_a_run_before_the_model_loads(data_copy, tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    (data_copy / "texts" / "squad_wiki.txt").write_text("tampered", encoding="utf-8")
+    argv = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--param_ratio_target", "0.9")
+    argv[argv.index("--calib_dataset") + 1] = "squad_wiki"
+    assert acur.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "squad_wiki" in err and "differs from the copy the repo carries" in err
+    assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
+
+
+def test_model_download_failure_is_one_line_with_each_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUR4LLM_HOME", str(tmp_path))
+    pip_log = "Looking in indexes: x\nERROR: Could not find a version that satisfies the requirement nope==9\n" \
+              "ERROR: No matching distribution found for nope==9\n"
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, None, pip_log))
+
+    def no_index(*_a):
+        raise OSError("Network is unreachable")
+    monkeypatch.setattr(off, "_simple_index_download", no_index)
+    with pytest.raises(off.OfflineResourceError) as exc:
+        off.pip_download("nope", "9")
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert "No matching distribution found for nope==9" in msg and "Network is unreachable" in msg
