@@ -29,7 +29,8 @@ CACHE_SOURCES = {
     "statistics": ("act_aware_utils.py", "modules/model_utils.py"),
     "sensitivity": ("act_aware_utils.py", "sensitivity.py", "evaluate_utils.py", "kv_compress.py",
                     "modules/model_utils.py", "modules/registry.py", "modules/cur_math.py",
-                    "modules/decompositions.py", "modules/low_rank_linear.py", "modules/cur_linear.py"),
+                    "modules/decompositions.py", "modules/low_rank_linear.py", "modules/cur_linear.py",
+                    "structured.py", "modules/structured.py"),
 }
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -117,7 +118,7 @@ def find_units(model: nn.Module, linears: list[LinearInfo], method: str) -> list
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     selected = {id(i.module): i for i in linears}
-    kinds = ("mlp", "attn") if method_kinds(method) == ("mlp", "attn") else ("mlp",)
+    kinds = method_kinds(method)
     units = []
     for b, block in enumerate(layers):
         path = f"{prefix}.{b}"
@@ -153,7 +154,13 @@ def _key(keep: int, n: int) -> str:
 
 
 def _keep(ratio: float, n: int) -> int:
+    """Groups a ratio buys (rounded down: a ratio is a budget)."""
     return int(math.floor(ratio * n + 1e-6))
+
+
+def _keep_of_key(ratio: float, n: int) -> int:
+    """The kept count a table key (_key: k / n to 6 digits) stands for."""
+    return round(ratio * n)
 
 
 def candidate_keeps(unit: Unit, fractions: list[float] | None = None, align: int = 1) -> list[int]:
@@ -198,7 +205,8 @@ def _ridge(cov: torch.Tensor, damp: float) -> float:
 
 
 def sensitivity(units: list[Unit], stats: dict[str, LayerStats], args: argparse.Namespace,
-                fractions: list[float] | None = None, done: dict | None = None, on_progress=None) -> dict:
+                fractions: list[float] | None = None, done: dict | None = None,
+                on_progress: Callable[[dict], None] | None = None) -> dict:
     """{unit name: {keep fraction: predicted NLL rise}}: every unit's closed-form curve (dense statistics)."""
     spec = registry.get(args.method)
     table = dict(done or {})
@@ -227,11 +235,19 @@ def fixed_and_dense(units: list[Unit], linears: list[LinearInfo]) -> tuple[int, 
 
 def _curve_at(row: dict[str, float], unit: Unit, keep: int) -> float:
     """A unit's predicted loss at any kept count, linear between its candidate points (dense: 0)."""
-    pts = sorted([(_keep(float(r), unit.n_groups), v) for r, v in row.items()] + [(unit.n_groups, 0.0)])
+    pts = sorted([(_keep_of_key(float(r), unit.n_groups), v) for r, v in row.items()] + [(unit.n_groups, 0.0)])
     for (k0, v0), (k1, v1) in zip(pts, pts[1:]):
         if k0 <= keep <= k1:
             return v0 if k1 == k0 else v0 + (v1 - v0) * (keep - k0) / (k1 - k0)
     return pts[0][1]  # below every candidate: the smallest one's loss
+
+
+def stock_head_count(unit: Unit, groups: int) -> bool:
+    """Whether `groups` KV groups give a query-head count a stock config accepts: transformers (5.x) refuses a
+    LlamaConfig whose hidden_size is not a multiple of num_attention_heads, even with head_dim given, so a
+    uniform export of 26 of LLaMA-2-7B's 32 heads would not load."""
+    hidden = unit.output.module.out_features
+    return hidden % (groups * unit.heads_per_group) == 0
 
 
 def uniform_widths(units: list[Unit], table: dict, budget: float, align: int = 1) -> dict[str, int]:
@@ -242,6 +258,8 @@ def uniform_widths(units: list[Unit], table: dict, budget: float, align: int = 1
     attns = [u for u in units if u.kind == "attn"]
     best, best_loss = None, math.inf
     for g in (range(max(u.n_groups for u in attns), 0, -1) if attns else [None]):
+        if g is not None and not stock_head_count(attns[0], g):
+            continue  # a stock config must hold this head count: transformers refuses one not dividing hidden_size
         left = budget - sum(u.params(min(g, u.n_groups)) for u in attns)
         k = None
         if mlps:
@@ -273,8 +291,9 @@ def search(units: list[Unit], linears: list[LinearInfo], table: dict, target: fl
     else:
         by_name = {u.name: u for u in units}
         ratios = binary_search.allocate({u.name: table[u.name] for u in units},
-                                        lambda name, r: by_name[name].params(_keep(r, by_name[name].n_groups)), budget)
-        widths = {name: _keep(r, by_name[name].n_groups) for name, r in ratios.items()}
+                                        lambda name, r: by_name[name].params(_keep_of_key(r, by_name[name].n_groups)),
+                                        budget)
+        widths = {name: _keep_of_key(r, by_name[name].n_groups) for name, r in ratios.items()}
     return ratios_of_widths(units, widths, linears)
 
 
@@ -327,7 +346,7 @@ def _set_widths(unit: Unit, keep: int) -> None:
             setattr(unit.owner, attr, value)
 
 
-def restore_widths(modules) -> None:
+def restore_widths(modules: Iterable[nn.Module]) -> None:
     """Put back the dense width attributes of the modules structured compression changed (for restores)."""
     for m in modules:
         for attr, value in m.__dict__.pop("_structured_dense", {}).items():

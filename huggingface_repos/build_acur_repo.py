@@ -47,7 +47,11 @@ from acur import UsageError  # noqa: E402
 from cache_store import new_file_mode, unwritable  # noqa: E402
 from modules import fast_layers, kv_cache, packed_linear  # noqa: E402
 from modules.model_utils import check_architecture, find_linears  # noqa: E402
+from modules import registry  # noqa: E402
 from modules.runtime_text import runtime_source  # noqa: E402
+
+import export_gguf  # noqa: E402
+import export_structured  # noqa: E402
 
 TEMPLATE = HERE / "modeling_acur_template.py"  # the one source of every family's configuration/modeling files
 # config keys that describe the base checkpoint rather than the exported one
@@ -73,6 +77,11 @@ def build_parser():
     g.add_argument("--repo_name", default=None,
                    help="hub repo id for --push: 'user/name', or 'name' under your account; unset: the folder name")
     g.add_argument("--private", action="store_true", help="create the hub repo private (with --push)")
+    g.add_argument("--plain_hf", action="store_true",
+                   help="structured methods: the HF repo must load in stock transformers without remote code "
+                        "(uniform widths only; per_layer is refused and says which engines load it)")
+    g.add_argument("--gguf_dtype", default="f16", choices=["f16", "f32"],
+                   help="structured methods: dtype of the GGUF file's matrices (norms stay f32)")
     return p
 
 
@@ -132,7 +141,8 @@ def check_repo_dir(path: Path) -> None:
     cfg = path / "config.json"
     try:
         keys = json.loads(cfg.read_text()) if path.is_dir() else {}
-        is_export = "lowrank_layers" in keys or "cur_layers" in keys  # cur_layers: exports before the template
+        is_export = ("lowrank_layers" in keys or "cur_layers" in keys  # cur_layers: exports before the template
+                     or "cur4llm_structured" in keys)
     except (OSError, ValueError):
         is_export = False
     if not is_export:
@@ -144,6 +154,29 @@ def check_repo_dir(path: Path) -> None:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise UsageError(f"--repo_dir {path} holds {path / foreign[0]}{more}, which build_acur_repo.py did not "
                          "write; re-exporting replaces the whole folder: move it out or choose another folder")
+
+
+def check_structured_export(args) -> None:
+    """A structured export (plain model + GGUF) knows the LLaMA family's blocks; per_layer widths cannot be a
+    plain HF repo. Both said in one line before any heavy work."""
+    from transformers import AutoConfig
+    path, _ = datautils.resolve_model(args)
+    model_type = AutoConfig.from_pretrained(path, revision=args.revision).model_type
+    if model_type not in export_gguf.GGUF_FAMILIES:
+        raise UsageError(f"structured exports (plain HF repo + GGUF) are written for the "
+                         f"{', '.join(export_gguf.GGUF_FAMILIES)} family, not {model_type!r}; acur.py compresses "
+                         "it all the same")
+    if args.plain_hf and args.structured_widths == "per_layer":
+        raise UsageError(f"--plain_hf with --structured_widths per_layer: stock transformers has one width for "
+                         f"every layer; {export_structured.PER_LAYER_ENGINES} load it (or use "
+                         "--structured_widths uniform)")
+
+
+def offline_gguf(args) -> Path | None:
+    """The GGUF the offline model was converted from: its tokenizer is copied verbatim into the export's GGUF."""
+    spec = datautils.OFFLINE_MODELS.get(args.model_id)
+    path = datautils.home_dir() / "gguf" / Path(spec["member"]).name if spec else None
+    return path if path is not None and path.exists() else None
 
 
 def check_repo_parent(folder: Path) -> None:
@@ -689,6 +722,9 @@ def build_repo(args) -> tuple[Path, torch.nn.Module, object, dict]:
     if args.weight_quant != "none" and args.compress_kv_cache and not args.save_simulated_quant:
         raise UsageError("a packed export of --compress_kv_cache is not supported yet (the KV runtime reads float "
                          "factors); add --save_simulated_quant to store the dequantized floats")
+    structured = registry.get(args.method).form == "structured"
+    if structured:
+        check_structured_export(args)
     family = model_family(args)
     planned = Path(args.repo_dir) if args.repo_dir else default_repo_dir(args, ratio) if ratio != -1 else None
     if planned is not None:  # None: a --ppl_target run's default folder is named after the ratio it reaches
@@ -701,7 +737,12 @@ def build_repo(args) -> tuple[Path, torch.nn.Module, object, dict]:
     api, repo_id = hub if hub is not None else (None, None)
     if repo_id and repo_id.endswith("/"):
         repo_id += repo_dir.name
-    export = write_repo(model, tokenizer, results, args, family, repo_dir, repo_id)
+    if structured:
+        save_dtype = next(model.parameters()).dtype if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
+        export = export_structured.write_structured_repo(model, tokenizer, results, repo_dir, args.structured_widths,
+                                                         save_dtype=save_dtype, source_gguf=offline_gguf(args))
+    else:
+        export = write_repo(model, tokenizer, results, args, family, repo_dir, repo_id)
     if api is not None:
         export["pushed_to"] = push_repo(api, repo_id, repo_dir, args.private)
     return repo_dir, model, tokenizer, results
@@ -716,6 +757,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     acur.print_summary(results)
     ex = results["export"]
+    if "structured" in ex:
+        st = ex["structured"]
+        print(f"repo: {repo_dir}  (structured, {st['width_mode']} widths; GGUF {st['gguf']['file']}, "
+              f"architecture {st['gguf']['architecture']})")
+        for engine, cmd in st["engines"]:
+            print(f"  {engine}: {cmd}")
+        return 0
     s = ex["sizes"]
     print(f"repo: {repo_dir}  ({ex['lowrank_layers']} low-rank layers, method {results['args']['method']})")
     print(f"weight bytes: compressed {s['compressed_weight_bytes']:,} vs dense {s['dense_bytes_at_save_dtype']:,} "

@@ -31,9 +31,14 @@ def check_width_mode(model: torch.nn.Module, width_mode: str, plain_hf: bool = T
     """Refuse a plain (no remote code) HF export of per-layer widths: stock transformers cannot build it."""
     if width_mode not in WIDTH_MODES:
         raise StructuredExportError(f"width mode must be one of {', '.join(WIDTH_MODES)}, got {width_mode!r}")
-    uniform = is_uniform(layer_widths(model))
+    widths = layer_widths(model)
+    uniform = is_uniform(widths)
     if width_mode == "uniform" and not uniform:
         raise StructuredExportError("the model's layers have different widths: export it as per_layer")
+    if width_mode == "uniform" and model.config.hidden_size % widths[0].heads:
+        raise StructuredExportError(f"{widths[0].heads} query heads do not divide hidden_size "
+                                    f"{model.config.hidden_size}: stock transformers refuses such a config; "
+                                    "export it as per_layer")
     if width_mode == "per_layer" and plain_hf:
         raise StructuredExportError(f"per_layer widths cannot be a plain Hugging Face repo (stock transformers "
                                     f"has one width for every layer); {PER_LAYER_ENGINES} load it")
@@ -125,3 +130,70 @@ def export_structured(model: torch.nn.Module, tokenizer, out_dir: Path, width_mo
                                                                                    save_dtype)
     return {"width_mode": width_mode, "hf": hf, "gguf": {**gguf_info, "file": gguf_name},
             "engines": engine_commands(width_mode, gguf_name)}
+
+
+def model_card(results: dict, info: dict, repo_dir: Path) -> str:
+    """README.md of a structured export: what was kept, which engines load it (with the command), figures."""
+    a, pr = results["args"], results.get("param_ratio", {})
+    widths = info["gguf"]["widths"]
+    mode = info["width_mode"]
+    kept = (f"every layer keeps {widths[0]['intermediate']} MLP neurons, {widths[0]['heads']} query heads and "
+            f"{widths[0]['kv_heads']} key/value heads" if mode == "uniform" else
+            f"MLP neurons per layer {min(w['intermediate'] for w in widths)}-{max(w['intermediate'] for w in widths)}, "
+            f"query heads {min(w['heads'] for w in widths)}-{max(w['heads'] for w in widths)} "
+            "(`layer_widths` in config.json)")
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [cur4llm, structured-cur, pruning, gguf]", "---", "", f"# {repo_dir.name}", "",
+             f"`{a['model_id']}` compressed with CUR4LLM's structured CUR (method **{a.get('method')}**, widths "
+             f"**{mode}**): whole MLP neurons and whole key/value groups (with their query heads) are kept, "
+             "down_proj and o_proj refitted on calibration activations. The result is a plain, smaller model, "
+             f"no factored layer: {kept}.", "",
+             f"Parameter ratio of the compressed linears: target {pr.get('target')}, reached "
+             f"{pr.get('reached', 1.0):.4f}.", "", "## Engines that load it", "", "| engine | command |", "|---|---|"]
+    lines += [f"| {eng} | `{cmd}` |" for eng, cmd in info["engines"]]
+    lines += ["", f"The GGUF file (`{info['gguf']['file']}`, architecture `{info['gguf']['architecture']}`) was "
+              "written with the `gguf` package following llama.cpp's LLaMA conventions"
+              + ("." if mode == "uniform" else "; `deci` is the llama.cpp architecture that builds every layer at "
+                 "its own width (plain `llama` builds all layers at layer 0's). Stock transformers has one width "
+                 "for all layers, hence the remote code (`modeling_structured.py`, a thin subclass of "
+                 "LlamaForCausalLM); its static KV cache assumes one head count, so decode with the dynamic cache."),
+              "", "## Perplexity (measured by acur.py on this model)", ""]
+    for label, ppl in results.get("ppl", {}).items():
+        lines.append(f"- {label}: " + ", ".join(f"{ds} {v:.3f}" for ds, v in ppl.items()))
+    lines += ["", "Full results of the run: `acur_results.json`. Licence: that of the base model.", ""]
+    return "\n".join(lines)
+
+
+def write_structured_repo(model: torch.nn.Module, tokenizer, results: dict, repo_dir: Path, width_mode: str, *,
+                          save_dtype: torch.dtype, source_gguf: str | Path | None = None) -> dict:
+    """The whole export into a fresh sibling folder, then swapped in (never mixed with an older export):
+    HF repo, GGUF file, model card, acur_results.json; returns the export record kept in the results."""
+    import os
+    from cache_store import new_file_mode
+    tmp = repo_dir.with_name(repo_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        info = export_structured(model, tokenizer, tmp, width_mode, save_dtype=save_dtype, source_gguf=source_gguf,
+                                 name=repo_dir.name)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["cur4llm_structured"] = {"base_model": results["args"]["model_id"], "method": results["args"].get("method"),
+                                     "width_mode": width_mode, "param_ratio": results.get("param_ratio")}
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, new_file_mode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = repo_dir.with_name(repo_dir.name + f".old{os.getpid()}")
+    if repo_dir.exists():
+        repo_dir.rename(old)
+    tmp.rename(repo_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    export = {"repo_dir": str(repo_dir), "structured": info,
+              "files": sorted({p.name for p in repo_dir.iterdir()} | {"README.md", "acur_results.json"})}
+    results["export"] = export
+    (repo_dir / "README.md").write_text(model_card(results, info, repo_dir))
+    (repo_dir / "acur_results.json").write_text(json.dumps(results, indent=1, default=str))
+    return export

@@ -106,10 +106,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "shrunk by the token count", covariance=True, sequential=True, fisher=True, shrink=True),
     Method("neurons", "structured", "structured CUR of the MLPs: keep whole intermediate neurons (rows of gate/up, "
            "columns of down), refit down_proj on the kept activations block by block; attention stays dense",
-           covariance=True, sequential=True, correct=True, fisher=True),
+           covariance=True, sequential=True, fisher=True, shrink=True),
     Method("structured", "structured", "structured CUR of MLPs and attentions: whole neurons and whole KV groups "
            "(with their query heads) kept, down_proj / o_proj refitted; a plain smaller model",
-           covariance=True, sequential=True, correct=True, fisher=True),
+           covariance=True, sequential=True, fisher=True, shrink=True),
 )}
 
 

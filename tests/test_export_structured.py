@@ -141,8 +141,11 @@ def llama_cpp_logits(gguf_path: Path, ids: list[int]) -> torch.Tensor:
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: `make engines`")
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(64, len(ids)), logits_all=True, verbose=False,
                           n_threads=1, seed=0)
-    llm.eval(ids)
-    return torch.tensor(llm.scores[:len(ids)], dtype=torch.float32)
+    try:
+        llm.eval(ids)
+        return torch.tensor(llm.scores[:len(ids)], dtype=torch.float32)
+    finally:
+        llm.close()  # freed now, not at interpreter exit (where llama.cpp's library may be gone already)
 
 
 @pytest.mark.parametrize("widths, mode", [([(96, 1), (96, 1)], "uniform"), ([(112, 2), (48, 1)], "per_layer")])
@@ -161,3 +164,95 @@ def test_llama_cpp_runs_the_gguf_like_transformers(tiny_llama_dir, tmp_path, wid
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     nll = lambda lg: torch.nn.functional.cross_entropy(lg[:-1], torch.tensor(ids[1:]))
     assert abs(nll(got).item() - nll(ref).item()) < 1e-4
+
+
+# ---------------------------------------------------------------- the whole path: build_acur_repo.py --method structured
+PPL_CHILD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+path, remote, windows = sys.argv[1], sys.argv[2] == "1", torch.tensor(json.loads(sys.argv[3]))
+m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **({"trust_remote_code": True} if remote else {})).eval()
+with torch.no_grad():
+    nll = torch.stack([m(w[None], labels=w[None]).loss for w in windows]).mean()
+print(json.dumps({"ppl": nll.exp().item(), "class": type(m).__name__, "cfg": m.config.to_dict().get("auto_map")}))
+"""
+
+
+def fresh_ppl(repo: Path, windows: torch.Tensor, remote: bool) -> dict:
+    proc = subprocess.run([sys.executable, "-c", PPL_CHILD, str(repo), "1" if remote else "0",
+                           json.dumps(windows.tolist())], capture_output=True, text=True, timeout=600, cwd=repo,
+                          stdin=subprocess.DEVNULL, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def in_process_ppl(model, windows: torch.Tensor) -> float:
+    with torch.no_grad():
+        return torch.stack([model(w[None], labels=w[None]).loss for w in windows]).mean().exp().item()
+
+
+@pytest.mark.parametrize("mode", ["uniform", "per_layer"])
+def test_build_acur_repo_structured_round_trip(tiny_llama_dir, tiny_text_file, tmp_path, mode):
+    """--method structured through build_acur_repo.py: the repo holds a plain model that its engine loads in a
+    fresh process with the in-process perplexity; the GGUF and the card come with it."""
+    import build_acur_repo as bar
+    from conftest import tiny_args
+    argv = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--method", "structured", "--structured_widths", mode,
+                     "--param_ratio_target", "0.8", "--repo_dir", str(tmp_path / "repo"), "--save_dtype", "float32")
+    repo, model, tok, res = bar.build_repo(bar.build_parser().parse_args(argv))
+    assert 0.7 < res["param_ratio"]["reached"] <= 0.8
+    files = sorted(p.name for p in repo.iterdir())
+    assert "README.md" in files and any(f.endswith(".gguf") for f in files)
+    assert ("modeling_structured.py" in files) == (mode == "per_layer")
+    windows = torch.tensor(tok(tiny_text_file.read_text()[:4000]).input_ids[:4 * 64]).reshape(4, 64)
+    child = fresh_ppl(repo, windows, remote=mode == "per_layer")
+    assert child["class"] == ("LlamaForCausalLM" if mode == "uniform" else "StructuredLlamaForCausalLM")
+    assert child["ppl"] == pytest.approx(in_process_ppl(model.float(), windows), rel=1e-5)
+    card = (repo / "README.md").read_text()
+    assert "llama.cpp" in card and ("trust_remote_code=True" in card) == (mode == "per_layer")
+    # a second export into the same folder replaces it (the tool wrote every file there)
+    bar.build_repo(bar.build_parser().parse_args(argv))
+
+
+def test_structured_export_refuses_before_compute(tiny_llama_dir, tiny_opt_dir, tiny_text_file, tmp_path, capsys):
+    import build_acur_repo as bar
+    from conftest import tiny_args
+    base = ("--method", "structured", "--param_ratio_target", "0.8", "--repo_dir", str(tmp_path / "repo"))
+    assert bar.main(tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, *base, "--plain_hf")) == 2
+    assert "llama.cpp (the deci GGUF) and transformers with trust_remote_code=True load it" in capsys.readouterr().err
+    assert bar.main(tiny_args(tiny_opt_dir, tiny_text_file, tmp_path, *base, "--structured_widths", "uniform")) == 2
+    assert "written for the llama family, not 'opt'" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "output").exists()
+
+
+@pytest.mark.integration
+def test_smollm2_structured_uniform_in_stock_transformers_and_llama_cpp(tmp_path):
+    """The real model: --method structured, uniform widths, ratio 0.8. Stock transformers (no remote code, fresh
+    process) reproduces the in-process perplexity on held-out text; where llama-cpp-python is installed, the f32
+    GGUF in llama.cpp gives the same perplexity to float round-off and the same greedy tokens."""
+    import build_acur_repo as bar
+    import datautils
+    argv = ["--model_id", "smollm2-135m", "--method", "structured", "--structured_widths", "uniform",
+            "--param_ratio_target", "0.8", "--calib_dataset", "squad_wiki", "--n_calib_samples", "4",
+            "--calib_seqlen", "256", "--sensitivity_metric", "fisher_error", "--eval_ppl", "new_wiki",
+            "--eval_seqlen", "256", "--eval_max_windows", "4", "--save_dtype", "float32", "--gguf_dtype", "f32",
+            "--repo_dir", str(tmp_path / "repo"), "--output_dir", str(tmp_path / "out"),
+            "--cache_dir", str(tmp_path / "cache")]
+    repo, model, tok, res = bar.build_repo(bar.build_parser().parse_args(argv))
+    windows = datautils.get_eval_ids("new_wiki", tok)[:4 * 256].reshape(4, 256)
+    ours = in_process_ppl(model.float(), windows)
+    assert ours == pytest.approx(res["ppl"]["compressed"]["new_wiki"], rel=1e-4)
+    child = fresh_ppl(repo, windows, remote=False)
+    assert child["class"] == "LlamaForCausalLM" and child["cfg"] is None
+    assert child["ppl"] == pytest.approx(ours, rel=1e-5)
+    if __import__("importlib").util.find_spec("llama_cpp") is None:
+        return
+    gguf_file = repo / res["export"]["structured"]["gguf"]["file"]
+    nll = []
+    for w in windows:
+        lg = llama_cpp_logits(gguf_file, w.tolist())
+        nll.append(torch.nn.functional.cross_entropy(lg[:-1], w[1:]))
+        with torch.no_grad():
+            ref = model(w[None]).logits[0]
+        assert (lg.argmax(-1) == ref.argmax(-1)).float().mean() > 0.99
+    assert torch.stack(nll).mean().exp().item() == pytest.approx(ours, rel=1e-3)

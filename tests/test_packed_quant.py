@@ -362,6 +362,8 @@ def test_smollm2_packed_equals_simulated(smollm2):
             assert pl.prepare_packed(model) == {backend: 210}
             out = model(w, use_cache=False).logits
         nll = [nn.functional.cross_entropy(x[0, :-1], w[0, 1:]).item() for x in (ref, out)]
+        print(f"\nFIGS packed {method}: nll {nll[0]:.7f} vs {nll[1]:.7f} (diff {abs(nll[1] - nll[0]):.2e}), "
+              f"max |logit diff| {(out - ref).abs().max().item():.2e}")
         assert abs(nll[1] - nll[0]) < 1e-5 and (out - ref).abs().max().item() < 1e-3, (nll, method)
         del model
 

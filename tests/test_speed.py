@@ -298,6 +298,9 @@ def test_smollm2_fast_sensitivity_equals_straightforward_loop_on_a_few_layers(sm
     fast = sensitivity.sensitivity_ppl(model, picks, ids, ratios, scales, 0.5, CUR_KW, batch_size=1, fast=True)
     slow = sensitivity.sensitivity_ppl(model, picks, ids, ratios, scales, 0.5, CUR_KW, batch_size=1, fast=False)
     assert list(fast) == [i.name for i in picks] == list(slow)
+    print("\nFIGS fast vs slow sensitivity: max rel diff "
+          f"{max(abs(fast[n][r] / slow[n][r] - 1) for n in fast for r in fast[n]):.2e}, values "
+          + ", ".join(f"{fast[n][r]:.6f}" for n in fast for r in fast[n]))
     for name in fast:
         for r in fast[name]:
             assert fast[name][r] == pytest.approx(slow[name][r], rel=1e-5)

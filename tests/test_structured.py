@@ -258,6 +258,11 @@ def test_keeping_every_group_reproduces_the_dense_logits(tiny_llama_dir, tiny_te
     torch.testing.assert_close(_logits(model, ids), dense, rtol=1e-4, atol=1e-4)
 
 
+def test_table_keys_give_back_their_kept_counts():
+    for n in (3, 128, 1536, 11008):
+        assert all(structured._keep_of_key(float(structured._key(k, n)), n) == k for k in range(1, n + 1))
+
+
 def test_whole_kv_groups_round_and_say_so(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
     from modules.model_utils import find_linears
@@ -290,3 +295,34 @@ def test_unknown_block_layouts_fail_in_one_line(family, tmp_path, tiny_llama_dir
     err = [x for x in capsys.readouterr().err.strip().splitlines() if "it/s]" not in x]  # (progress bars aside)
     assert rc == 2 and len(err) == 1 and err[0].startswith("acur.py: error:")
     assert ("layers" in err[0]) if family == "gpt2" else ("knows LLaMA" in err[0])
+
+
+def test_compare_restores_the_dense_model_between_structured_cells(tiny_llama_dir, tiny_text_file, tmp_path):
+    """tools/compare.py runs structured cells on one loaded model: each starts from the dense model again."""
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "tools"))
+    import compare
+    flags = tiny_args(tiny_llama_dir, tiny_text_file, tmp_path, "--dtype", "float32", "--sensitivity_metric",
+                      "fisher_error")
+    _, specs, ratios, base = compare.parse_grid(["--methods", "structured,structured:structured_widths=uniform,srid",
+                                                 "--ratios", "0.7,0.5", "--"] + flags)
+    res = compare.run_grid(base, specs, ratios, dense=True)
+    cells = {(c["method"], c["target"]): c for c in res["cells"]}
+    assert all(c["reached"] <= c["target"] for c in res["cells"])
+    for spec, mode in (("structured", "per_layer"), ("srid", None)):  # the same as a run of its own
+        extra = ("--structured_widths", mode) if mode else ()
+        _, _, alone = _run(tiny_llama_dir, tiny_text_file, tmp_path, "--method", spec, "--param_ratio_target", "0.5",
+                           "--sensitivity_metric", "fisher_error", *extra)
+        assert cells[spec, 0.5]["ppl"] == pytest.approx(alone["ppl"]["compressed"], rel=1e-6)
+
+
+@pytest.mark.parametrize("flags", [{"sequential": False}, {"fisher": False, "shrink": False}, {"correct": True}])
+def test_ablations_of_structured_run(flags, tiny_llama_dir, tiny_text_file, tmp_path):
+    """compare.py's ablation flags (registry.variant): fitted on the dense statistics, unweighted picks, the
+    dense-output target."""
+    from modules import registry
+    name = registry.variant("structured", **flags).name
+    model, _, res = _run(tiny_llama_dir, tiny_text_file, tmp_path, "--method", name, "--param_ratio_target", "0.6")
+    assert res["param_ratio"]["reached"] <= 0.6 and all(math.isfinite(v) for v in res["ppl"]["compressed"].values())
+    assert res["structured"]["widths"]

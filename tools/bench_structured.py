@@ -39,11 +39,13 @@ def linear_params(cfg: dict, heads: int, kv_heads: int, intermediate: int) -> in
 
 def widths_at(cfg: dict, ratio: float, align: int = 64) -> tuple[int, int, int]:
     """(heads, kv_heads, intermediate) keeping about `ratio` of the linears' parameters, whole KV groups, the
-    same fraction of attention as of MLP where the head count allows, intermediate a multiple of `align`."""
+    same fraction of attention as of MLP where the head count allows (the nearest head count dividing
+    hidden_size: transformers refuses others), intermediate a multiple of `align`."""
     h, kv, inter = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
     group = h // kv
     dense = linear_params(cfg, h, kv, inter)
-    kv_keep = max(1, round(kv * ratio))
+    valid = [g for g in range(1, kv + 1) if cfg["hidden_size"] % (g * group) == 0]  # what a stock config accepts
+    kv_keep = min(valid, key=lambda g: (abs(g - kv * ratio), -g))
     heads = kv_keep * group
     rest = ratio * dense - linear_params(cfg, heads, kv_keep, 0)
     inter_keep = max(align, int(rest // (3 * cfg["hidden_size"])) // align * align)
