@@ -7,6 +7,7 @@
 #
 #   OUT=/some/dir bash experiments/structured_gpu.sh         # the grid, one compare.py run (~5 min on one H100)
 #   OUT=/some/dir bash experiments/structured_gpu.sh tests   # tests/test_structured.py on cpu and cuda first
+#   N_CALIB=2 CALIB_LEN=128 NAME=structured_gpu_2x128 OUT=... bash experiments/structured_gpu.sh   # little calibration
 #
 # Specs (JOBS processes share the GPU, default one per spec): structured per_layer / uniform (MLPs and
 # attentions), neurons per_layer / uniform (MLPs only, the CEO prototype's setting in its uniform form), srid
@@ -39,9 +40,9 @@ if [ "${1:-grid}" = tests ]; then
 fi
 
 BASE=(--model_id smollm2-135m --dtype bfloat16 --act_aware --alpha 0.5 --scaling_method abs_mean
-      --calib_dataset squad_wiki --n_calib_samples 16 --calib_seqlen 2048 --eval_ppl new_wiki --eval_seqlen 2048
+      --calib_dataset squad_wiki --n_calib_samples "${N_CALIB:-16}" --calib_seqlen "${CALIB_LEN:-2048}" --eval_ppl new_wiki --eval_seqlen 2048
       --sensitivity_metric fisher_error --use_cache --cache_dir "$OUT/cache" --output_dir "$OUT")
 METHODS="structured,structured:structured_widths=uniform,neurons,neurons:structured_widths=uniform,srid,wsvd"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # JOBS processes share the host's cores
-timeout "$LIMIT" $PY tools/compare.py --name structured_gpu --jobs "$JOBS" --ratios 0.9,0.8,0.7 --methods "$METHODS" \
+timeout "$LIMIT" $PY tools/compare.py --name "${NAME:-structured_gpu}" --jobs "$JOBS" --ratios 0.9,0.8,0.7 --methods "$METHODS" \
   -- "${BASE[@]}" 2>&1 | tee "$OUT/structured_gpu.log"
