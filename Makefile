@@ -24,7 +24,7 @@ demo: venv
 		--eval_ppl new_wiki --eval_seqlen 512 --eval_max_windows 8 --use_cache
 
 test: venv
-	$(PY) -m pytest -q --durations=12 tests
+	$(PY) -m pytest -q --durations=12 -m "not engines" tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not integration" tests
@@ -39,4 +39,4 @@ llama-cpp-wheel: venv
 
 engines: llama-cpp-wheel
 	$(PY) -m pip install -q $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
-	$(PY) -m pytest -q tests/test_export_structured.py -k llama_cpp
+	$(PY) -m pytest -q tests/test_export_structured.py -k "llama_cpp or smollm2"

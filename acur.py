@@ -158,8 +158,9 @@ def cache_key(args, fp: dict, kind: str, linears: list[LinearInfo]) -> dict:
     key = {**fp, "kind": kind, "code": code_digest(kind), "dataset": args.calib_dataset,
            "n": args.n_calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed, "bos": args.use_bos,
            "scaling": args.scaling_method if args.act_aware else "none"}
-    if args.calib_dataset not in datautils.GENERATED_DATASETS:  # the text itself, not its name: an edited
-        key["text"] = datautils.text_digest(datautils.get_text(args.calib_dataset, "train"))  # file is new
+    if args.calib_dataset in datautils.OFFLINE_DATASETS or args.calib_dataset.startswith("text:"):
+        # the local text itself, not its name: an edited file or a new carried text is a new key
+        key["text"] = datautils.text_digest(datautils.get_text(args.calib_dataset, "train"))
     if kind == "sensitivity":
         key.update(metric=args.sensitivity_metric, alpha=args.alpha if args.act_aware else None,
                    ratios=sensitivity_ratios(args), layers=[i.name for i in linears],

@@ -226,6 +226,7 @@ def test_structured_export_refuses_before_compute(tiny_llama_dir, tiny_opt_dir, 
 
 
 @pytest.mark.integration
+@pytest.mark.engines
 def test_smollm2_structured_uniform_in_stock_transformers_and_llama_cpp(tmp_path):
     """The real model: --method structured, uniform widths, ratio 0.8. Stock transformers (no remote code, fresh
     process) reproduces the in-process perplexity on held-out text; where llama-cpp-python is installed, the f32
