@@ -320,32 +320,42 @@ def test_selfgen_calibration_random_tiny_llama(tiny_llama_dir, tiny_text_file, t
 # ---------------------------------------------------------------- the real model
 @pytest.mark.integration
 def test_bigbench_mc_smollm2_dense_and_acur(smollm2, tmp_path):
-    """Offline MC accuracy through the MMLU code path (HFLM on the in-memory model), dense and ACUR 0.9, on the
-    first 100 PIQA questions the repo carries (two choices, chance 0.5): dense SmolLM2 must be above chance.
-    To stay inside the test budget the ACUR run compresses the MLP linears of the last ten blocks only (30 of
-    210 linears, stable_rank sensitivity) and scores 40 questions."""
+    """Offline MC accuracy through the MMLU code path (HFLM on the in-memory model): the carried PIQA
+    (2 choices, chance 0.5), its first 160 questions, dense and ACUR 0.9.
+
+    To stay inside the test budget (~1 min on 2 cores) the ACUR run compresses the MLP linears of the last
+    ten blocks only (30 of 210 linears, stable_rank sensitivity); the whole-model, all-question numbers come
+    from the acur.py commands in the closing note. 160 questions: dense is above chance by at least 3 of
+    lm-eval's stderr (3.6 measured: 102/160 = 0.6375, stderr 0.038; 98/160 would fail), and ACUR, scored
+    on the same questions, stays within 0.05 of it (measured 100/160 = 0.625, 2 questions below dense; the
+    bound allows 8). Measured identical, question by question, with the native AVX-512 kernels,
+    ATEN_CPU_CAPABILITY=avx2 and default, 1 and 2 threads (spread 0 questions); the closest dense question
+    is 0.13 nats from a tie, the closest ACUR one 0.059, against at most MAX_DLL nats between settings."""
     model, tok = smollm2
+    n = 160
+    chance = chance_accuracy(mc_docs("piqa", seed=233))
     t0 = time.perf_counter()
-    dense = evaluate_utils.evaluate_lm_tasks(model, tok, ["bigbench_mc"], batch_size=16, limit=100,
+    dense = evaluate_utils.evaluate_lm_tasks(model, tok, ["bigbench_mc"], limit=n, batch_size=16,
                                              metadata=evaluate_utils.lm_task_metadata("piqa", 233))
     t_dense = time.perf_counter() - t0
-    acc_dense = dense["acc"]["bigbench_mc"]
-    assert dense["n_samples"] == {"bigbench_mc": 100}
-    assert acc_dense > 0.5, acc_dense  # above chance
+    acc_dense, se_dense = dense["acc"]["bigbench_mc"], dense["metrics"]["bigbench_mc"]["acc_stderr"]
+    assert dense["n_samples"] == {"bigbench_mc": n} and chance == 0.5
 
     t0 = time.perf_counter()
     res = run_acur(["--model_id", "smollm2-135m", "--act_aware", "--param_ratio_target", "0.9",
                     "--layer_filter", r"layers\.2\d\.mlp", "--calib_dataset", "squad_wiki",
                     "--n_calib_samples", "2", "--calib_seqlen", "128", "--sensitivity_metric", "stable_rank",
-                    "--eval_ppl", "none", "--mc_task", "piqa", "--eval_limit", "40",
+                    "--eval_ppl", "none", "--mc_task", "piqa", "--eval_limit", str(n),
                     "--eval_batch_size", "16", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"),
                     "--run_name", "smollm2_r0.9"])
     t_acur = time.perf_counter() - t0
     acc_acur = res["lm_eval"]["bigbench_mc"]
-    print(f"\npiqa acc: dense {acc_dense:.4f} on 100 ({t_dense:.0f} s), ACUR 0.9 of the last ten MLPs {acc_acur:.4f} "
-          f"on 40 (reached {res['param_ratio']['reached']:.4f}; eval_lm {res['timings']['eval_lm']:.0f} s, whole run "
-          f"{t_acur:.0f} s); chance 0.5")
+    print(f"\nFIGS piqa acc on {n} questions: dense {acc_dense:.4f} (stderr {se_dense:.4f}, "
+          f"{(acc_dense - chance) / se_dense:.2f} stderr above chance; {t_dense:.0f} s), ACUR 0.9 of the last ten "
+          f"MLPs {acc_acur:.4f} (reached {res['param_ratio']['reached']:.4f}; eval_lm "
+          f"{res['timings']['eval_lm']:.0f} s, whole run {t_acur:.0f} s); chance {chance:.4f}")
+    assert acc_dense >= chance + 3 * se_dense, (acc_dense, se_dense)  # measured 0.6375, 3.6 stderr
     assert len(res["layers"]) == 30 and res["param_ratio"]["reached"] <= 0.9
-    assert res["lm_eval_info"]["n_samples"] == {"bigbench_mc": 40} and res["timings"]["eval_lm"] > 0
+    assert res["lm_eval_info"]["n_samples"] == {"bigbench_mc": n} and res["timings"]["eval_lm"] > 0
     assert res["lm_eval_info"]["mc_task"] == "piqa"
-    assert 0 <= acc_acur <= acc_dense + 0.1
+    assert abs(acc_acur - acc_dense) <= 0.05, (acc_acur, acc_dense)  # measured 0.625 vs 0.6375
