@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_mmlu", action="store_true",
                    help="MMLU: the 57 subjects, 0-shot; results lm_eval.mmlu_mean = unweighted subject mean (ASVD)")
     g.add_argument("--eval_tasks", default="",
-                   help="comma list of lm-eval tasks/groups (arc_easy,hellaswag,...); offline: bigbench_mc")
+                   help="comma list of lm-eval tasks/groups; offline: cur4llm_zeroshot (the carried 6-task suite, "
+                        "recommended --eval_limit 200), bigbench_mc; with the hub: paper_zeroshot, arc_easy, ...")
     g.add_argument("--eval_limit", type=float, default=None,
                    help="cap on examples per task (a fraction if < 1); for quick checks, not for reported numbers")
     g.add_argument("--mc_task", default=None,

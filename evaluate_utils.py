@@ -80,10 +80,12 @@ def evaluate_perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 2048,
 # what is scored is exactly what acur.py built (no save/reload round trip). ASVD4LLM reported MMLU as the
 # unweighted mean of the 57 hendrycksTest subject accuracies, 0-shot; lm-eval 0.4's "mmlu" group weights
 # subjects by size, so both are kept: `<group>_mean` (ASVD's number) and the group's own acc in the info.
-LM_TASK_DIR = Path(__file__).resolve().parent / "tools" / "bigbench_mc"  # offline task `bigbench_mc`
+ROOT_DIR = Path(__file__).resolve().parent
+LM_TASK_DIR = ROOT_DIR / "tools" / "lm_tasks"  # offline tasks: bigbench_mc, cur4llm_zeroshot
 MMLU_GROUP = "mmlu"
 MMLU_N_SUBJECTS = 57
 _TASK_MANAGERS: dict[str, object] = {}
+_LOCAL_NAMES: dict[str, set[str]] = {}  # per local TaskManager: the names it can build alone
 
 
 def lm_task_metadata(mc_task: str | None = None, seed: int | None = None) -> dict:
@@ -96,33 +98,63 @@ def lm_task_metadata(mc_task: str | None = None, seed: int | None = None) -> dic
     return meta
 
 
+def _local_names(tm) -> set[str]:
+    """Names a local-only TaskManager can build: its tasks, and its groups whose members (recursively) are
+    local too (paper_zeroshot lives in tools/lm_tasks but names lm-eval's hub tasks)."""
+    from lm_eval.tasks._index import Kind
+    index, memo = tm.task_index, {}
+
+    def local(name: str, seen: frozenset = frozenset()) -> bool:
+        if name not in memo:
+            entry = index.get(name)
+            if entry is None or name in seen:
+                memo[name] = False
+            elif entry.kind == Kind.GROUP:
+                members = (entry.cfg or {}).get("task") or []
+                memo[name] = all(isinstance(m, str) and local(m, seen | {name}) for m in members)
+            else:
+                memo[name] = True
+        return memo[name]
+    return {n for n in index if local(n)}
+
+
 def lm_task_manager(metadata: dict | None = None, tasks: list[str] | None = None):
-    """lm-eval TaskManager over tools/bigbench_mc plus, unless every task is local, lm-eval's built-in
-    tasks. Built once per (metadata, scope): indexing lm-eval's ~15k task YAMLs takes 10-60 s on a CPU box."""
+    """lm-eval TaskManager over tools/lm_tasks plus, unless every task is local, lm-eval's built-in tasks.
+    Built once per (metadata, scope): indexing lm-eval's ~15k task YAMLs takes 10-60 s on a CPU box, and the
+    offline tasks (bigbench_mc, the cur4llm_zeroshot suite) never need it."""
     from lm_eval.tasks import TaskManager
     local_key = json.dumps([metadata or {}, "local"], sort_keys=True)
     if local_key not in _TASK_MANAGERS:
         _TASK_MANAGERS[local_key] = TaskManager(include_path=str(LM_TASK_DIR), include_defaults=False,
                                                 metadata=metadata or None)
+        _LOCAL_NAMES[local_key] = _local_names(_TASK_MANAGERS[local_key])
     local = _TASK_MANAGERS[local_key]
-    if tasks is not None and set(tasks) <= set(local.all_tasks):
+    if tasks is not None and set(tasks) <= _LOCAL_NAMES[local_key]:
         return local
     if tasks is not None and not set(tasks) & set(local.all_tasks):
-        metadata = None  # only the local task reads metadata: share one index (e.g. with check_lm_tasks)
+        metadata = None  # only the local tasks read metadata: share one index (e.g. with check_lm_tasks)
     key = json.dumps([metadata or {}, "all"], sort_keys=True)
     if key not in _TASK_MANAGERS:
         _TASK_MANAGERS[key] = TaskManager(include_path=str(LM_TASK_DIR), metadata=metadata or None)
     return _TASK_MANAGERS[key]
 
 
+def unknown_tasks_message(unknown: list[str]) -> str:
+    """One line: what is unknown, what runs offline, how to list lm-eval's own tasks."""
+    from offline_resources import ZEROSHOT_GROUP, ZEROSHOT_TASKS
+    return (f"unknown lm-eval task(s): {', '.join(unknown)}; offline, the repo carries the suite "
+            f"'{ZEROSHOT_GROUP}' ({', '.join(ZEROSHOT_TASKS)}) and 'bigbench_mc' (--mc_task); with the "
+            f"hub: 'paper_zeroshot' or any task of `lm-eval ls tasks --include_path {LM_TASK_DIR.relative_to(ROOT_DIR)}`")
+
+
 def check_lm_tasks(tasks: list[str], metadata: dict | None = None) -> None:
-    """Raise ValueError naming every task/group lm-eval does not know (cheap next to evaluating).
-    Names do not depend on metadata: one index serves every check."""
+    """Raise ValueError (one line) naming every task/group lm-eval does not know, the offline suite and how
+    to list lm-eval's tasks (cheap next to evaluating). Names do not depend on metadata: one index serves
+    every check."""
     known = set(lm_task_manager(None, tasks).all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm_eval ls tasks`; the offline "
-                         f"multiple-choice task is 'bigbench_mc', over the tasks data/mc carries: --mc_task)")
+        raise ValueError(unknown_tasks_message(unknown))
 
 
 def leaf_tasks(name: str, group_subtasks: dict[str, list[str]]) -> list[str]:
@@ -186,7 +218,7 @@ def evaluate_lm_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: floa
     tm = lm_task_manager(metadata, list(tasks))
     unknown = [t for t in tasks if t not in set(tm.all_tasks)]
     if unknown:
-        raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+        raise ValueError(unknown_tasks_message(unknown))
     was_training = model.training
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

@@ -28,6 +28,7 @@ DATA_DIR = ROOT / "data"
 TEXTS_DIR = DATA_DIR / "texts"
 MC_DIR = DATA_DIR / "mc"
 CHECKSUMS = DATA_DIR / "SHA256SUMS"
+CARRIED_SUFFIXES = (".txt", ".json", ".jsonl")  # every carried file of these kinds has its line in CHECKSUMS
 
 OFFLINE_TEXTS = {
     "squad_wiki": "48 Wikipedia articles (calibration text)",
@@ -139,6 +140,66 @@ def mc_docs(task: str, seed: int, path: str | Path | None = None) -> list[dict]:
 def chance_accuracy(docs: list[dict]) -> float:
     """Expected accuracy of a uniform random pick: mean of |gold| / |choices|."""
     return sum(len(d["gold"]) / len(d["choices"]) for d in docs) / len(docs)
+
+
+# ---------------------------------------------------------------- the offline zero-shot suite
+# lm-eval tasks over carried files, in the papers' prompt style (tools/lm_tasks/cur4llm_*.yaml), grouped as
+# ZEROSHOT_GROUP. Each file holds one doc a line in the fields its task's YAML reads (data/README.md says
+# where each comes from); PIQA is read from the BIG-bench-layout file bigbench_mc reads too.
+ZEROSHOT_GROUP = "cur4llm_zeroshot"
+ZEROSHOT_LIMIT = 200  # the --eval_limit README_CUR4LLM recommends: every task 3 stderr above chance, minutes on a CPU
+ZEROSHOT_TASKS = {  # task -> (carried file, what it measures); the group's members, in its order
+    "cur4llm_piqa": ("mc/piqa.json", "physical commonsense (PIQA)"),
+    "cur4llm_hellaswag": ("mc/hellaswag.jsonl", "commonsense sentence completion (HellaSwag)"),
+    "cur4llm_arc_easy": ("mc/arc_easy.jsonl", "grade-school science knowledge (ARC-Easy)"),
+    "cur4llm_squadshifts": ("mc/squadshifts.jsonl", "reading comprehension (SQuADShifts new_wiki questions)"),
+    "cur4llm_wsc273": ("mc/wsc273.jsonl", "coreference (the 273 Winograd schemas)"),
+    "cur4llm_lambada_mc": ("mc/lambada_mc.jsonl", "broad-context word prediction (LAMBADA, proxy)"),
+}
+# carried, runnable one by one, left out of the group: dense SmolLM2-135M is at or below chance on them, or
+# (COPA, 100 items) cannot be 3 standard errors above it (README_CUR4LLM, "Offline zero-shot suite")
+EXTRA_OFFLINE_TASKS = {
+    "cur4llm_arc_challenge": ("mc/arc_challenge.jsonl", "grade-school science, hard (ARC-Challenge)"),
+    "cur4llm_boolq": ("mc/boolq.jsonl", "reading comprehension, yes/no (BoolQ)"),
+    "cur4llm_copa": ("mc/copa.jsonl", "causal reasoning (COPA)"),
+    "cur4llm_winogrande": ("mc/winogrande.jsonl", "coreference, adversarial (WinoGrande)"),
+}
+
+
+def carried_jsonl(rel: str) -> list[dict]:
+    """The documents of a carried JSON-lines file (one JSON object a line), checked against SHA256SUMS."""
+    text = carried_file(rel).decode("utf-8")
+    return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+
+
+def zeroshot_docs(task: str) -> list[dict]:
+    """The docs of an offline suite task, as its lm-eval YAML reads them, in the carried order."""
+    known = {**ZEROSHOT_TASKS, **EXTRA_OFFLINE_TASKS}
+    if task not in known:
+        raise ValueError(f"no offline zero-shot task {task!r}; the repo carries: {', '.join(known)}")
+    rel = known[task][0]
+    if rel.endswith(".jsonl"):
+        return carried_jsonl(rel)
+    docs = []  # PIQA in BIG-bench's layout: target_scores in the source's order (sol1, sol2), gold scored 1
+    for ex in json.loads(carried_file(rel))["examples"]:
+        sols = list(ex["target_scores"])
+        docs.append({"goal": ex["input"], "sol1": sols[0], "sol2": sols[1],
+                     "label": [ex["target_scores"][s] for s in sols].index(1)})
+    return docs
+
+
+def n_choices(doc: dict) -> int:
+    """How many answers an offline suite doc offers."""
+    for key in ("choices", "context_options"):
+        if key in doc:
+            return len(doc[key])
+    return 2  # piqa (sol1, sol2), copa (choice1, choice2), boolq (no, yes)
+
+
+def zeroshot_chance(task: str, limit: int | None = None) -> float:
+    """Expected accuracy of a uniform random pick on the first `limit` docs of a suite task."""
+    docs = zeroshot_docs(task)[:limit]
+    return sum(1 / n_choices(d) for d in docs) / len(docs)
 
 
 # ---------------------------------------------------------------- the offline model: a wheel from PyPI

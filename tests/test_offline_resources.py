@@ -29,7 +29,8 @@ def data_copy(tmp_path, monkeypatch) -> Path:
 
 def test_every_carried_file_has_its_checksum():
     files = sorted(str(p.relative_to(off.DATA_DIR)) for p in off.DATA_DIR.rglob("*")
-                   if p.is_file() and p.suffix in (".txt", ".json"))
+                   if p.is_file() and p.suffix in off.CARRIED_SUFFIXES)
+    assert {".txt", ".json", ".jsonl"} <= {Path(f).suffix for f in files}
     pinned = off._pinned_digests()
     assert files == sorted(pinned)
     for rel in files:
