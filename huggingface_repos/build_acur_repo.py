@@ -49,6 +49,7 @@ from modules import fast_layers, kv_cache, packed_linear  # noqa: E402
 from modules.model_utils import check_architecture, find_linears  # noqa: E402
 from modules import registry  # noqa: E402
 from modules.runtime_text import runtime_source  # noqa: E402
+from tools.compare_table import run_row_markdown  # noqa: E402
 
 import export_gguf  # noqa: E402
 import export_structured  # noqa: E402
@@ -603,6 +604,9 @@ def model_card(args, results: dict, sizes: dict, repo_dir: Path, family: str, ve
             lines.append(f"| {ds} | " + " | ".join(f"{v[ds]:.3f}" if ds in v else "" for v in ppl.values()) + " |")
     else:
         lines.append("Not measured (run with --eval_ppl).")
+    row = run_row_markdown(results)  # the row of tools/compare.py's table (accuracy with --eval_tasks)
+    if row:
+        lines += ["", "## Results row (the layout of tools/compare.py's table)", ""] + row
     lines += ["", "## Settings", "", "```json", json.dumps(card_settings(a), indent=1), "```", ""]
     if verify:
         lines += [f"Round trip checked at export: reloaded in a fresh process in {verify['load_s']:.2f} s, "

@@ -160,6 +160,10 @@ def model_card(results: dict, info: dict, repo_dir: Path) -> str:
               "", "## Perplexity (measured by acur.py on this model)", ""]
     for label, ppl in results.get("ppl", {}).items():
         lines.append(f"- {label}: " + ", ".join(f"{ds} {v:.3f}" for ds, v in ppl.items()))
+    from tools.compare_table import run_row_markdown  # the row of tools/compare.py's table (accuracy too)
+    row = run_row_markdown(results)
+    if row:
+        lines += ["", "## Results row (the layout of tools/compare.py's table)", ""] + row
     lines += ["", "Full results of the run: `acur_results.json`. Licence: that of the base model.", ""]
     return "\n".join(lines)
 
