@@ -31,7 +31,8 @@ import quantization
 import selfgen_utils
 import sensitivity as sens
 import structured
-from act_aware_utils import calib_scales, finite_fisher, input_covariances, output_fisher, sequential_calibration
+from act_aware_utils import (calib_scales, calibrate_block, finite_fisher, input_covariances, output_fisher,
+                             sequential_calibration)
 from acur_args import (build_parser, check_ppl_target, check_rank_align, cur_settings, lm_eval_tasks, lm_task_metadata,
                        method_settings, needs_covariance, needs_fisher, parse_kv_fractions, sensitivity_ratios,
                        validate_args)
@@ -94,18 +95,24 @@ def layer_scale(scales: dict | None, name: str):
 
 def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: dict | None,
                    args, desc: str | None = "CUR replacement", covs: dict | None = None,
-                   stats: dict[str, LayerStats] | None = None, sequential: tuple | None = None) -> dict[str, dict]:
+                   stats: dict[str, LayerStats] | None = None, sequential: tuple | None = None,
+                   generator: torch.Generator | None = None, block_stream: tuple | None = None) -> dict[str, dict]:
     """Replace every linear whose ratio is below 1 by its low-rank module (--method; CURLinear for acur).
     covs: input covariances, for the data-aware methods; stats: everything calibration measured per
     layer (layer_stats). sequential = (model, calib_ids): methods the registry marks sequential are
-    fitted block by block on the compressed model's own inputs. Returns a per-layer report."""
+    fitted block by block on the compressed model's own inputs. Returns a per-layer report.
+
+    The streamed pipeline calls it once per block: `linears` = that block's, block_stream = (block,
+    compressed stream, dense stream or None, the block's kwargs per batch) for the sequential methods
+    (act_aware_utils.calibrate_block), and one `generator` carried across the blocks (the seeded picks
+    of --selection sample then draw what the whole-model call draws)."""
     if not registry.get(args.method).per_linear:  # whole neurons and heads: the block walk of structured.py
         return structured.compress(sequential[0], linears, ratios, stats or {}, sequential[1], args, desc=desc)
     if getattr(args, "compress_kv_cache", False):  # ratios are rank fractions of the K/V width
         return kv_compress.compress_kv_linears(linears, ratios, scales, args.alpha, cur_settings(args), args.seed,
                                                desc=desc and desc + " (KV)")
     report = {}
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(args.seed)
 
     def fit(info: LinearInfo, st: LayerStats | None) -> None:
         m, n = info.module.weight.shape
@@ -124,15 +131,19 @@ def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: 
         report[info.name] = row
 
     try:
-        if sequential is not None and registry.get(args.method).sequential:
+        if (sequential is not None or block_stream is not None) and registry.get(args.method).sequential:
             def fit_group(group: list[LinearInfo], measured: dict) -> None:
                 for info in group:
                     base = (stats or {}).get(info.name) or LayerStats()
                     m = measured[info.name]
                     fit(info, dataclasses.replace(base, cov=m["cov"], cross=m["cross"], n_tokens=m["n_tokens"]))
-            model, calib_ids = sequential
-            sequential_calibration(model, linears, calib_ids, args.calib_batch_size, fit_group,
-                                   desc=desc or "sequential calibration", cross=registry.get(args.method).correct)
+            if block_stream is not None:
+                block, h_c, h_d, block_kwargs = block_stream
+                calibrate_block(block, linears, h_c, h_d, block_kwargs, fit_group)
+            else:
+                model, calib_ids = sequential
+                sequential_calibration(model, linears, calib_ids, args.calib_batch_size, fit_group,
+                                       desc=desc or "sequential calibration", cross=registry.get(args.method).correct)
             return {i.name: report[i.name] for i in linears}  # execution order
         for info in tqdm(linears, desc=desc, disable=desc is None):
             fit(info, (stats or {}).get(info.name))
