@@ -470,20 +470,10 @@ def stream_plan(args) -> dict:
             "dense_stream": spec.correct if spec.sequential else spec.needs_covariance(args.u_mode)}
 
 
-def run_streamed(args, results: dict, timed: Callable) -> tuple[None, object, dict]:
-    """run_pipeline for a model walked block by block (streamed.py): the same stages and results, the per-block
-    ones in the run folder (resumed when it holds this run's blocks). Returns (None, tokenizer, results): the
-    compressed model is the folder's blocks (streamed.assemble puts a small one together)."""
-    validate_stream_args(args)
-    sm, tokenizer, fp = timed("load_model", model_loading.open_streamed, args, datautils.check_user_texts)
-    results["model"] = {**fp, "class": type(sm.model).__name__, "streamed": True,
-                        "params_total": sum(p.numel() for p in sm.model.parameters())}
-    linears = select_linears(sm.model, args)  # the skeleton's: names, shapes, blocks
-    check_rank_align(linears, args)
-    names = [i.name for i in linears]
-    calib_ids = timed("calib_data", datautils.get_calib_data, args.calib_dataset, tokenizer, args.n_calib_samples,
-                      args.calib_seqlen, args.seed, args.use_bos, warnings=results["warnings"])
-    folder = streamed.RunFolder(stream_dir(args), stream_key(args, fp), STREAM_KEY_LABELS)
+def open_stream_folder(sm, args, key: dict, path: Path) -> tuple[streamed.RunFolder, dict]:
+    """(run folder, disk figures): the folder opened (refused when it holds another run), the disk a run will
+    need printed before it starts, refused when the folder's file system has less free."""
+    folder = streamed.RunFolder(path, key, STREAM_KEY_LABELS)
     plan = stream_plan(args)
     disk = streamed.disk_needed(sm, args.n_calib_samples, args.calib_seqlen, plan["store_inputs"],
                                 int(plan["compressed_stream"]) + int(plan["dense_stream"]), args.param_ratio_target)
@@ -494,44 +484,74 @@ def run_streamed(args, results: dict, timed: Callable) -> tuple[None, object, di
     if disk["need"] > free:
         raise UsageError(f"--stream needs up to {disk['need'] / 2**30:.1f} GiB in {folder.path}, only "
                          f"{free / 2**30:.1f} GiB free there; choose another --stream_dir")
-    n, n_eval = sm.n_blocks, len(eval_datasets(args))
-    passes = int(plan["statistics"]) + int(plan["reverse"]) + 1 + n_eval * (1 + int(args.eval_dense))
-    progress = streamed.StreamProgress(passes * n, n)
-    results["stream"] = {"dir": str(folder.path), "resumed": folder.resumed, "disk_bytes": disk}
+    return folder, disk
+
+
+def stream_passes(args, n_eval: int) -> int:
+    """Passes over the blocks a streamed run makes (the progress bar's total is this times the blocks)."""
+    plan = stream_plan(args)
+    return int(plan["statistics"]) + int(plan["reverse"]) + 1 + n_eval
+
+
+def stream_compress(sm, linears: list[LinearInfo], calib_ids: torch.Tensor, args, folder: streamed.RunFolder,
+                    progress: streamed.StreamProgress, results: dict, timed: Callable) -> dict[str, dict]:
+    """The compression stages of a streamed run (statistics, reverse, search, compress), their results
+    recorded in `results` as run_pipeline records them; returns the per-layer report."""
+    plan = stream_plan(args)
+    names = [i.name for i in linears]
     n_tokens = calib_ids.numel()
+    abs_stats, table = {}, {}
+    if plan["statistics"]:
+        abs_stats, table = timed("statistics", streamed.statistics_pass, sm, names, calib_ids,
+                                 args.calib_batch_size, folder, progress, args.act_aware, plan["store_inputs"],
+                                 stream_rows(args, None, n_tokens) if plan["weight_rows"] else None)
+    scales = scales_of(abs_stats, args.scaling_method) if args.act_aware else None
+    fisher = None
+    if plan["reverse"]:
+        fisher, rows_b = timed("reverse", streamed.reverse_pass, sm, names, calib_ids, args.calib_batch_size,
+                               folder, progress, plan["covariances"],
+                               stream_rows(args, scales, n_tokens) if plan["covariances"] else None)
+        table = table or rows_b
+        fisher, uniform = finite_fisher(fisher)
+        if uniform:
+            add_warning(results, f"output fisher not finite in {len(uniform)} layer(s), weighted uniformly: "
+                                 f"{', '.join(uniform)}")
+    table = {name: table[name] for name in names}  # the in-memory table's order (the allocation reads it)
+    stats = layer_stats(linears, scales, None, fisher, n_tokens)
+    ratios, _ = timed("search", stage_search, sm.model, linears, calib_ids, scales, table, args)
+    gen = torch.Generator().manual_seed(args.seed)
+    fit = functools.partial(stream_fit_block, ratios=ratios, scales=scales, stats=stats, args=args)
+    report = timed("compress", streamed.compress_pass, sm, names, calib_ids, args.calib_batch_size, folder,
+                   progress, fit, plan["compressed_stream"], plan["dense_stream"], gen)
+    results["method"] = args.method
+    results["sensitivity"] = {"from_cache": 0, "computed": len(table), "stream_dir": str(folder.path), "table": table}
+    results["layers"] = report
+    results["param_ratio"] = {"target": args.param_ratio_target, **summarize_params(report)}
+    results["fallbacks"] = {k: v["fallback"] for k, v in report.items() if v["fallback"]}
+    return report
+
+
+def run_streamed(args, results: dict, timed: Callable) -> tuple[None, object, dict]:
+    """run_pipeline for a model walked block by block (streamed.py): the same stages and results, the per-block
+    ones in the run folder (resumed when it holds this run's blocks). Returns (None, tokenizer, results): the
+    compressed model is the folder's blocks (streamed.assemble puts a small one together)."""
+    validate_stream_args(args)
+    sm, tokenizer, fp = timed("load_model", model_loading.open_streamed, args, datautils.check_user_texts)
+    results["model"] = {**fp, "class": type(sm.model).__name__, "streamed": True,
+                        "params_total": sum(p.numel() for p in sm.model.parameters())}
+    linears = select_linears(sm.model, args)  # the skeleton's: names, shapes, blocks
+    check_rank_align(linears, args)
+    calib_ids = timed("calib_data", datautils.get_calib_data, args.calib_dataset, tokenizer, args.n_calib_samples,
+                      args.calib_seqlen, args.seed, args.use_bos, warnings=results["warnings"])
+    folder, disk = open_stream_folder(sm, args, stream_key(args, fp), stream_dir(args))
+    n_eval = len(eval_datasets(args)) * (1 + int(args.eval_dense))
+    progress = streamed.StreamProgress(stream_passes(args, n_eval) * sm.n_blocks, sm.n_blocks)
+    results["stream"] = {"dir": str(folder.path), "resumed": folder.resumed, "disk_bytes": disk}
     try:
         if args.eval_dense:
             results.setdefault("ppl", {})["dense"] = timed("eval_dense", stream_eval, sm, tokenizer, args, progress,
                                                            sm.block, "dense")
-        abs_stats, table = {}, {}
-        if plan["statistics"]:
-            abs_stats, table = timed("statistics", streamed.statistics_pass, sm, names, calib_ids,
-                                     args.calib_batch_size, folder, progress, args.act_aware, plan["store_inputs"],
-                                     stream_rows(args, None, n_tokens) if plan["weight_rows"] else None)
-        scales = scales_of(abs_stats, args.scaling_method) if args.act_aware else None
-        fisher = None
-        if plan["reverse"]:
-            fisher, rows_b = timed("reverse", streamed.reverse_pass, sm, names, calib_ids, args.calib_batch_size,
-                                   folder, progress, plan["covariances"],
-                                   stream_rows(args, scales, n_tokens) if plan["covariances"] else None)
-            table = table or rows_b
-            fisher, uniform = finite_fisher(fisher)
-            if uniform:
-                add_warning(results, f"output fisher not finite in {len(uniform)} layer(s), weighted uniformly: "
-                                     f"{', '.join(uniform)}")
-        table = {name: table[name] for name in names}  # the in-memory table's order (the allocation reads it)
-        stats = layer_stats(linears, scales, None, fisher, n_tokens)
-        ratios, _ = timed("search", stage_search, sm.model, linears, calib_ids, scales, table, args)
-        gen = torch.Generator().manual_seed(args.seed)
-        fit = functools.partial(stream_fit_block, ratios=ratios, scales=scales, stats=stats, args=args)
-        report = timed("compress", streamed.compress_pass, sm, names, calib_ids, args.calib_batch_size, folder,
-                       progress, fit, plan["compressed_stream"], plan["dense_stream"], gen)
-        results["method"] = args.method
-        results["sensitivity"] = {"from_cache": 0, "computed": len(table), "stream_dir": str(folder.path),
-                                  "table": table}
-        results["layers"] = report
-        results["param_ratio"] = {"target": args.param_ratio_target, **summarize_params(report)}
-        results["fallbacks"] = {k: v["fallback"] for k, v in report.items() if v["fallback"]}
+        report = stream_compress(sm, linears, calib_ids, args, folder, progress, results, timed)
         flag = nothing_compressed(report, [], args)
         if flag:
             results["nothing_compressed"] = flag
