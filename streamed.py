@@ -158,6 +158,10 @@ class StreamProgress:
         self.bar.set_description(f"stream {stage}")
         self._t = time.perf_counter()
 
+    def ready(self) -> None:
+        """The stage's fixed work (capture, head) is done: block times count from here."""
+        self._t = time.perf_counter()
+
     def skip(self, n: int) -> None:
         """Blocks a resumed run finds done."""
         self.bar.update(n)
@@ -205,6 +209,7 @@ def statistics_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor
             folder.save("inputs", 0, _stack(hidden))
         else:
             hidden = _unstack(folder.load("inputs", start, sm.device))
+        progress.ready()
         for b in range(start, n):
             block = sm.block(b)
             infos = sm.block_linears(block, b, wanted)
@@ -263,6 +268,7 @@ def reverse_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, b
             folder.drop("inputs", n)
         grads = _unstack(folder.load("grads", top + 1, sm.device))
         tokens = calib_ids.numel()
+        progress.ready()
         for b in todo:
             block = sm.block(b)
             infos = sm.block_linears(block, b, wanted)
@@ -326,6 +332,7 @@ def compress_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, 
             h_c = hidden if compressed_stream else None
             if dense_stream and not compressed_stream:
                 h_d = hidden
+        progress.ready()
         for b in range(start, n):
             block = sm.block(b)
             infos = sm.block_linears(block, b, wanted)
@@ -397,6 +404,7 @@ def perplexity(sm: StreamedModel, windows_ids: torch.Tensor, batch_size: int, bl
     progress.start(stage)
     batches = batches_of(windows_ids, batch_size)
     hidden, kwargs = sm.capture(batches)
+    progress.ready()
     for b in range(sm.n_blocks):
         block = blocks(b)
         for j in range(len(hidden)):

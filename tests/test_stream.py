@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 import acur
 import model_loading
 import streamed
-from conftest import tiny_args
+from conftest import ROOT, tiny_args
 
 SHARD = "40KB"  # a tiny block holds ~180 KB of fp32 weights: every block spans several shards
 
@@ -245,3 +246,37 @@ def test_auto_streams_with_a_printed_line_when_the_model_does_not_fit(sharded, t
     monkeypatch.setattr(model_loading, "free_memory", lambda device: 2**40)
     _, _, res = acur.run_pipeline(parse(sharded["llama"], tiny_text_file, tmp_path / "b", *settings("srid")))
     assert not res["model"].get("streamed")
+
+
+# ---------------------------------------------------------------- the bench (run on a GPU later; a CPU smoke test here)
+def test_stream_bench_smoke_on_cpu_matches_the_in_memory_run(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_pipeline
+    out = tmp_path / "bench.json"
+    assert bench_pipeline.main(["--stream", "--shape", "tiny-llama", "--device", "cpu", "--blocks", "2", "--method",
+                                "srid", "--sensitivity_metric", "fisher_error", "--n_calib_samples", "4", "--seqlen",
+                                "32", "--eval_windows", "2", "--in_memory_too", "--stream_dir", str(tmp_path / "runs"),
+                                "--json_out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["blocks_measured"] == 2 and rep["blocks_full"] == 3
+    for name in ("statistics", "reverse", "compress", "eval"):
+        assert rep["per_stage"][name]["blocks_measured"] == 2 and rep["per_stage"][name]["per_block_s"] > 0
+    assert rep["whole_model_extrapolated"]["label"].startswith("EXTRAPOLATED from 2 measured blocks to 3")
+    assert rep["in_memory"]["ranks_equal"] and rep["in_memory"]["eval_ppl_random"] == pytest.approx(rep["eval_ppl_random"])
+    assert rep["peak_host_rss_gib"] > 0 and list((tmp_path / "runs").iterdir()) == []  # the run folder is removed
+    assert "EXTRAPOLATED" in capsys.readouterr().out
+
+
+def test_bench_70b_shapes_are_the_published_ones():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_pipeline
+    for shape, vocab in (("llama-2-70b", 32000), ("llama-3-70b", 128256)):
+        cfg = bench_pipeline.shape_config(shape, 1)
+        assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size) == (1, 8192, 8, vocab)
+        assert bench_pipeline.shape_config(shape).num_hidden_layers == 80
+    assert bench_pipeline.shape_config("llama-3-70b").rope_parameters["rope_theta"] == 500000.0
+    # one block of the 70B shape: 0.86 B parameters (1.6 GiB in bf16), made on the fly, never all at once
+    one = model_loading.model_bytes(bench_pipeline.shape_config("llama-2-70b", 1), torch.bfloat16)
+    emb = 2 * 32000 * 8192 * 2  # embeddings and the untied lm_head, bf16
+    block = 2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192  # q, o; k, v (GQA); MLP; two norms
+    assert (one - emb) / 2 == block + 8192  # and the final norm
