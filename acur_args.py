@@ -302,6 +302,9 @@ def stream_refusals(args: argparse.Namespace) -> list[tuple[str, bool, str]]:
         (f"--method {args.method}", structured_method, "structured widths are not streamed yet"),
         ("--scaling_method " + args.scaling_method, args.act_aware and args.scaling_method in ("fisher", "fisher_abs_mean"),
          "weight-gradient scales are not streamed; use abs_mean or abs_max"),
+        ("--selection sample", args.selection == "sample",
+         "the sensitivity's sampled picks draw from one random stream in layer order, which a reverse pass cannot "
+         "replay; use topk or deim"),
         ("--device_map auto", getattr(args, "device_map", "none") == "auto", "streaming already places one block at a time"),
         ("torchrun", int(os.environ.get("WORLD_SIZE", "1")) > 1, "one process walks the blocks"),
         ("lm-eval tasks", bool(lm_eval_tasks(args)), "they need the whole model in memory"),
@@ -314,7 +317,7 @@ def validate_stream_args(args: argparse.Namespace, why: str = "") -> None:
     the first option a streamed run cannot honour."""
     for flag, bad, reason in stream_refusals(args):
         if bad:
-            lead = f"the model does not fit in memory ({why}) and " if why else ""
+            lead = f"the model does not fit in memory ({why}; --stream off loads it anyway) and " if why else ""
             raise UsageError(f"{lead}{flag} is not supported with --stream ({reason})")
 
 
