@@ -95,10 +95,12 @@ def test_streamed_model_block_by_block_gives_from_pretrained_logits(family, shar
 
 
 # ---------------------------------------------------------------- streamed == in memory
-@pytest.mark.parametrize("family,method", [("llama", "srid"), ("opt", "srid"), ("qwen2", "srid"),
-                                           ("llama", "wsvd"), ("qwen2", "wsvd"), ("llama", "acur"), ("opt", "acur")])
-def test_streamed_run_equals_in_memory_run(family, method, sharded, tiny_text_file, tmp_path):
-    extra = settings(method, "--eval_dense")
+@pytest.mark.parametrize("family,method,dtype", [("llama", "srid", "float32"), ("opt", "srid", "float32"),
+                                                 ("qwen2", "srid", "float32"), ("llama", "srid", "bfloat16"),
+                                                 ("llama", "wsvd", "float32"), ("qwen2", "wsvd", "bfloat16"),
+                                                 ("llama", "acur", "float32"), ("opt", "acur", "float32")])
+def test_streamed_run_equals_in_memory_run(family, method, dtype, sharded, tiny_text_file, tmp_path):
+    extra = settings(method, "--eval_dense", "--dtype", dtype)
     mem_model, _, mem = acur.run_pipeline(parse(sharded[family], tiny_text_file, tmp_path / "mem", *extra,
                                                 "--stream", "off"))
     args = parse(sharded[family], tiny_text_file, tmp_path / "st", *extra, "--stream")
@@ -224,6 +226,8 @@ def test_options_a_streamed_run_cannot_honour_refuse_in_one_line(sharded, tiny_t
     assert "--sensitivity_metric ppl is not supported with --stream" in one_line(capsys)
     assert acur.main(argv + ["--sensitivity_metric", "fisher_error", "--weight_quant", "rtn_int8"]) == 2
     assert "--weight_quant" in one_line(capsys)
+    assert acur.main(argv + ["--sensitivity_metric", "fisher_error", "--selection", "sample"]) == 2
+    assert "--selection sample is not supported with --stream" in one_line(capsys)
 
 
 def test_not_enough_disk_refuses_before_compute(sharded, tiny_text_file, tmp_path, no_compute, monkeypatch, capsys):
