@@ -45,7 +45,6 @@ from modules.low_rank_linear import empty_low_rank
 from modules.model_utils import LinearInfo, replace_module, run_block
 
 RUN_FILE = "run.json"
-GEN_KEY = "__generator_state__"  # the compression's generator after the block, for a resume
 
 Rows = Callable[[list[LinearInfo], dict], dict]  # (a block's linears, what they need) -> sensitivity rows
 
@@ -230,7 +229,7 @@ def statistics_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor
             del block, infos
             progress.step(b)
     if not store_inputs:
-        folder.drop("inputs", n)
+        folder.drop_kind("inputs")  # (a block killed between its marker and this drop left one behind)
     abs_all: dict[str, dict[str, torch.Tensor]] = {}
     table: dict = {}
     for b in range(n):
@@ -287,6 +286,8 @@ def reverse_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, b
             folder.drop("inputs", b)
             del block, infos, covs, hidden
             progress.step(b)
+    folder.drop_kind("grads")
+    folder.drop_kind("inputs")
     fisher_all: dict[str, torch.Tensor] = {}
     table: dict = {}
     for b in range(n):
@@ -311,7 +312,8 @@ def compress_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, 
     """Per-layer report of the compression, block by block: fit_block(block, infos, h_c, h_d, kwargs, gen)
     replaces the block's linears (advancing the streams it is given: the compressed model's inputs h_c,
     the dense model's h_d), then the compressed block is written with the generator's state and the
-    streams entering the next block. A resumed run goes on from the first block without its marker."""
+    streams entering the next block (the generator's state in its marker). A resumed run goes on from the first
+    block without its marker."""
     progress.start("compress")
     wanted = set(names)
     n = sm.n_blocks
@@ -319,7 +321,7 @@ def compress_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, 
     progress.skip(start)
     if start < n:
         if start > 0:
-            generator.set_state(folder.load("block", start - 1)[GEN_KEY])
+            generator.set_state(torch.tensor(folder.marker("block", start - 1)["generator"], dtype=torch.uint8))
         h_c = h_d = kwargs = None
         if compressed_stream or dense_stream:
             hidden, kwargs = sm.capture(batches_of(calib_ids, batch_size))
@@ -337,20 +339,18 @@ def compress_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, 
             block = sm.block(b)
             infos = sm.block_linears(block, b, wanted)
             report = fit_block(block, infos, h_c, h_d, [kw[b] for kw in kwargs] if kwargs else [], generator)
-            state = {k: v for k, v in block.state_dict().items()}
-            state[GEN_KEY] = generator.get_state()
-            folder.save("block", b, state)
+            folder.save("block", b, dict(block.state_dict()))
             if h_c is not None or h_d is not None:
                 carry = {}
                 carry.update({f"c{j}": h for j, h in enumerate(h_c or [])})
                 carry.update({f"d{j}": h for j, h in enumerate(h_d or [])})
                 folder.save("carry", b + 1, carry)
             modules = {i.name: _module_spec(i.module) for i in infos if type(i.module) is not nn.Linear}
-            folder.mark("block", b, {"report": report, "modules": modules})
+            folder.mark("block", b, {"report": report, "modules": modules, "generator": generator.get_state().tolist()})
             folder.drop("carry", b)
             del block, infos
             progress.step(b)
-        folder.drop("carry", n)
+    folder.drop_kind("carry")
     report: dict[str, dict] = {}
     for b in range(n):
         report.update(folder.marker("block", b)["report"])
@@ -380,7 +380,6 @@ def compressed_block(sm: StreamedModel, folder: RunFolder, b: int) -> nn.Module:
             mod.fallback = spec["fallback"]
             replace_module(info, mod)
     state = folder.load("block", b, sm.device)
-    state.pop(GEN_KEY)
     block.load_state_dict(state, strict=True, assign=True)
     block.to(sm.device)
     block.requires_grad_(False)

@@ -141,8 +141,8 @@ def kill_after(monkeypatch, steps: int) -> None:
     monkeypatch.setattr(streamed.StreamProgress, "step", step)
 
 
-@pytest.mark.parametrize("method,steps", [("srid", 1), ("srid", 3), ("srid", 5), ("srid", 7), ("wsvd", 5),
-                                          ("acur", 4)])
+@pytest.mark.parametrize("method,steps", [("srid", s) for s in range(1, 8)] + [("wsvd", 3), ("wsvd", 5),
+                                                                             ("acur", 2), ("acur", 6)])
 def test_killed_streamed_run_resumes_to_the_same_result(method, steps, sharded, tiny_text_file, tmp_path,
                                                         monkeypatch):
     """2 blocks: steps 1-2 statistics, 3-4 reverse, 5-6 compress, 7-8 evaluation."""
