@@ -566,6 +566,7 @@ def run_streamed(args, results: dict, timed: Callable) -> tuple[None, object, di
         results["stream"]["block_seconds"] = progress.block_seconds
     finally:
         progress.close()
+        folder.close()  # every write asked for is on disk (or its error raised) before the run returns
     broken = broken_result(results, args)
     if broken:
         results["broken_result"] = broken

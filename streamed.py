@@ -24,11 +24,14 @@ model_loading.StreamedModel; what they do per layer (sensitivity rows, compressi
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from act_aware_utils import block_activation_stats, block_output_fisher, head_output_grads
-from cache_store import atomic_write_bytes, load_json_cache, load_tensor_cache, save_json_cache, save_tensor_cache
+from cache_store import atomic_write_bytes, load_json_cache, new_file_mode, save_json_cache, tensors_digest
 from errors import UsageError
 from evaluate_utils import nll_to_ppl, token_nll_sum
 from model_loading import StreamedModel
@@ -60,9 +63,17 @@ def key_difference(stored: dict, key: dict, labels: dict[str, str] | None = None
     return None
 
 
+TEMPORARY = ("inputs", "grads", "carry")  # entries a later block or pass of the same run reads, then drops
+QUEUE = 2  # writes in flight at most: what they hold (a block's inputs or weights) stays bounded
+
+
 class RunFolder:
     """A streamed run's folder. Opening it with a different key refuses in one line naming the input that
-    differs; entries are keyed by the run's key, the entry kind and the block (cache_store's checks)."""
+    differs. Entries are safetensors files keyed (in their metadata) by the run's key, the entry kind and the
+    block, written atomically (a temporary file, then os.replace) by one background thread in the order they
+    were asked for, so the blocks compute while the disk writes and a marker never lands before the entries
+    it stands for; every read waits for the writes in flight. Results carry a sha256 of their tensors; the
+    temporary entries (TEMPORARY) do not (they live minutes, and the checksum costs a second a block at 70B)."""
 
     def __init__(self, path: str | Path, key: dict, labels: dict[str, str] | None = None):
         self.path = Path(path)
@@ -83,42 +94,106 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(run, json.dumps({"key": self.key}, indent=1, sort_keys=True).encode())
         self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="stream-writer")
+        self._pending: collections.deque[Future] = collections.deque()
 
-    def _entry_key(self, kind: str, b: int) -> dict:
-        return {"run": self.digest, "kind": kind, "block": b}
+    # ---- the writer
+    def _submit(self, fn: Callable, *args) -> None:
+        while len(self._pending) >= QUEUE:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
 
-    def file(self, kind: str, b: int, suffix: str = ".pt") -> Path:
+    def flush(self) -> None:
+        """Wait for every write asked for so far (its error, if any, is raised here)."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Flush, then stop the writer (also after an error: no write is left running behind the caller)."""
+        try:
+            while self._pending:
+                fut = self._pending.popleft()
+                try:
+                    fut.result()
+                except Exception:
+                    if not self._pending:
+                        raise
+        finally:
+            self._pool.shutdown(wait=True)
+
+    # ---- entries
+    def _entry_key(self, kind: str, b: int) -> str:
+        return json.dumps({"run": self.digest, "kind": kind, "block": b}, sort_keys=True)
+
+    def file(self, kind: str, b: int, suffix: str = ".safetensors") -> Path:
         return self.path / f"{kind}_{b:05d}{suffix}"
 
     def save(self, kind: str, b: int, tensors: dict[str, torch.Tensor]) -> None:
-        save_tensor_cache(self.file(kind, b), self._entry_key(kind, b), tensors)
+        """Write an entry in the background. The tensors must not change afterwards (the passes only ever
+        rebind their hidden states and drop their blocks, so they do not)."""
+        self._submit(self._write, kind, b, dict(tensors))
+
+    def _write(self, kind: str, b: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+        cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {"key": self._entry_key(kind, b)}
+        if kind not in TEMPORARY:
+            meta["sha256"] = tensors_digest(cpu)
+        path = self.file(kind, b)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(cpu, str(tmp), metadata=meta)
+            os.chmod(tmp, new_file_mode())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load(self, kind: str, b: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        """An entry's tensors; UsageError naming the file when it is missing or damaged (a resume cannot
-        go on without it)."""
-        warnings: list[str] = []
-        got = load_tensor_cache(self.file(kind, b), self._entry_key(kind, b), warnings)
-        if got is None:
-            why = warnings[0] if warnings else f"{self.file(kind, b)} is missing"
-            raise UsageError(f"streamed run folder {self.path}: {why}; remove the folder to start over")
-        return {k: v.to(device) for k, v in got.items()} if device is not None else got
+        """An entry's tensors; UsageError naming the file when it is missing, foreign or damaged (a resume
+        cannot go on without it)."""
+        from safetensors import safe_open
+        self.flush()
+        path = self.file(kind, b)
+        why = None
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if meta.get("key") != self._entry_key(kind, b):
+                why = "it belongs to another run or block"
+            elif "sha256" in meta and meta["sha256"] != tensors_digest(tensors):
+                why = "its contents do not match their checksum (the file is damaged)"
+        except FileNotFoundError:
+            why = "it is missing"
+        except Exception as exc:  # truncated or not safetensors
+            why = f"it is unreadable ({type(exc).__name__}: truncated or damaged)"
+        if why:
+            raise UsageError(f"streamed run folder {self.path}: {path.name}: {why}; remove the folder to start over")
+        return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
 
     def mark(self, kind: str, b: int, meta: dict) -> None:
-        """The marker of a finished block (written last: a block without it is redone)."""
-        save_json_cache(self.file(kind, b, ".json"), self._entry_key(kind, b), meta)
+        """The marker of a finished block (queued after its entries: a block without it is redone)."""
+        self._submit(save_json_cache, self.file(kind, b, ".json"), {"entry": self._entry_key(kind, b)}, meta)
 
     def marker(self, kind: str, b: int) -> dict | None:
-        blob = load_json_cache(self.file(kind, b, ".json"), self._entry_key(kind, b))
+        self.flush()
+        blob = load_json_cache(self.file(kind, b, ".json"), {"entry": self._entry_key(kind, b)})
         return None if blob is None else {k: v for k, v in blob.items() if k != "key"}
 
     def done(self, kind: str, b: int) -> bool:
+        self.flush()
         return self.file(kind, b, ".json").exists() and self.marker(kind, b) is not None
 
     def drop(self, kind: str, b: int) -> None:
-        for suffix in (".pt", ".json"):
+        """Remove an entry (queued: after the writes asked for before it)."""
+        self._submit(self._unlink, kind, b)
+
+    def _unlink(self, kind: str, b: int) -> None:
+        for suffix in (".safetensors", ".json"):
             self.file(kind, b, suffix).unlink(missing_ok=True)
 
     def drop_kind(self, kind: str) -> None:
+        self.flush()
         for p in self.path.glob(f"{kind}_*"):
             p.unlink(missing_ok=True)
 

@@ -192,6 +192,10 @@ def one_line(capsys) -> str:
     return err[0]
 
 
+def last_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_bin_only_checkpoint_refuses_in_one_line(sharded, tiny_text_file, tmp_path, no_compute, capsys):
     d = tmp_path / "bin_only"
     shutil.copytree(sharded["llama"], d)
@@ -284,3 +288,29 @@ def test_bench_70b_shapes_are_the_published_ones():
     emb = 2 * 32000 * 8192 * 2  # embeddings and the untied lm_head, bf16
     block = 2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192  # q, o; k, v (GQA); MLP; two norms
     assert (one - emb) / 2 == block + 8192  # and the final norm
+
+
+def test_resume_with_a_damaged_entry_fails_naming_it(sharded, tiny_text_file, tmp_path, monkeypatch, capsys):
+    argv = tiny_args(sharded["llama"], tiny_text_file, tmp_path, *settings("srid"), "--stream")
+    with monkeypatch.context() as m:
+        kill_after(m, 3)  # the reverse pass has done block 1 and carries its gradients to block 0
+        with pytest.raises(Killed):
+            acur.main(argv)
+    folder = acur.stream_dir(acur.build_parser().parse_args(argv))
+    grads = folder / "grads_00001.safetensors"
+    with open(grads, "r+b") as f:
+        f.truncate(grads.stat().st_size - 7)
+    capsys.readouterr()
+    assert acur.main(argv) == 2
+    line = last_line(capsys)  # (after the bar of the passes it skipped)
+    assert line.startswith("acur.py: error: ") and "grads_00001.safetensors" in line and "truncated or damaged" in line
+    # a result entry carries a checksum: one changed byte is found
+    argv2 = tiny_args(sharded["llama"], tiny_text_file, tmp_path / "b", *settings("srid"), "--stream")
+    assert acur.main(argv2) == 0
+    block = acur.stream_dir(acur.build_parser().parse_args(argv2)) / "block_00001.safetensors"
+    data = bytearray(block.read_bytes())
+    data[-3] ^= 0xFF
+    block.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert acur.main(argv2) == 2  # the evaluation reads the compressed blocks back
+    assert "block_00001.safetensors: its contents do not match their checksum" in last_line(capsys)

@@ -458,6 +458,7 @@ def run_stream_bench(a) -> dict:
                                            lambda b: streamed.compressed_block(sm, folder, b), progress, "eval")
         finally:
             progress.close()
+            folder.close()
         rep["param_ratio_reached"] = acur.summarize_params(report)["reached"]
         rep["ranks"] = {k: v["rank"] for k, v in report.items()}
         rep["run_folder_gib"] = round(sum(p.stat().st_size for p in path.iterdir()) / 2**30, 3)
