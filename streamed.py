@@ -30,10 +30,11 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -96,17 +97,20 @@ class RunFolder:
         self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="stream-writer")
         self._pending: collections.deque[Future] = collections.deque()
+        self._lock = threading.RLock()  # the reader thread (prefetched) may load while the main thread writes
 
     # ---- the writer
     def _submit(self, fn: Callable, *args) -> None:
-        while len(self._pending) >= QUEUE:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(fn, *args))
+        with self._lock:
+            while len(self._pending) >= QUEUE:
+                self._pending.popleft().result()
+            self._pending.append(self._pool.submit(fn, *args))
 
     def flush(self) -> None:
         """Wait for every write asked for so far (its error, if any, is raised here)."""
-        while self._pending:
-            self._pending.popleft().result()
+        with self._lock:
+            while self._pending:
+                self._pending.popleft().result()
 
     def close(self) -> None:
         """Flush, then stop the writer (also after an error: no write is left running behind the caller)."""
@@ -252,6 +256,25 @@ class StreamProgress:
         self.bar.close()
 
 
+def prefetched(load: Callable[[int], nn.Module], blocks) -> Iterator[tuple[int, nn.Module]]:
+    """(b, load(b)) in order, block b+1 loading on a background thread while the caller works on block b:
+    reading a block (a checkpoint's shards, or the run folder) overlaps the previous block's compute. Two
+    blocks are held at a time; the loaded block is the caller's to drop."""
+    order = list(blocks)
+    if not order:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="stream-reader") as pool:
+        nxt = pool.submit(load, order[0])
+        for i, b in enumerate(order):
+            block = nxt.result()
+            nxt = pool.submit(load, order[i + 1]) if i + 1 < len(order) else None
+            try:
+                yield b, block
+            finally:
+                del block
+        # (an early exit leaves at most one read running; the pool waits for it)
+
+
 def batches_of(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
 
@@ -284,8 +307,7 @@ def statistics_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor
         else:
             hidden = _unstack(folder.load("inputs", start, sm.device))
         progress.ready()
-        for b in range(start, n):
-            block = sm.block(b)
+        for b, block in prefetched(sm.block, range(start, n)):
             infos = sm.block_linears(block, b, wanted)
             block_kwargs = [kw[b] for kw in kwargs]
             if want_abs:
@@ -343,8 +365,7 @@ def reverse_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, b
         grads = _unstack(folder.load("grads", top + 1, sm.device))
         tokens = calib_ids.numel()
         progress.ready()
-        for b in todo:
-            block = sm.block(b)
+        for b, block in prefetched(sm.block, todo):
             infos = sm.block_linears(block, b, wanted)
             hidden = _unstack(folder.load("inputs", b, sm.device))
             covs = block_covariances(block, infos, list(hidden), [kw[b] for kw in kw_batch]) if covariances else None
@@ -410,8 +431,7 @@ def compress_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, 
             if dense_stream and not compressed_stream:
                 h_d = hidden
         progress.ready()
-        for b in range(start, n):
-            block = sm.block(b)
+        for b, block in prefetched(sm.block, range(start, n)):
             infos = sm.block_linears(block, b, wanted)
             report = fit_block(block, infos, h_c, h_d, [kw[b] for kw in kwargs] if kwargs else [], generator)
             folder.save("block", b, dict(block.state_dict()))
@@ -479,8 +499,7 @@ def perplexity(sm: StreamedModel, windows_ids: torch.Tensor, batch_size: int, bl
     batches = batches_of(windows_ids, batch_size)
     hidden, kwargs = sm.capture(batches)
     progress.ready()
-    for b in range(sm.n_blocks):
-        block = blocks(b)
+    for b, block in prefetched(blocks, range(sm.n_blocks)):
         for j in range(len(hidden)):
             hidden[j] = run_block(block, hidden[j], kwargs[j][b])
         del block
