@@ -25,6 +25,7 @@ model_loading.StreamedModel; what they do per layer (sensitivity rows, compressi
 from __future__ import annotations
 
 import collections
+import copy
 import hashlib
 import json
 import math
@@ -407,9 +408,9 @@ def compress_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, 
                   dense_stream: bool, generator: torch.Generator) -> dict[str, dict]:
     """Per-layer report of the compression, block by block: fit_block(block, infos, h_c, h_d, kwargs, gen)
     replaces the block's linears (advancing the streams it is given: the compressed model's inputs h_c,
-    the dense model's h_d), then the compressed block is written with the generator's state and the
-    streams entering the next block (the generator's state in its marker). A resumed run goes on from the first
-    block without its marker."""
+    the dense model's h_d), then the compressed block is written with the streams entering the next block,
+    and its marker with the report and the generator's state. A resumed run goes on from the first block
+    without its marker."""
     progress.start("compress")
     wanted = set(names)
     n = sm.n_blocks
@@ -461,7 +462,6 @@ def _module_spec(module: nn.Module) -> dict:
 def compressed_block(sm: StreamedModel, folder: RunFolder, b: int) -> nn.Module:
     """Block b as the compression wrote it: the skeleton's block with its low-rank modules in place, on the
     device."""
-    import copy
     meta = folder.marker("block", b)
     if meta is None:
         raise UsageError(f"streamed run folder {folder.path}: block {b} has no compressed result")
