@@ -544,6 +544,7 @@ def run_streamed(args, results: dict, timed: Callable) -> tuple[None, object, di
     calib_ids = timed("calib_data", datautils.get_calib_data, args.calib_dataset, tokenizer, args.n_calib_samples,
                       args.calib_seqlen, args.seed, args.use_bos, warnings=results["warnings"])
     folder, disk = open_stream_folder(sm, args, stream_key(args, fp), stream_dir(args))
+    _RUN_STATE["saved"]["stream"] = f"streamed run's finished blocks in {folder.path}"
     n_eval = len(eval_datasets(args)) * (1 + int(args.eval_dense))
     progress = streamed.StreamProgress(stream_passes(args, n_eval) * sm.n_blocks, sm.n_blocks)
     results["stream"] = {"dir": str(folder.path), "resumed": folder.resumed, "disk_bytes": disk}
@@ -712,8 +713,9 @@ def interrupt_message(signame: str, args) -> str:
     stage = _RUN_STATE.get("stage") or "startup"
     saved = list(_RUN_STATE.get("saved", {}).values())
     if saved:
+        how = "" if "stream" in _RUN_STATE.get("saved", {}) else " (with --use_cache)"
         return (f"acur.py: interrupted by {signame} during stage {stage}; saved: {'; '.join(saved)}; "
-                "resume: run the same command again (with --use_cache)")
+                f"resume: run the same command again{how}")
     if args.use_cache:
         return f"acur.py: interrupted by {signame} during stage {stage}; nothing saved yet; rerun the same command"
     return (f"acur.py: interrupted by {signame} during stage {stage}; nothing saved (no --use_cache); rerun "

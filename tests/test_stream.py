@@ -314,3 +314,19 @@ def test_resume_with_a_damaged_entry_fails_naming_it(sharded, tiny_text_file, tm
     capsys.readouterr()
     assert acur.main(argv2) == 2  # the evaluation reads the compressed blocks back
     assert "block_00001.safetensors: its contents do not match their checksum" in last_line(capsys)
+
+
+def test_interrupted_streamed_run_says_where_its_blocks_are(sharded, tiny_text_file, tmp_path, monkeypatch, capsys):
+    argv = tiny_args(sharded["llama"], tiny_text_file, tmp_path, *settings("srid"), "--stream")
+    real, count = streamed.StreamProgress.step, [0]
+
+    def step(self, b):
+        real(self, b)
+        count[0] += 1
+        if count[0] == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(streamed.StreamProgress, "step", step)
+    assert acur.main(argv) == 130
+    line = last_line(capsys)
+    assert "interrupted by SIGINT during stage reverse" in line and "streamed run's finished blocks in" in line
+    assert line.endswith("resume: run the same command again")
