@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import tempfile
-import zlib
 from pathlib import Path
 from typing import Callable, Protocol
 

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from act_aware_utils import block_activation_stats, block_output_fisher, head_output_grads
+from act_aware_utils import block_activation_stats, block_covariances, block_output_fisher, head_output_grads
 from cache_store import atomic_write_bytes, load_json_cache, new_file_mode, save_json_cache, tensors_digest
 from errors import UsageError
 from evaluate_utils import nll_to_ppl, token_nll_sum
@@ -347,7 +347,6 @@ def reverse_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, b
     sample at a time, as output_fisher's batches of 1). With `covariances`, each block's input covariances
     are measured on the same stored inputs (batched, as input_covariances) and handed to
     rows(infos, {"cov": .., "fisher": ..}) with the block's fisher, then dropped."""
-    from act_aware_utils import block_covariances
     progress.start("reverse")
     wanted = set(names)
     n = sm.n_blocks
