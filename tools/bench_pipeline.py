@@ -476,7 +476,7 @@ def run_stream_bench(a) -> dict:
                                                          / 2**30, 1)}
     rep["whole_model_extrapolated"] = {
         "label": f"EXTRAPOLATED from {n} measured blocks to {full_blocks}: per stage fixed seconds + "
-                 f"{full_blocks} x the mean measured block (memory: one block is held at a time, so the measured "
+                 f"{full_blocks} x the mean measured block (memory: one block is held at a time, and the next one loading, so the measured "
                  "peaks stand)",
         "pipeline_s": round(sum(per[k]["whole_model_s"] for k in PIPELINE_STAGES if k in per), 1),
         "with_eval_s": round(sum(per[k]["whole_model_s"] for k in (*PIPELINE_STAGES, "eval") if k in per), 1)}
