@@ -426,7 +426,8 @@ def run_stream_bench(a) -> dict:
     device, dtype = datautils.pick_device_dtype(args)
     if a.gpu_memory_cap_gib and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_memory_cap_gib * 2**30 / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_memory_cap_gib * 2**30 / total),
+                                                   torch.cuda.current_device() if device.index is None else device.index)
     full_blocks = shape_config(a.shape).num_hidden_layers
     config = shape_config(a.shape, a.blocks)
     rep: dict = {"shape": a.shape, "mode": "streamed", "device": torch.cuda.get_device_name(device)
