@@ -27,35 +27,64 @@ def _batches(ids: torch.Tensor, batch_size: int):
         yield ids[i:i + batch_size]
 
 
+class AbsStats:
+    """Running sums, maxima and token counts of |x| over the inputs of some linears (forward hooks):
+    the one accumulator of activation_stats and of the streamed pipeline's per-block statistics."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.maxes: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def _hook(self, name):
+        def hook(_mod, inputs, _out):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().abs()
+            s, mx = x.sum(0), x.amax(0)
+            if name in self.sums:
+                self.sums[name] += s
+                self.maxes[name] = torch.maximum(self.maxes[name], mx)
+                self.counts[name] += x.shape[0]
+            else:
+                self.sums[name], self.maxes[name], self.counts[name] = s, mx, x.shape[0]
+        return hook
+
+    @contextlib.contextmanager
+    def watching(self, linears: list[LinearInfo]):
+        """Accumulate while the block is open."""
+        hooks = [info.module.register_forward_hook(self._hook(info.name)) for info in linears]
+        try:
+            yield self
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def result(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {"abs_mean": (self.sums[name] / self.counts[name]).cpu(), "abs_max": self.maxes[name].cpu()}
+                for name in self.sums}
+
+
 @torch.no_grad()
 def activation_stats(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
                      batch_size: int = 1) -> dict[str, dict[str, torch.Tensor]]:
     """abs_mean and abs_max of every linear's input, in one pass over the calibration data."""
     device = input_device(model)
-    sums, maxes, counts, hooks = {}, {}, {}, []
-
-    def make_hook(name):
-        def hook(_mod, inputs, _out):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().abs()
-            s, mx = x.sum(0), x.amax(0)
-            if name in sums:
-                sums[name] += s
-                maxes[name] = torch.maximum(maxes[name], mx)
-                counts[name] += x.shape[0]
-            else:
-                sums[name], maxes[name], counts[name] = s, mx, x.shape[0]
-        return hook
-
-    for info in linears:
-        hooks.append(info.module.register_forward_hook(make_hook(info.name)))
-    try:
+    acc = AbsStats()
+    with acc.watching(linears):
         for batch in tqdm(list(_batches(calib_ids, batch_size)), desc="activation statistics"):
             model(batch.to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: {"abs_mean": (sums[name] / counts[name]).cpu(), "abs_max": maxes[name].cpu()}
-            for name in sums}
+    return acc.result()
+
+
+@torch.no_grad()
+def block_activation_stats(block: nn.Module, linears: list[LinearInfo], hidden: list[torch.Tensor],
+                           block_kwargs: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+    """activation_stats of one block's linears, running the block on every batch's hidden state (advanced
+    in place to the block's output): what the whole-model pass measures there, one block at a time."""
+    acc = AbsStats()
+    with acc.watching(linears):
+        for j in range(len(hidden)):
+            hidden[j] = run_block(block, hidden[j], block_kwargs[j])
+    return acc.result()
 
 
 def fisher_stats(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
@@ -95,10 +124,17 @@ def calib_scales(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.T
     if method not in SCALING_METHODS:
         raise ValueError(f"unknown scaling method {method!r}; choose from {SCALING_METHODS}")
     stats = activation_stats(model, linears, calib_ids, batch_size) if method != "fisher" else {}
+    fisher = fisher_stats(model, linears, calib_ids, batch_size) if method in ("fisher", "fisher_abs_mean") else None
+    return scales_of(stats, method, fisher)
+
+
+def scales_of(stats: dict[str, dict[str, torch.Tensor]], method: str,
+              fisher: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The scaling statistic `method` from activation_stats' (and fisher_stats') results; one warning
+    naming the layers whose statistic is not finite."""
     if method in ("abs_mean", "abs_max"):
         scales = {k: v[method] for k, v in stats.items()}
     else:
-        fisher = fisher_stats(model, linears, calib_ids, batch_size)
         scales = fisher if method == "fisher" else {k: fisher[k] * stats[k]["abs_mean"] for k in fisher}
     bad = [k for k, v in scales.items() if not torch.isfinite(v).all()]
     if bad:
@@ -124,20 +160,33 @@ def input_covariances(model: nn.Module, linears: list[LinearInfo], calib_ids: to
     hidden, kwargs = capture_block_inputs(model, parts.layers, batches)
     out: dict[str, torch.Tensor] = {}
     for b, block in enumerate(tqdm(parts.layers, desc="input covariances")):
-        infos = [i for i in linears if i.block == b]
-
-        def run(b=b, block=block):
-            for j in range(len(batches)):
-                hidden[j] = run_block(block, hidden[j], kwargs[j][b])
-        out.update(_covariances_of(run, infos))
+        out.update(block_covariances(block, [i for i in linears if i.block == b], hidden,
+                                     [kw[b] for kw in kwargs], warn=False))
     heads = [i for i in linears if i.block < 0]
     if heads:
         out.update(_covariances_of(lambda: [_apply(parts.head_modules, h) for h in hidden], heads))
-    bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
+    warn_non_finite_covariances(out)
+    return out
+
+
+def block_covariances(block: nn.Module, linears: list[LinearInfo], hidden: list[torch.Tensor],
+                      block_kwargs: list[dict], warn: bool = True) -> dict[str, torch.Tensor]:
+    """input_covariances of one block's linears, running the block on every batch's hidden state
+    (advanced in place to the block's output): the in-memory pass's step, and the streamed one's."""
+    def run():
+        for j in range(len(hidden)):
+            hidden[j] = run_block(block, hidden[j], block_kwargs[j])
+    out = _covariances_of(run, linears)
+    if warn:
+        warn_non_finite_covariances(out)
+    return out
+
+
+def warn_non_finite_covariances(covs: dict[str, torch.Tensor]) -> None:
+    bad = [k for k, v in covs.items() if not torch.isfinite(v).all()]
     if bad:
         print(f"WARNING: non-finite input covariance in {len(bad)} layers (e.g. {bad[0]}); their "
               "data-aware fits fall back to Frobenius and the results will record it")
-    return out
 
 
 def _covariances_of(run: Callable[[], object], linears: list[LinearInfo]) -> dict[str, torch.Tensor]:
@@ -229,26 +278,17 @@ def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.
     for p in model.parameters():
         p.requires_grad_(False)
 
-    def make_hook(name):
-        def hook(_mod, _inputs, out):
-            def grad_hook(g):
-                acc[name].add_(g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).to(acc[name].device))  # grad unchanged
-            if out.requires_grad:
-                out.register_hook(grad_hook)
-        return hook
-
     def embed_hook(_mod, _inputs, out):
         return out.requires_grad_(True)  # the graph starts here: weights stay frozen
 
     hooks.append(model.get_input_embeddings().register_forward_hook(embed_hook))
-    hooks += [info.module.register_forward_hook(make_hook(info.name)) for info in linears]
     try:
-        with torch.enable_grad(), (checkpointed_blocks(model) if checkpoint else contextlib.nullcontext()):
+        with torch.enable_grad(), (checkpointed_blocks(model) if checkpoint else contextlib.nullcontext()), \
+                fisher_hooks(linears, acc):
             for batch in tqdm(list(_batches(calib_ids, batch_size)), desc="output fisher"):
                 batch = batch.to(device)
                 logits = model(batch, use_cache=False).logits[:, :-1].float()
-                nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                  batch[:, 1:].reshape(-1), reduction="sum")
+                nll = summed_nll(logits, batch)
                 nll.backward()
                 count[0] += batch.numel()  # g is per token of the layer outputs, like the covariances
                 del logits, nll
@@ -258,6 +298,56 @@ def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.
         for p, r in req.items():
             p.requires_grad_(r)
     return {name: (a / max(count[0], 1)).cpu() for name, a in acc.items()}
+
+
+def summed_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of (already shifted, fp32) logits: the loss output_fisher differentiates."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                       reduction="sum")
+
+
+@contextlib.contextmanager
+def fisher_hooks(linears: list[LinearInfo], acc: dict[str, torch.Tensor]):
+    """While open, every backward through a linear's output adds sum_t (dL/dy_t)^2 to acc[name]
+    (the gradient itself unchanged): output_fisher's accumulator, whole-model or block by block."""
+    def make_hook(name):
+        def hook(_mod, _inputs, out):
+            def grad_hook(g):
+                acc[name].add_(g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).to(acc[name].device))
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return hook
+
+    hooks = [info.module.register_forward_hook(make_hook(info.name)) for info in linears]
+    try:
+        yield acc
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def head_output_grads(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                      batch: torch.Tensor) -> torch.Tensor:
+    """dL/dh of output_fisher's loss (summed next-token NLL) at the last block's output h: where the
+    streamed reverse pass starts. head: final norm .. lm_head (frozen)."""
+    x = hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = head(x)[:, :-1].float()
+        summed_nll(logits, batch.to(logits.device)).backward()
+    return x.grad.detach()
+
+
+def block_output_fisher(block: nn.Module, linears: list[LinearInfo], acc: dict[str, torch.Tensor],
+                        hidden: torch.Tensor, grad_out: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One step of the streamed reverse pass: recompute the block on its stored input `hidden`, backward
+    from dL/d(output) = grad_out, add every linear's output fisher sums to acc (fisher_hooks), and return
+    dL/d(input) for the block before it. The same gradients as output_fisher's checkpointed backward
+    (which recomputes each block the same way); weights stay frozen."""
+    x = hidden.detach().requires_grad_(True)
+    with torch.enable_grad(), fisher_hooks(linears, acc):
+        out = run_block(block, x, kwargs)
+        out.backward(grad_out)
+    return x.grad.detach()
 
 
 def finite_fisher(fisher: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -338,30 +428,7 @@ def sequential_calibration(model: nn.Module, linears: list[LinearInfo], calib_id
     h_c, kwargs = capture_block_inputs(model, parts.layers, batches)
     h_d = [h.clone() for h in h_c] if cross else None
     for b, block in enumerate(tqdm(parts.layers, desc=desc)):
-        infos = [i for i in linears if i.block == b]
-        dense_block = clone_module(block) if infos and cross else block  # offloaded: same dense storage
-        if infos:
-            twin = {id(m): name for name, m in block.named_modules()}
-            dense_of = dict(dense_block.named_modules())
-            for group in _group_by_input(block, infos, h_c[0], kwargs[0][b]):
-                cov = xcov = None
-                n = 0
-                for j in range(len(batches)):
-                    x_c = _capture_input(block, group[0].module, h_c[j], kwargs[j][b])
-                    c = (x_c.T @ x_c).double()
-                    cov = c if cov is None else cov + c
-                    if cross:
-                        x_d = _capture_input(dense_block, dense_of[twin[id(group[0].module)]], h_d[j], kwargs[j][b])
-                        x = (x_d.T @ x_c).double()
-                        xcov = x if xcov is None else xcov + x
-                    n += x_c.shape[0]
-                stats = {"cov": cov / n, "cross": xcov / n if cross else None, "n_tokens": n}
-                fit_group(group, {i.name: stats for i in group})
-        for j in range(len(batches)):
-            if cross:
-                h_d[j] = run_block(dense_block, h_d[j], kwargs[j][b])
-            h_c[j] = run_block(block, h_c[j], kwargs[j][b])
-        del dense_block
+        calibrate_block(block, [i for i in linears if i.block == b], h_c, h_d, [kw[b] for kw in kwargs], fit_group)
     heads = [i for i in linears if i.block < 0]
     if heads:
         pre = parts.head_modules[:-1]  # final norm (+ projection) before lm_head
@@ -372,6 +439,39 @@ def sequential_calibration(model: nn.Module, linears: list[LinearInfo], calib_id
             xcov = (x_d.T @ x_c).double() / x_c.shape[0]
         stats = {"cov": (x_c.T @ x_c).double() / x_c.shape[0], "cross": xcov, "n_tokens": x_c.shape[0]}
         fit_group(heads, {i.name: stats for i in heads})
+
+
+@torch.no_grad()
+def calibrate_block(block: nn.Module, infos: list[LinearInfo], h_c: list[torch.Tensor],
+                    h_d: list[torch.Tensor] | None, block_kwargs: list[dict], fit_group: GroupFit) -> None:
+    """One block of sequential_calibration: fit its linears group by group (fit_group replaces them in
+    `block`) on the compressed stream h_c (and, with the dense stream h_d, against the dense inputs), then
+    advance both streams in place through the block (h_c through the compressed block, h_d through a dense
+    copy). The in-memory walk's step and the streamed pipeline's."""
+    cross = h_d is not None
+    dense_block = clone_module(block) if infos and cross else block  # offloaded: same dense storage
+    if infos:
+        twin = {id(m): name for name, m in block.named_modules()}
+        dense_of = dict(dense_block.named_modules())
+        for group in _group_by_input(block, infos, h_c[0], block_kwargs[0]):
+            cov = xcov = None
+            n = 0
+            for j in range(len(h_c)):
+                x_c = _capture_input(block, group[0].module, h_c[j], block_kwargs[j])
+                c = (x_c.T @ x_c).double()
+                cov = c if cov is None else cov + c
+                if cross:
+                    x_d = _capture_input(dense_block, dense_of[twin[id(group[0].module)]], h_d[j], block_kwargs[j])
+                    x = (x_d.T @ x_c).double()
+                    xcov = x if xcov is None else xcov + x
+                n += x_c.shape[0]
+            stats = {"cov": cov / n, "cross": xcov / n if cross else None, "n_tokens": n}
+            fit_group(group, {i.name: stats for i in group})
+    for j in range(len(h_c)):
+        if cross:
+            h_d[j] = run_block(dense_block, h_d[j], block_kwargs[j])
+        h_c[j] = run_block(block, h_c[j], block_kwargs[j])
+    del dense_block
 
 
 def _apply(mods: list[nn.Module], h: torch.Tensor) -> torch.Tensor:

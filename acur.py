@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
+import hashlib
+import os
 import json
 import platform
 import re
@@ -31,14 +34,17 @@ import quantization
 import selfgen_utils
 import sensitivity as sens
 import structured
-from act_aware_utils import calib_scales, finite_fisher, input_covariances, output_fisher, sequential_calibration
+from act_aware_utils import (block_covariances, calib_scales, calibrate_block, finite_fisher, input_covariances,
+                             output_fisher, scales_of, sequential_calibration)
 from acur_args import (build_parser, check_ppl_target, check_rank_align, cur_settings, lm_eval_tasks, lm_task_metadata,
                        method_settings, needs_covariance, needs_fisher, parse_kv_fractions, sensitivity_ratios,
-                       validate_args)
+                       validate_args, validate_stream_args)
 from datautils import UsageError, code_digest, eval_datasets, fetch_texts, init_distributed, load_model
 from evaluate_utils import (broken_result, evaluate_perplexity, nothing_compressed, perplexity_of_windows,
                             rank_align_warning, summarize_params)
 import kv_compress
+import model_loading
+import streamed
 from modules import registry
 from modules.decompositions import release_pick_graphs
 from modules.low_rank_linear import LayerStats, compress_linear
@@ -94,18 +100,24 @@ def layer_scale(scales: dict | None, name: str):
 
 def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: dict | None,
                    args, desc: str | None = "CUR replacement", covs: dict | None = None,
-                   stats: dict[str, LayerStats] | None = None, sequential: tuple | None = None) -> dict[str, dict]:
+                   stats: dict[str, LayerStats] | None = None, sequential: tuple | None = None,
+                   generator: torch.Generator | None = None, block_stream: tuple | None = None) -> dict[str, dict]:
     """Replace every linear whose ratio is below 1 by its low-rank module (--method; CURLinear for acur).
     covs: input covariances, for the data-aware methods; stats: everything calibration measured per
     layer (layer_stats). sequential = (model, calib_ids): methods the registry marks sequential are
-    fitted block by block on the compressed model's own inputs. Returns a per-layer report."""
+    fitted block by block on the compressed model's own inputs. Returns a per-layer report.
+
+    The streamed pipeline calls it once per block: `linears` = that block's, block_stream = (block,
+    compressed stream, dense stream or None, the block's kwargs per batch) for the sequential methods
+    (act_aware_utils.calibrate_block), and one `generator` carried across the blocks (the seeded picks
+    of --selection sample then draw what the whole-model call draws)."""
     if not registry.get(args.method).per_linear:  # whole neurons and heads: the block walk of structured.py
         return structured.compress(sequential[0], linears, ratios, stats or {}, sequential[1], args, desc=desc)
     if getattr(args, "compress_kv_cache", False):  # ratios are rank fractions of the K/V width
         return kv_compress.compress_kv_linears(linears, ratios, scales, args.alpha, cur_settings(args), args.seed,
                                                desc=desc and desc + " (KV)")
     report = {}
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(args.seed)
 
     def fit(info: LinearInfo, st: LayerStats | None) -> None:
         m, n = info.module.weight.shape
@@ -124,15 +136,19 @@ def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: 
         report[info.name] = row
 
     try:
-        if sequential is not None and registry.get(args.method).sequential:
+        if (sequential is not None or block_stream is not None) and registry.get(args.method).sequential:
             def fit_group(group: list[LinearInfo], measured: dict) -> None:
                 for info in group:
                     base = (stats or {}).get(info.name) or LayerStats()
                     m = measured[info.name]
                     fit(info, dataclasses.replace(base, cov=m["cov"], cross=m["cross"], n_tokens=m["n_tokens"]))
-            model, calib_ids = sequential
-            sequential_calibration(model, linears, calib_ids, args.calib_batch_size, fit_group,
-                                   desc=desc or "sequential calibration", cross=registry.get(args.method).correct)
+            if block_stream is not None:
+                block, h_c, h_d, block_kwargs = block_stream
+                calibrate_block(block, linears, h_c, h_d, block_kwargs, fit_group)
+            else:
+                model, calib_ids = sequential
+                sequential_calibration(model, linears, calib_ids, args.calib_batch_size, fit_group,
+                                       desc=desc or "sequential calibration", cross=registry.get(args.method).correct)
             return {i.name: report[i.name] for i in linears}  # execution order
         for info in tqdm(linears, desc=desc, disable=desc is None):
             fit(info, (stats or {}).get(info.name))
@@ -356,6 +372,210 @@ def write_results(results: dict, args) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- streamed runs (streamed.py walks the blocks)
+# arguments that change no per-block result of a streamed run (evaluation and where things go): a resume may differ
+STREAM_KEY_SKIP = ("eval_ppl", "eval_seqlen", "eval_max_windows", "eval_batch_size", "eval_dense", "eval_mmlu",
+                   "eval_tasks", "eval_limit", "mc_task", "output_dir", "cache_dir", "use_cache", "run_name", "stream",
+                   "stream_dir", "device", "compile_blocks", "no_fast_sensitivity", "device_map", "max_memory")
+STREAM_KEY_LABELS = {"model_files": "the checkpoint (its config and weight files)",
+                     "code": "the code (a source file streamed results depend on changed)",
+                     "calib_text": "the calibration text"}
+
+
+def wants_stream(args) -> bool:
+    """--stream on; --stream auto when the weights would not fit the device's free memory (one printed line,
+    and the options a streamed run cannot honour refused); in-memory otherwise."""
+    if args.stream == "on":
+        return True
+    if args.stream == "off" or args.raw_model or getattr(args, "device_map", "none") == "auto" \
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False
+    fits, why = model_loading.fits_in_memory(args)
+    if fits:
+        return False
+    validate_stream_args(args, why)
+    print(f"[acur] {why}: streaming the model block by block (--stream; --stream off loads it whole)", flush=True)
+    return True
+
+
+def stream_dir(args) -> Path:
+    if args.stream_dir:
+        return Path(args.stream_dir)
+    model = args.model_id.rstrip("/")
+    tag = hashlib.sha256(model.encode()).hexdigest()[:8]  # two checkpoints of one name get two folders
+    name = re.sub(r"[^\w.\-]", "_", Path(model).name or model) + f"-{tag}" + (f"-{args.run_name}" if args.run_name else "")
+    return Path(args.output_dir) / f"stream-{name}"
+
+
+def stream_key(args, fp: dict) -> dict:
+    """Every input a streamed run's per-block results depend on (RunFolder refuses another run's folder)."""
+    key = {f"arg:{k}": v for k, v in vars(args).items() if k not in STREAM_KEY_SKIP}
+    key.update(model_files=fp, code=code_digest("stream"))
+    if args.calib_dataset in datautils.OFFLINE_DATASETS or args.calib_dataset.startswith("text:"):
+        key["calib_text"] = datautils.text_digest(datautils.get_text(args.calib_dataset, "train"))
+    return key
+
+
+def stream_rows(args, scales: dict | None, n_tokens: int) -> Callable:
+    """rows(infos, measured) of streamed.py: this block's sensitivity rows, as stage_sensitivity computes them
+    for the whole table (measured: {"abs": activation statistics} or {"cov": .., "fisher": ..})."""
+    ratios, settings = sensitivity_ratios(args), method_settings(args)
+
+    def rows(infos: list[LinearInfo], measured: dict) -> dict:
+        if "abs" in measured:  # weight-only metrics, in the statistics pass: this block's scales only
+            block_scales = scales_of(measured["abs"], args.scaling_method) if args.act_aware else None
+            return sens.sensitivity_table(args.sensitivity_metric, None, infos, None, ratios, block_scales,
+                                          args.alpha, settings, bar=False)
+        fisher, _ = finite_fisher(measured["fisher"])
+        stats = layer_stats(infos, scales, measured["cov"], fisher, n_tokens)
+        return sens.sensitivity_table(args.sensitivity_metric, None, infos, None, ratios, scales, args.alpha,
+                                      settings, stats=stats, bar=False)
+    return rows
+
+
+def stream_fit_block(block, infos: list[LinearInfo], h_c, h_d, block_kwargs: list[dict], gen: torch.Generator, *,
+                     ratios: dict, scales: dict | None, stats: dict, args) -> dict:
+    """compress_model on one streamed block: sequential methods on the carried streams (calibrate_block),
+    the others with the block's dense input covariances measured first when they read them."""
+    sub = {i.name: stats[i.name] for i in infos}
+    if registry.get(args.method).sequential:
+        return compress_model(infos, ratios, scales, args, desc=None, stats=sub, generator=gen,
+                              block_stream=(block, h_c, h_d, block_kwargs))
+    covs = None
+    if h_d is not None:  # as input_covariances measures them, the dense stream advanced through the dense block
+        covs = block_covariances(block, infos, h_d, block_kwargs)
+        sub = {name: dataclasses.replace(st, cov=covs[name]) for name, st in sub.items()}
+    return compress_model(infos, ratios, scales, args, desc=None, covs=covs, stats=sub, generator=gen)
+
+
+def stream_eval(sm, tokenizer, args, progress, blocks: Callable, label: str) -> dict[str, float]:
+    """stage_eval, block by block."""
+    out = {}
+    bos = tokenizer.bos_token_id if args.use_bos else None
+    for name in eval_datasets(args):
+        ids = evaluate_utils.windows(datautils.get_eval_ids(name, tokenizer), args.eval_seqlen, args.eval_max_windows, bos)
+        out[name] = streamed.perplexity(sm, ids, args.eval_batch_size, blocks, progress, f"{label} ppl {name}")
+        print(f"[acur] {label} perplexity {name}: {out[name]:.4f}")
+    return out
+
+
+def stream_plan(args) -> dict:
+    """Which passes a streamed run makes and which streams its compression carries."""
+    spec = registry.get(args.method)
+    fisher = needs_fisher(args)
+    weight_metric = args.sensitivity_metric in ("stable_rank", "spectral")
+    return {"statistics": args.act_aware or weight_metric or fisher, "store_inputs": fisher, "reverse": fisher,
+            "covariances": args.sensitivity_metric == "fisher_error", "weight_rows": weight_metric,
+            "compressed_stream": spec.sequential,
+            "dense_stream": spec.correct if spec.sequential else spec.needs_covariance(args.u_mode)}
+
+
+def open_stream_folder(sm, args, key: dict, path: Path) -> tuple[streamed.RunFolder, dict]:
+    """(run folder, disk figures): the folder opened (refused when it holds another run), the disk a run will
+    need printed before it starts, refused when the folder's file system has less free."""
+    folder = streamed.RunFolder(path, key, STREAM_KEY_LABELS)
+    plan = stream_plan(args)
+    disk = streamed.disk_needed(sm, args.n_calib_samples, args.calib_seqlen, plan["store_inputs"],
+                                int(plan["compressed_stream"]) + int(plan["dense_stream"]), args.param_ratio_target)
+    free = folder.free_bytes()
+    print(f"[acur] stream: run folder {folder.path} ({'resumed' if folder.resumed else 'new'}); disk needed up to "
+          f"{disk['need'] / 2**30:.2f} GiB (statistics {disk['statistics'] / 2**30:.2f} GiB, compressed blocks and "
+          f"carried inputs {disk['compress'] / 2**30:.2f} GiB), {free / 2**30:.1f} GiB free there", flush=True)
+    if disk["need"] > free:
+        raise UsageError(f"--stream needs up to {disk['need'] / 2**30:.1f} GiB in {folder.path}, only "
+                         f"{free / 2**30:.1f} GiB free there; choose another --stream_dir")
+    return folder, disk
+
+
+def stream_passes(args, n_eval: int) -> int:
+    """Passes over the blocks a streamed run makes (the progress bar's total is this times the blocks)."""
+    plan = stream_plan(args)
+    return int(plan["statistics"]) + int(plan["reverse"]) + 1 + n_eval
+
+
+def stream_compress(sm, linears: list[LinearInfo], calib_ids: torch.Tensor, args, folder: streamed.RunFolder,
+                    progress: streamed.StreamProgress, results: dict, timed: Callable) -> dict[str, dict]:
+    """The compression stages of a streamed run (statistics, reverse, search, compress), their results
+    recorded in `results` as run_pipeline records them; returns the per-layer report."""
+    plan = stream_plan(args)
+    names = [i.name for i in linears]
+    n_tokens = calib_ids.numel()
+    abs_stats, table = {}, {}
+    if plan["statistics"]:
+        abs_stats, table = timed("statistics", streamed.statistics_pass, sm, names, calib_ids,
+                                 args.calib_batch_size, folder, progress, args.act_aware, plan["store_inputs"],
+                                 stream_rows(args, None, n_tokens) if plan["weight_rows"] else None)
+    scales = scales_of(abs_stats, args.scaling_method) if args.act_aware else None
+    fisher = None
+    if plan["reverse"]:
+        fisher, rows_b = timed("reverse", streamed.reverse_pass, sm, names, calib_ids, args.calib_batch_size,
+                               folder, progress, plan["covariances"],
+                               stream_rows(args, scales, n_tokens) if plan["covariances"] else None)
+        table = table or rows_b
+        fisher, uniform = finite_fisher(fisher)
+        if uniform:
+            add_warning(results, f"output fisher not finite in {len(uniform)} layer(s), weighted uniformly: "
+                                 f"{', '.join(uniform)}")
+    table = {name: table[name] for name in names}  # the in-memory table's order (the allocation reads it)
+    stats = layer_stats(linears, scales, None, fisher, n_tokens)
+    ratios, _ = timed("search", stage_search, sm.model, linears, calib_ids, scales, table, args)
+    gen = torch.Generator().manual_seed(args.seed)
+    fit = functools.partial(stream_fit_block, ratios=ratios, scales=scales, stats=stats, args=args)
+    report = timed("compress", streamed.compress_pass, sm, names, calib_ids, args.calib_batch_size, folder,
+                   progress, fit, plan["compressed_stream"], plan["dense_stream"], gen)
+    results["method"] = args.method
+    results["sensitivity"] = {"from_cache": 0, "computed": len(table), "stream_dir": str(folder.path), "table": table}
+    results["layers"] = report
+    results["param_ratio"] = {"target": args.param_ratio_target, **summarize_params(report)}
+    results["fallbacks"] = {k: v["fallback"] for k, v in report.items() if v["fallback"]}
+    return report
+
+
+def run_streamed(args, results: dict, timed: Callable) -> tuple[None, object, dict]:
+    """run_pipeline for a model walked block by block (streamed.py): the same stages and results, the per-block
+    ones in the run folder (resumed when it holds this run's blocks). Returns (None, tokenizer, results): the
+    compressed model is the folder's blocks (streamed.assemble puts a small one together)."""
+    validate_stream_args(args)
+    sm, tokenizer, fp = timed("load_model", model_loading.open_streamed, args, datautils.check_user_texts)
+    results["model"] = {**fp, "class": type(sm.model).__name__, "streamed": True,
+                        "params_total": sum(p.numel() for p in sm.model.parameters())}
+    linears = select_linears(sm.model, args)  # the skeleton's: names, shapes, blocks
+    check_rank_align(linears, args)
+    calib_ids = timed("calib_data", datautils.get_calib_data, args.calib_dataset, tokenizer, args.n_calib_samples,
+                      args.calib_seqlen, args.seed, args.use_bos, warnings=results["warnings"])
+    folder, disk = open_stream_folder(sm, args, stream_key(args, fp), stream_dir(args))
+    _RUN_STATE["saved"]["stream"] = f"streamed run's finished blocks in {folder.path}"
+    n_eval = len(eval_datasets(args)) * (1 + int(args.eval_dense))
+    progress = streamed.StreamProgress(stream_passes(args, n_eval) * sm.n_blocks, sm.n_blocks)
+    results["stream"] = {"dir": str(folder.path), "resumed": folder.resumed, "disk_bytes": disk}
+    try:
+        if args.eval_dense:
+            results.setdefault("ppl", {})["dense"] = timed("eval_dense", stream_eval, sm, tokenizer, args, progress,
+                                                           sm.block, "dense")
+        report = stream_compress(sm, linears, calib_ids, args, folder, progress, results, timed)
+        flag = nothing_compressed(report, [], args)
+        if flag:
+            results["nothing_compressed"] = flag
+            add_warning(results, f"NOTHING COMPRESSED: {flag['reason']}; the model stays dense and the "
+                                 "perplexities below are the DENSE model's")
+        align = rank_align_warning(report, args.rank_align)
+        if align:
+            add_warning(results, align)
+        results.setdefault("ppl", {})["compressed"] = timed(
+            "eval", stream_eval, sm, tokenizer, args, progress, lambda b: streamed.compressed_block(sm, folder, b),
+            "UNCOMPRESSED (dense)" if flag else "compressed")
+        results["stream"]["block_seconds"] = progress.block_seconds
+    finally:
+        progress.close()
+        folder.close()  # every write asked for is on disk (or its error raised) before the run returns
+    broken = broken_result(results, args)
+    if broken:
+        results["broken_result"] = broken
+        add_warning(results, broken["summary"])
+    results["output_file"] = str(write_results(results, args))
+    return None, tokenizer, results
+
+
 def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
     """Every stage of acur.py on parsed arguments; returns (compressed model, tokenizer, results)."""
     validate_args(args)
@@ -377,6 +597,8 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
         return out
 
     timed("fetch_data", fetch_texts, args)
+    if wants_stream(args):
+        return run_streamed(args, results, timed)
     model, tokenizer, fp = timed("load_model", load_model, args)
     results["model"] = {**fp, "class": type(model).__name__,
                         "params_total": sum(p.numel() for p in model.parameters())}
@@ -491,8 +713,9 @@ def interrupt_message(signame: str, args) -> str:
     stage = _RUN_STATE.get("stage") or "startup"
     saved = list(_RUN_STATE.get("saved", {}).values())
     if saved:
+        how = "" if "stream" in _RUN_STATE.get("saved", {}) else " (with --use_cache)"
         return (f"acur.py: interrupted by {signame} during stage {stage}; saved: {'; '.join(saved)}; "
-                "resume: run the same command again (with --use_cache)")
+                f"resume: run the same command again{how}")
     if args.use_cache:
         return f"acur.py: interrupted by {signame} during stage {stage}; nothing saved yet; rerun the same command"
     return (f"acur.py: interrupted by {signame} during stage {stage}; nothing saved (no --use_cache); rerun "

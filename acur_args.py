@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device_map", default="none", choices=["none", "auto"],
                    help="auto: accelerate places the model over the GPUs, CPU and disk (offload) for a model that "
                         "does not fit on one device; every stage then runs through its dispatch hooks")
+    g.add_argument("--stream", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="walk the model one decoder block at a time from its safetensors shards (a local checkpoint "
+                        "folder), every per-block result written to --stream_dir so a killed run resumes there; "
+                        "auto: when the weights would not fit the device's free memory (a printed line says so)")
+    g.add_argument("--stream_dir", default=None,
+                   help="run folder of --stream (default OUTPUT_DIR/stream-MODEL[-RUN_NAME]); the same arguments "
+                        "resume the run in it, different ones are refused")
     g.add_argument("--max_memory", default=None,
                    help="with --device_map auto: memory per device for the placement, e.g. 0=20GiB,cpu=60GiB "
                         "(what does not fit is offloaded to the CPU, then to disk under --output_dir)")
@@ -212,6 +219,8 @@ def validate_args(args: argparse.Namespace) -> None:
     validate_device_args(args)
     validate_device_map_args(args)
     validate_output_args(args)
+    if getattr(args, "stream", "auto") == "on":
+        validate_stream_args(args)
     if not args.raw_model and not args.compress_kv_cache and has_ratio == has_ppl:
         raise UsageError("give exactly one of --param_ratio_target and --ppl_target (or --raw_model)")
     if not args.alpha >= 0:
@@ -272,11 +281,45 @@ def validate_device_args(args: argparse.Namespace) -> None:
 def validate_output_args(args: argparse.Namespace) -> None:
     """Every folder the run writes into accepts new files, checked before any heavy work: a read-only
     --output_dir or --cache_dir used to end a finished compression in a traceback, its results lost."""
-    places = [("--output_dir", args.output_dir)] + ([("--cache_dir", args.cache_dir)] if args.use_cache else [])
+    places = [("--output_dir", args.output_dir)] + ([("--cache_dir", args.cache_dir)] if args.use_cache else []) \
+        + ([("--stream_dir", args.stream_dir)] if getattr(args, "stream_dir", None) and args.stream != "off" else [])
     for flag, folder in places:
         why = unwritable(folder)
         if why:
             raise UsageError(f"{flag} {folder} is not writable ({why}); choose another folder")
+
+
+def stream_refusals(args: argparse.Namespace) -> list[tuple[str, bool, str]]:
+    """(flag, refused, why) of every option a streamed run cannot honour (it never holds the whole model)."""
+    structured_method = not registry.get(args.method).per_linear
+    return [
+        ("--sensitivity_metric ppl", args.sensitivity_metric == "ppl",
+         "each candidate would run every later block; use fisher_error, stable_rank or spectral"),
+        ("--ppl_target", args.ppl_target != -1, "the search evaluates whole models; give --param_ratio_target"),
+        ("--raw_model", args.raw_model, "nothing to compress"),
+        ("--compress_kv_cache", args.compress_kv_cache, "not streamed yet"),
+        ("--weight_quant", args.weight_quant != "none", "not streamed yet"),
+        ("--compress_lm_head", args.compress_lm_head, "not streamed yet"),
+        (f"--method {args.method}", structured_method, "structured widths are not streamed yet"),
+        ("--scaling_method " + args.scaling_method, args.act_aware and args.scaling_method in ("fisher", "fisher_abs_mean"),
+         "weight-gradient scales are not streamed; use abs_mean or abs_max"),
+        ("--selection sample", args.selection == "sample",
+         "the sensitivity's sampled picks draw from one random stream in layer order, which a reverse pass cannot "
+         "replay; use topk or deim"),
+        ("--device_map auto", getattr(args, "device_map", "none") == "auto", "streaming already places one block at a time"),
+        ("torchrun", int(os.environ.get("WORLD_SIZE", "1")) > 1, "one process walks the blocks"),
+        ("lm-eval tasks", bool(lm_eval_tasks(args)), "they need the whole model in memory"),
+        ("--calib_dataset selfgen", args.calib_dataset in datautils.GENERATED_DATASETS, "generation needs the whole model"),
+    ]
+
+
+def validate_stream_args(args: argparse.Namespace, why: str = "") -> None:
+    """--stream on (or auto, once it chose streaming: `why` says the model does not fit): UsageError naming
+    the first option a streamed run cannot honour."""
+    for flag, bad, reason in stream_refusals(args):
+        if bad:
+            lead = f"the model does not fit in memory ({why}; --stream off loads it anyway) and " if why else ""
+            raise UsageError(f"{lead}{flag} is not supported with --stream ({reason})")
 
 
 def validate_device_map_args(args: argparse.Namespace) -> None:

@@ -31,6 +31,10 @@ CACHE_SOURCES = {
                     "modules/model_utils.py", "modules/registry.py", "modules/cur_math.py",
                     "modules/decompositions.py", "modules/low_rank_linear.py", "modules/cur_linear.py",
                     "structured.py", "modules/structured.py"),
+    # a streamed run's per-block results: statistics, sensitivity rows, allocation, compression
+    "stream": ("acur.py", "acur_args.py", "streamed.py", "model_loading.py", "act_aware_utils.py", "sensitivity.py",
+               "binary_search.py", "modules/model_utils.py", "modules/registry.py", "modules/cur_math.py",
+               "modules/decompositions.py", "modules/low_rank_linear.py", "modules/cur_linear.py"),
 }
 
 
@@ -94,7 +98,7 @@ def unwritable(folder: str | Path) -> str | None:
 def code_digest(kind: str) -> str:
     """sha256 (16 hex) of the sources that fill a cache of this kind."""
     h = hashlib.sha256()
-    for rel in CACHE_SOURCES["sensitivity" if kind == "sensitivity" else "statistics"]:
+    for rel in CACHE_SOURCES[kind if kind in ("sensitivity", "stream") else "statistics"]:
         h.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes())
     return h.hexdigest()[:16]
 

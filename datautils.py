@@ -1,4 +1,4 @@
-"""Where a run's inputs come from: text for calibration and evaluation, the model, and the caches.
+"""Where a run's text comes from: calibration windows and evaluation ids, read and tokenised once.
 
 Datasets:
   wikitext2, ptb, c4   -- the Hugging Face hub datasets ASVD4LLM used (need the hub).
@@ -6,31 +6,30 @@ Datasets:
   new_wiki             -- offline: 48 other Wikipedia articles (SQuADShifts new_wiki), the evaluation
                           text of the offline job; no title overlap with squad_wiki.
   text:PATH            -- a user's own UTF-8 text file.
-The offline texts, tasks and model come from offline_resources.py (the repo carries the texts and tasks);
-the caches and atomic writes live in cache_store.py (re-exported here for existing callers).
+Concerns of their own, re-exported here for existing callers: the offline texts, tasks and model
+(offline_resources.py), the caches and atomic writes (cache_store.py), the hub probe (hub_access.py), the
+model's loading, whole or streamed (model_loading.py), UsageError (errors.py). What stays here: dataset
+names, texts, token ids, calibration windows, and the run's own text checks (fetch_texts, check_user_texts).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
 import random
-import re
-import shutil
-import sys
-import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import model_loading
 from cache_store import (CACHE_DIR, CACHE_SOURCES, atomic_write_bytes, cache_path,  # noqa: F401  (moved)
                          cached_layer_tensors, code_digest, file_lock, load_json_cache, load_tensor_cache,
                          save_json_cache, save_tensor_cache)
-from modules.model_utils import check_architecture
+from errors import UsageError  # noqa: F401  (moved)
+from hub_access import (HUB_PROBE_TIMEOUT_S, HubUnreachable, check_hub_reachable, hub_offline_mode,  # noqa: F401
+                        offline_hint)
+from model_loading import (dispatch_kwargs, init_distributed, parse_max_memory, pick_device_dtype,  # noqa: F401
+                           resolve_model)
 from offline_resources import (DEFAULT_MC_TASK, MC_SEED, OFFLINE_MODELS, OFFLINE_TEXTS,  # noqa: F401
                                OfflineResourceError, chance_accuracy, home_dir, mc_docs, mc_tasks,
                                offline_model_dir, offline_text, pip_download, squad_text)
@@ -60,51 +59,6 @@ def check_dataset_name(name: str) -> None:
         return
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or text:PATH")
-
-
-# ---------------------------------------------------------------- hub access
-HUB_PROBE_TIMEOUT_S = 3.0  # one probe; datasets/transformers themselves retry for ~25 s when offline
-_HUB_PROBE: dict[str, str] = {}  # endpoint -> "" (reachable) or why not, once per process
-
-
-class HubUnreachable(ValueError):
-    """The Hugging Face hub cannot be reached (or offline mode is on) and a hub resource was asked for."""
-
-
-def hub_offline_mode() -> bool:
-    """True when the user asked the HF libraries to stay offline (they then fail fast on their own)."""
-    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def offline_hint() -> str:
-    return (f"offline, use a model alias ({', '.join(OFFLINE_MODELS)}) or a local checkpoint dir and the offline "
-            f"texts ({', '.join(OFFLINE_DATASETS)}, or text:PATH); with the resource already in your "
-            "Hugging Face cache, set HF_HUB_OFFLINE=1")
-
-
-def check_hub_reachable(what: str) -> None:
-    """Probe the hub endpoint once (HUB_PROBE_TIMEOUT_S) before a hub download, so no access fails in
-    seconds with a hint instead of after the libraries' retries. Raises HubUnreachable.
-
-    Skipped under HF_HUB_OFFLINE (the libraries then read only their cache, without retries). Any HTTP
-    answer, even an error status, counts as reachable."""
-    if hub_offline_mode():
-        return
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    if endpoint not in _HUB_PROBE:
-        try:
-            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"),
-                                   timeout=HUB_PROBE_TIMEOUT_S).close()
-            _HUB_PROBE[endpoint] = ""
-        except urllib.error.HTTPError:
-            _HUB_PROBE[endpoint] = ""
-        except (OSError, ValueError) as exc:  # URLError, timeout, refused, bad URL
-            reason = getattr(exc, "reason", exc)
-            _HUB_PROBE[endpoint] = f"{type(reason).__name__}: {str(reason)[:120]}"
-    if _HUB_PROBE[endpoint]:
-        raise HubUnreachable(f"{what} needs the Hugging Face hub, unreachable at {endpoint} "
-                             f"({_HUB_PROBE[endpoint]}); {offline_hint()}")
 
 
 def _hub_text(name: str, split: str) -> str:
@@ -249,123 +203,10 @@ def get_eval_ids(name: str, tokenizer) -> torch.Tensor:
     return token_ids(name, "test", tokenizer)
 
 
-# ---------------------------------------------------------------- the model a run loads, and its inputs checked first
-class UsageError(ValueError):
-    """Bad input found before any heavy work: acur.py reports it as one line, exit code 2."""
-
-
-def resolve_model(args: argparse.Namespace) -> tuple[str, dict]:
-    """Local path (or hub id) to load, and the fingerprint that keys every cache."""
-    if args.model_id in OFFLINE_MODELS:
-        path = str(offline_model_dir(args.model_id))
-    else:
-        path = os.path.expanduser(args.model_id)
-    fp = {"model": args.model_id, "revision": args.revision}
-    if os.path.isdir(path):
-        h = hashlib.sha256()
-        for f in sorted(Path(path).iterdir()):
-            if f.name == "config.json":
-                h.update(f.read_bytes())
-            elif f.suffix in (".safetensors", ".bin", ".json") or f.name.endswith(".index.json"):
-                st = f.stat()
-                h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-        fp["files"] = h.hexdigest()[:16]
-    return path, fp
-
-
-def pick_device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    """--device / --dtype resolved: one GPU per rank under torchrun; float16 on CUDA, float32 on CPU."""
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if args.device == "auto" else args.device))
-    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
-    if args.dtype == "auto":
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
-    return dev, dtype
-
-
-def init_distributed(args: argparse.Namespace) -> int:
-    """Under torchrun / accelerate launch (WORLD_SIZE > 1) join the process group (nccl on GPU, gloo
-    on CPU) so the ppl sensitivity is split over the ranks. Returns this process's rank (0 alone)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        on_gpu = torch.cuda.is_available() and (args.device == "auto" or args.device.startswith("cuda"))
-        if on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if on_gpu else "gloo")
-    return dist.get_rank()
-
-
-def parse_max_memory(spec: str | None) -> dict | None:
-    """--max_memory "0=20GiB,cpu=60GiB" as from_pretrained's max_memory ({0: "20GiB", "cpu": "60GiB"})."""
-    if spec is None:
-        return None
-    out: dict = {}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        key, sep, value = (t.strip() for t in item.partition("="))
-        if not sep or not re.fullmatch(r"\d+|cpu|disk|mps|xpu:?\d*|npu:?\d*", key) \
-                or not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", value, re.IGNORECASE):
-            raise ValueError(f"expected DEVICE=SIZE items like 0=20GiB,cpu=60GiB, got {item!r}")
-        out[int(key) if key.isdigit() else key] = int(value) if value.isdigit() else value
-    if not out:
-        raise ValueError("empty")
-    return out
-
-
-def dispatch_kwargs(args: argparse.Namespace) -> dict:
-    """from_pretrained's placement arguments of --device_map auto: accelerate's plan under --max_memory,
-    disk offload into a fresh folder under --output_dir (removed when the process exits)."""
-    import atexit
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    folder = tempfile.mkdtemp(prefix="offload-", dir=out_dir)
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return {"device_map": "auto", "max_memory": parse_max_memory(getattr(args, "max_memory", None)),
-            "offload_folder": folder}
-
-
+# ---------------------------------------------------------------- the model (model_loading.py), with this file's text check
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, object, dict]:
-    """(model, tokenizer, fingerprint). Clear one-line errors for a missing model or a too-long window."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    path, fp = resolve_model(args)
-    on_hub = not os.path.isdir(path)
-    try:
-        if on_hub:
-            check_hub_reachable(f"model {args.model_id!r}")
-        config = AutoConfig.from_pretrained(path, revision=args.revision)
-    except HubUnreachable as exc:
-        raise UsageError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"model not found or hub unreachable: {args.model_id!r} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-                         + (f"; {offline_hint()}" if on_hub else "")) from None
-    max_pos = getattr(config, "max_position_embeddings", None)
-    for flag in ("calib_seqlen", "eval_seqlen"):
-        if max_pos and getattr(args, flag) > max_pos:
-            raise UsageError(f"--{flag} {getattr(args, flag)} exceeds the model's context of {max_pos} tokens")
-    try:  # a layout the pipeline cannot walk fails here, from the config, before any weight loads
-        check_architecture(config)
-    except ValueError as exc:
-        raise UsageError(f"{args.model_id}: {exc}") from None
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
-    check_user_texts(args, tokenizer)
-    device, dtype = pick_device_dtype(args)
-    if getattr(args, "device_map", "none") == "auto":  # dispatched: accelerate's hooks move weights and inputs
-        model = AutoModelForCausalLM.from_pretrained(path, revision=args.revision, dtype=dtype, **dispatch_kwargs(args))
-        model.eval()
-        print(f"[acur] device_map auto: {getattr(model, 'hf_device_map', None) or 'one device'}")
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=args.revision, dtype=dtype,
-                                                     device_map=str(device) if device.type == "cuda" else None)
-        model.to(device).eval()
-    model.config.use_cache = False
-    fp["commit"] = getattr(config, "_commit_hash", None)
-    fp["dtype"] = str(dtype)
-    return model, tokenizer, fp
+    """model_loading.load_model with the check that a user's text holds a window (texts are this file's)."""
+    return model_loading.load_model(args, check_tokenizer=check_user_texts)
 
 
 def eval_datasets(args: argparse.Namespace) -> list[str]:

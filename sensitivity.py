@@ -322,10 +322,10 @@ def sensitivity_ppl(model: nn.Module, linears: list[LinearInfo], calib_ids: torc
 
 def sensitivity_stable_rank(linears: list[LinearInfo], ratios: list[float], scales: dict | None,
                             alpha: float, done: dict | None = None,
-                            on_progress: Progress | None = None) -> dict[str, dict[str, float]]:
+                            on_progress: Progress | None = None, bar: bool = True) -> dict[str, dict[str, float]]:
     """{layer: {ratio: (1 - ratio) * stable_rank / min(m, n)}}; no forward passes."""
     results = dict(done or {})
-    for info in tqdm([i for i in linears if i.name not in results], desc="sensitivity (stable rank)"):
+    for info in tqdm([i for i in linears if i.name not in results], desc="sensitivity (stable rank)", disable=not bar):
         scale = scales.get(info.name) if scales else None
         with materialized(info.module):
             w = scaled_weight(info.module.weight.data, scale, alpha)
@@ -342,7 +342,8 @@ def sensitivity_stable_rank(linears: list[LinearInfo], ratios: list[float], scal
 
 def sensitivity_spectral(linears: list[LinearInfo], ratios: list[float], scales: dict | None,
                          alpha: float, rank_align: int = 1, done: dict | None = None,
-                         on_progress: Progress | None = None, method: str = "acur") -> dict[str, dict[str, float]]:
+                         on_progress: Progress | None = None, method: str = "acur",
+                         bar: bool = True) -> dict[str, dict[str, float]]:
     """{layer: {ratio: tail energy of the scaled spectrum beyond the rank the ratio keeps}}.
 
     The rank a ratio keeps is --method's (CUR pays k(m+n)+k^2 parameters, SVD and the IDs less).
@@ -350,7 +351,7 @@ def sensitivity_spectral(linears: list[LinearInfo], ratios: list[float], scales:
     sum_{i>k} s_i^2 / sum_i s_i^2 of W S is the relative error of the best rank-k approximation in the
     activation-weighted norm, a lower bound for CUR's; no forward passes, one SVD per layer."""
     results = dict(done or {})
-    for info in tqdm([i for i in linears if i.name not in results], desc="sensitivity (spectral)"):
+    for info in tqdm([i for i in linears if i.name not in results], desc="sensitivity (spectral)", disable=not bar):
         scale = scales.get(info.name) if scales else None
         with materialized(info.module):
             w = scaled_weight(info.module.weight.data, scale, alpha)
@@ -405,7 +406,7 @@ def fisher_error_row(info: LinearInfo, ratios: list[float], stats: LayerStats, a
 
 def sensitivity_fisher_error(linears: list[LinearInfo], ratios: list[float], stats: dict[str, LayerStats],
                              alpha: float, settings: dict, done: dict | None = None,
-                             on_progress: Progress | None = None) -> dict[str, dict[str, float]]:
+                             on_progress: Progress | None = None, bar: bool = True) -> dict[str, dict[str, float]]:
     """{layer: {ratio: predicted rise of the calibration NLL}}, no forward passes: the layer's output
     error E||(W - W_hat) x||^2 under the calibration input covariance, each output weighted by the
     loss's sensitivity to it (act_aware_utils.output_fisher), halved (second-order expansion).
@@ -413,7 +414,7 @@ def sensitivity_fisher_error(linears: list[LinearInfo], ratios: list[float], sta
     The numbers are additive across layers (to first approximation), so binary_search.allocate splits
     one budget over them, and one table serves every --param_ratio_target."""
     results = dict(done or {})
-    for info in tqdm([i for i in linears if i.name not in results], desc="sensitivity (fisher error)"):
+    for info in tqdm([i for i in linears if i.name not in results], desc="sensitivity (fisher error)", disable=not bar):
         st = stats[info.name]
         if st.cov is None or not torch.isfinite(st.cov).all():
             print(f"WARNING: {info.name}: no finite input covariance; scored as maximally sensitive")
@@ -430,16 +431,18 @@ def sensitivity_table(metric: str, model: nn.Module, linears: list[LinearInfo], 
                       ratios: list[float], scales: dict | None, alpha: float, settings: dict, batch_size: int = 4,
                       fast: bool = True, compile_blocks: bool | None = None, covs: dict | None = None,
                       stats: dict[str, LayerStats] | None = None, done: dict | None = None,
-                      on_progress: Progress | None = None) -> dict[str, dict[str, float]]:
+                      on_progress: Progress | None = None, bar: bool = True) -> dict[str, dict[str, float]]:
     """The table of one --sensitivity_metric (METRICS): the one place that knows which function computes
-    which metric. settings: what compress_linear needs (method, rank_align, selection, u_mode, cov_damp)."""
+    which metric. settings: what compress_linear needs (method, rank_align, selection, u_mode, cov_damp).
+    bar: the closed-form metrics' own progress bar (off where a streamed run calls this once per block)."""
     if metric == "fisher_error":
-        return sensitivity_fisher_error(linears, ratios, stats, alpha, settings, done=done, on_progress=on_progress)
+        return sensitivity_fisher_error(linears, ratios, stats, alpha, settings, done=done, on_progress=on_progress,
+                                        bar=bar)
     if metric == "ppl":
         return sensitivity_ppl(model, linears, calib_ids, ratios, scales, alpha, settings, batch_size, fast=fast,
                                done=done, on_progress=on_progress, covs=covs, compile_blocks=compile_blocks,
                                stats=stats)
     if metric == "spectral":
         return sensitivity_spectral(linears, ratios, scales, alpha, settings["rank_align"], done=done,
-                                    on_progress=on_progress, method=settings["method"])
-    return sensitivity_stable_rank(linears, ratios, scales, alpha, done=done, on_progress=on_progress)
+                                    on_progress=on_progress, method=settings["method"], bar=bar)
+    return sensitivity_stable_rank(linears, ratios, scales, alpha, done=done, on_progress=on_progress, bar=bar)

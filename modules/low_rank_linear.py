@@ -313,3 +313,18 @@ def compress_candidates(linear: nn.Linear, ratios: list[float], scale: torch.Ten
     prep = prepare_candidates(linear, ratios, scale, alpha, cov, stats, **settings)
     return [compress_linear(linear, r, scale=scale, alpha=alpha, cov=cov, prep=prep, stats=stats, **settings)
             for r in ratios]
+
+
+LOW_RANK_CLASSES = {cls.__name__: cls for cls in (CURLinear, SVDLinear, RowIDLinear, ColIDLinear)}
+
+
+def empty_low_rank(class_name: str, in_features: int, out_features: int, rank: int, bias: bool,
+                   method: str, dtype: torch.dtype | None = None, device=None) -> nn.Module:
+    """An unfilled low-rank module of a saved one's class and shape, for its state_dict to be loaded into
+    (the streamed pipeline's per-block results are state dicts)."""
+    if class_name not in LOW_RANK_CLASSES:
+        raise ValueError(f"unknown low-rank module class {class_name!r}; known: {', '.join(LOW_RANK_CLASSES)}")
+    cls = LOW_RANK_CLASSES[class_name]
+    if cls is CURLinear:
+        return CURLinear(in_features, out_features, rank, bias=bias, dtype=dtype, device=device)
+    return cls(in_features, out_features, rank, bias=bias, method=method, dtype=dtype, device=device)

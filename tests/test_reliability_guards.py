@@ -16,6 +16,7 @@ import pytest
 
 import acur
 import datautils
+import hub_access
 from conftest import ROOT, tiny_args
 
 N_LAYERS = 14  # tiny LLaMA: 2 blocks x (q, k, v, o, gate, up, down)
@@ -197,7 +198,7 @@ def test_broken_model_is_flagged_in_console_json_and_card(tiny_llama_dir, tiny_t
 def unreachable_hub(monkeypatch):
     for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(v, raising=False)
-    monkeypatch.setattr(datautils, "_HUB_PROBE", {})
+    monkeypatch.setattr(hub_access, "_HUB_PROBE", {})
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
 
 
@@ -234,11 +235,11 @@ def test_silent_hub_endpoint_times_out_in_seconds(unreachable_hub, monkeypatch, 
 
 
 def test_probe_is_skipped_in_offline_mode_and_reachable_endpoint_passes(monkeypatch):
-    monkeypatch.setattr(datautils, "_HUB_PROBE", {})
+    monkeypatch.setattr(hub_access, "_HUB_PROBE", {})
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     datautils.check_hub_reachable("model x")  # offline mode: the libraries read their cache, no probe
-    assert datautils._HUB_PROBE == {}
+    assert hub_access._HUB_PROBE == {}
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(datautils.HubUnreachable):
         datautils.check_hub_reachable("model x")

@@ -14,6 +14,18 @@ a + c * blocks run, decomposition time per weight shape); the model is checked a
 subset. A naive reference (full forward per candidate, a fresh decomposition per candidate, what
 ASVD4LLM does) runs on --naive_layers layers, checks the fast path's perplexities against it, and is
 extrapolated the same way, so the speed-up is measured in one run.
+
+--stream runs the streamed pipeline (acur.py --stream, streamed.py) with random weights made block by block
+on the fly (no checkpoint on disk: model_loading.StreamedModel over a RandomSource), --sensitivity_metric
+fisher_error. --blocks N builds the shape with N of its blocks; the report gives each stage's time, its
+per-block time with the fixed costs (capture, head, allocation) apart, peak GPU memory and host RSS, and the
+whole model's figures extrapolated from the N measured blocks (labelled so). --in_memory_too runs the
+in-memory pipeline on the same weights in the same call (the baseline of the streamed time).
+
+    python tools/bench_pipeline.py --stream --shape llama-2-70b --blocks 8 --method srid \
+        --sensitivity_metric fisher_error --n_calib_samples 16 --seqlen 2048 --eval_windows 8
+    python tools/bench_pipeline.py --stream --shape tiny-llama --device cpu --blocks 2 --method srid \
+        --sensitivity_metric fisher_error --n_calib_samples 4 --seqlen 64 --eval_windows 4   # CPU smoke test
 """
 from __future__ import annotations
 
@@ -21,9 +33,12 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,6 +64,12 @@ SHAPES: dict[str, tuple[str, dict]] = {
                                   max_position_embeddings=4096, rms_norm_eps=1e-5)),
     "opt-6.7b": ("opt", dict(hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
                              vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=4096)),
+    "llama-2-70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                  num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                                  max_position_embeddings=4096, rms_norm_eps=1e-5)),
+    "llama-3-70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                  num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                  max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0)),
     "small-llama": ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=1024,
                                   max_position_embeddings=2048)),
@@ -60,13 +81,40 @@ SHAPES: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A random-initialised causal LM of a named shape, built directly on `device` in `dtype`."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+def shape_config(shape: str, blocks: int = 0):
+    """The transformers config of a named shape, with only `blocks` of its decoder blocks when given."""
+    from transformers import LlamaConfig, OPTConfig
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     family, kw = SHAPES[shape]
-    cfg = (LlamaConfig if family == "llama" else OPTConfig)(**kw)
+    kw = {**kw, "num_hidden_layers": blocks} if blocks else kw
+    return (LlamaConfig if family == "llama" else OPTConfig)(**kw)
+
+
+class RandomSource:
+    """model_loading's TensorSource of random weights, each tensor made on the device when a block asks for
+    it (seeded by its name: the same weights every time, no checkpoint on disk). Norm weights 1, biases 0,
+    the rest N(0, std^2) like transformers' own initialisation."""
+
+    def __init__(self, seed: int = 0, std: float = 0.02):
+        self.seed, self.std = seed, std
+
+    def names(self) -> None:
+        return None
+
+    def get(self, name: str, shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if name.endswith("bias"):
+            return torch.zeros(shape, device=device, dtype=dtype)
+        if "norm" in name.rsplit(".", 2)[-2]:  # input_layernorm, norm, final_layer_norm, ...
+            return torch.ones(shape, device=device, dtype=dtype)
+        gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return (torch.randn(shape, generator=gen, device=device) * self.std).to(dtype)
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0, blocks: int = 0):
+    """A random-initialised causal LM of a named shape, built directly on `device` in `dtype`."""
+    from transformers import AutoModelForCausalLM
+    cfg = shape_config(shape, blocks)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -266,12 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="acur.py's flag: torch.compile of the sensitivity's blocks (auto: on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json_out", default=None, help="write every number (and the sensitivity table) here")
+    p.add_argument("--blocks", type=int, default=0, help="build the shape with this many of its decoder blocks "
+                   "(0 = all); --stream extrapolates the whole model from them")
+    g = p.add_argument_group("streamed (--stream)")
+    g.add_argument("--stream", action="store_true",
+                   help="the streamed pipeline on random weights made block by block (needs --sensitivity_metric "
+                        "fisher_error); per-block figures, fixed costs apart, whole model extrapolated")
+    g.add_argument("--stream_dir", default=None,
+                   help="parent folder of the run folder (default: the system's temporary folder); removed at the end")
+    g.add_argument("--keep_stream_dir", action="store_true", help="keep the run folder (compressed blocks)")
+    g.add_argument("--in_memory_too", action="store_true",
+                   help="also run the in-memory pipeline on the same weights in the same call (the baseline)")
+    g.add_argument("--gpu_memory_cap_gib", type=float, default=0,
+                   help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction); 0 = no cap")
     return p
 
 
-def acur_args(a) -> argparse.Namespace:
+def acur_args(a, extra: list[str] | None = None) -> argparse.Namespace:
     """acur.py's own arguments for the same settings, so its stage functions run unchanged."""
-    return acur.build_parser().parse_args([
+    return acur.build_parser().parse_args((extra or []) + [
         "--model_id", a.shape, "--param_ratio_target", str(a.param_ratio_target), "--act_aware",
         "--n_calib_samples", str(a.n_calib_samples), "--calib_seqlen", str(a.seqlen),
         "--calib_batch_size", str(a.batch_size), "--sensitivity_metric", a.sensitivity_metric,
@@ -294,6 +355,7 @@ def run_closed_form(a, args, rep: dict, stage, model, calib_ids, linears) -> dic
     report = stage("compress", acur.compress_model, linears, ratios, scales, args, desc=None, covs=covs,
                    stats=stats, sequential=(model, calib_ids))
     rep["param_ratio_reached"] = acur.summarize_params(report)["reached"]
+    rep["ranks"] = {k: v["rank"] for k, v in report.items()}
     gen = torch.Generator().manual_seed(a.seed + 1)
     eval_ids = torch.randint(0, model.config.vocab_size, (a.eval_windows, a.seqlen), generator=gen)
     rep["eval_ppl_random"] = stage("eval_ppl", perplexity_of_windows, model, eval_ids, 1, desc=None)
@@ -302,6 +364,179 @@ def run_closed_form(a, args, rep: dict, stage, model, calib_ids, linears) -> dic
     rep["total_full_estimate_s"] = round(rep["pipeline_s"] + rep["stages"]["eval_ppl"]["seconds"], 1)
     rep["model_gib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)
     return rep
+
+
+def host_rss() -> dict[str, float]:
+    """This process's resident memory now and at its peak (GiB; Linux /proc/self/status)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out["now" if line.startswith("VmRSS") else "peak"] = round(int(line.split()[1]) / 2**20, 3)
+    except OSError:
+        pass
+    return out
+
+
+def make_stage(stages: dict, device: torch.device, verbose: bool = True):
+    """stage(name, fn, *args): fn timed (synchronised), with its peak GPU memory and host RSS, into `stages`."""
+    def stage(name, fn, *x, scope="full", **kw):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn(*x, **kw)
+        sync(device)
+        stages[name] = {"seconds": round(time.perf_counter() - t0, 3), "scope": scope, "peak_gib": peak_gib(device),
+                        "host_rss_gib": host_rss()}
+        if verbose:
+            print(f"[bench] {name}: {stages[name]['seconds']:.2f} s ({scope})"
+                  + (f", peak {stages[name]['peak_gib']:.1f} GiB" if device.type == "cuda" else "")
+                  + f", host RSS peak {stages[name]['host_rss_gib'].get('peak', float('nan')):.2f} GiB", flush=True)
+        return out
+    return stage
+
+
+PIPELINE_STAGES = ("statistics", "reverse", "search", "compress")
+
+
+def extrapolate(stages: dict, block_seconds: dict, n_blocks: int, full_blocks: int) -> dict:
+    """Per stage: fixed seconds (stage time less its blocks'), seconds per block (mean, median), and the
+    whole model's time extrapolated as fixed + full_blocks x the mean measured block."""
+    out = {}
+    for name, s in stages.items():
+        per = block_seconds.get(name, [])
+        if not per:
+            out[name] = {"fixed_s": s["seconds"], "per_block_s": 0.0, "whole_model_s": s["seconds"]}
+            continue
+        mean = statistics.fmean(per)
+        fixed = max(s["seconds"] - sum(per), 0.0)
+        out[name] = {"fixed_s": round(fixed, 3), "per_block_s": round(mean, 3),
+                     "per_block_median_s": round(statistics.median(per), 3), "blocks_measured": len(per),
+                     "whole_model_s": round(fixed + mean * full_blocks, 1)}
+    return out
+
+
+def run_stream_bench(a) -> dict:
+    """The streamed pipeline on random weights made block by block; see the module docstring."""
+    import model_loading
+    import streamed
+    args = acur_args(a, ["--stream", "on"])
+    acur.validate_args(args)
+    device, dtype = datautils.pick_device_dtype(args)
+    if a.gpu_memory_cap_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_memory_cap_gib * 2**30 / total),
+                                                   torch.cuda.current_device() if device.index is None else device.index)
+    full_blocks = shape_config(a.shape).num_hidden_layers
+    config = shape_config(a.shape, a.blocks)
+    rep: dict = {"shape": a.shape, "mode": "streamed", "device": torch.cuda.get_device_name(device)
+                 if device.type == "cuda" else "cpu", "dtype": str(dtype), "torch": torch.__version__,
+                 "blocks_measured": config.num_hidden_layers, "blocks_full": full_blocks,
+                 "settings": {k: v for k, v in vars(a).items() if k != "json_out"}, "stages": {}}
+    stage = make_stage(rep["stages"], device)
+    source = RandomSource(a.seed, getattr(config, "initializer_range", 0.02))
+    sm = stage("build_skeleton", model_loading.StreamedModel, config, source, device, dtype)
+    linears = acur.select_linears(sm.model, args)
+    gen = torch.Generator().manual_seed(a.seed)
+    calib_ids = torch.randint(0, config.vocab_size, (a.n_calib_samples, a.seqlen), generator=gen)
+    eval_ids = torch.randint(0, config.vocab_size, (a.eval_windows, a.seqlen),
+                             generator=torch.Generator().manual_seed(a.seed + 1))
+    rep.update(params_measured=sum(p.numel() for p in sm.model.parameters()), n_linears=len(linears),
+               calib_tokens=calib_ids.numel(), block_gib=round(sm.block_bytes() / 2**30, 3))
+    parent = Path(a.stream_dir) if a.stream_dir else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"bench-stream-{a.shape}-", dir=parent))
+    try:
+        folder, disk = acur.open_stream_folder(sm, args, {"bench": a.shape, "seed": a.seed}, path)
+        n = sm.n_blocks
+        progress = streamed.StreamProgress(acur.stream_passes(args, 1) * n, n)
+        results: dict = {"warnings": []}
+        try:
+            report = acur.stream_compress(sm, linears, calib_ids, args, folder, progress, results, stage)
+            rep["eval_ppl_random"] = stage("eval", streamed.perplexity, sm, eval_ids, 1,
+                                           lambda b: streamed.compressed_block(sm, folder, b), progress, "eval")
+        finally:
+            progress.close()
+            folder.close()
+        rep["param_ratio_reached"] = acur.summarize_params(report)["reached"]
+        rep["ranks"] = {k: v["rank"] for k, v in report.items()}
+        rep["run_folder_gib"] = round(sum(p.stat().st_size for p in path.iterdir()) / 2**30, 3)
+    finally:
+        if not a.keep_stream_dir:
+            shutil.rmtree(path, ignore_errors=True)
+    per = extrapolate({k: v for k, v in rep["stages"].items() if k != "build_skeleton"}, progress.block_seconds,
+                      n, full_blocks)
+    rep["per_stage"] = per
+    rep["pipeline_s"] = round(sum(rep["stages"][k]["seconds"] for k in PIPELINE_STAGES if k in rep["stages"]), 1)
+    boundary = disk["boundary"]
+    rep["disk_gib"] = {"measured_need": round(disk["need"] / 2**30, 3),
+                       "whole_model_extrapolated": round(max((full_blocks + 3) * boundary,
+                                                             disk["blocks"] / n * full_blocks + 4 * boundary)
+                                                         / 2**30, 1)}
+    rep["whole_model_extrapolated"] = {
+        "label": f"EXTRAPOLATED from {n} measured blocks to {full_blocks}: per stage fixed seconds + "
+                 f"{full_blocks} x the mean measured block (memory: one block is held at a time, and the next one loading, so the measured "
+                 "peaks stand)",
+        "pipeline_s": round(sum(per[k]["whole_model_s"] for k in PIPELINE_STAGES if k in per), 1),
+        "with_eval_s": round(sum(per[k]["whole_model_s"] for k in (*PIPELINE_STAGES, "eval") if k in per), 1)}
+    rep["peak_gpu_gib"] = max((s["peak_gib"] or 0) for s in rep["stages"].values()) if device.type == "cuda" else None
+    rep["peak_host_rss_gib"] = host_rss().get("peak")
+    if a.in_memory_too:
+        rep["in_memory"] = in_memory_baseline(a, args, sm, source, config, device, dtype, calib_ids)
+        rep["in_memory"]["ranks_equal"] = rep["in_memory"].pop("ranks") == rep["ranks"]
+    return rep
+
+
+def in_memory_baseline(a, args, sm, source, config, device, dtype, calib_ids) -> dict:
+    """run_closed_form on the same random weights, the whole model in memory (every block made at once)."""
+    import model_loading
+    mem: dict = {"stages": {}}
+    stage = make_stage(mem["stages"], device)
+
+    def whole():
+        m = model_loading.StreamedModel(config, source, device, dtype)
+        for b in range(m.n_blocks):
+            m.layers[b] = m.block(b)
+        return m.model
+    model = stage("build_model", whole)
+    linears = find_linears(model)
+    mem.update(params=sum(p.numel() for p in model.parameters()), n_linears=len(linears),
+               n_blocks=config.num_hidden_layers, calib_tokens=calib_ids.numel(), shape=a.shape,
+               device=str(device), dtype=str(dtype), settings={"method": a.method})
+    mem = run_closed_form(a, args, mem, stage, model, calib_ids, linears)
+    mem["peak_gpu_gib"] = max((s["peak_gib"] or 0) for s in mem["stages"].values()) if device.type == "cuda" else None
+    mem["peak_host_rss_gib"] = host_rss().get("peak")
+    del model
+    return mem
+
+
+def print_stream_report(rep: dict) -> None:
+    print("=" * 78)
+    print(f"{rep['shape']} STREAMED, {rep['blocks_measured']} of {rep['blocks_full']} blocks ({rep['block_gib']} GiB "
+          f"a block), {rep['n_linears']} linears, on {rep['device']}, {rep['dtype']}, {rep['calib_tokens']} calibration "
+          f"tokens, method {rep['settings']['method']}, sensitivity fisher_error")
+    print(f"{'stage':14s} {'measured s':>10s} {'fixed s':>8s} {'s/block':>8s} {'whole model s':>14s} "
+          f"{'peak GPU GiB':>12s} {'host RSS peak GiB':>17s}")
+    for name, s in rep["stages"].items():
+        p = rep["per_stage"].get(name, {})
+        pk = f"{s['peak_gib']:.1f}" if s.get("peak_gib") is not None else "-"
+        print(f"{name:14s} {s['seconds']:10.2f} {p.get('fixed_s', 0):8.2f} {p.get('per_block_s', 0):8.3f} "
+              f"{p.get('whole_model_s', s['seconds']):14.1f} {pk:>12s} {s['host_rss_gib'].get('peak', float('nan')):17.2f}")
+    w = rep["whole_model_extrapolated"]
+    print(f"pipeline measured ({rep['blocks_measured']} blocks): {rep['pipeline_s']:.1f} s; reached ratio "
+          f"{rep['param_ratio_reached']:.4f}; run folder at the end {rep['run_folder_gib']} GiB")
+    print(f"{w['label']}")
+    print(f"  pipeline {w['pipeline_s']:.0f} s = {w['pipeline_s'] / 60:.1f} min (with evaluation {w['with_eval_s']:.0f} s); "
+          f"disk needed {rep['disk_gib']['whole_model_extrapolated']} GiB")
+    gpu = f"{rep['peak_gpu_gib']:.1f} GiB" if rep["peak_gpu_gib"] is not None else "-"
+    print(f"peak GPU memory {gpu}, peak host RSS {rep['peak_host_rss_gib']} GiB")
+    if "in_memory" in rep:
+        m = rep["in_memory"]
+        print(f"in memory, same weights, same call: pipeline {m['pipeline_s']:.1f} s (streamed/in-memory "
+              f"{rep['pipeline_s'] / m['pipeline_s']:.2f}x), peak GPU {m['peak_gpu_gib']} GiB, ranks equal: "
+              f"{m['ranks_equal']}, random-token ppl {m['eval_ppl_random']:.6g} vs streamed {rep['eval_ppl_random']:.6g}")
 
 
 def run_bench(a) -> dict:
@@ -331,7 +566,7 @@ def run_bench(a) -> dict:
                   + (f", peak {stages[name]['peak_gib']:.1f} GiB" if device.type == "cuda" else ""), flush=True)
         return out
 
-    model = stage("build_model", build_model, a.shape, device, dtype, a.seed)
+    model = stage("build_model", build_model, a.shape, device, dtype, a.seed, a.blocks)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(a.seed)
     calib_ids = torch.randint(0, vocab, (a.n_calib_samples, a.seqlen), generator=gen)
@@ -446,7 +681,7 @@ def print_report(rep: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        rep = run_bench(a)
+        rep = run_stream_bench(a) if a.stream else run_bench(a)
     except acur.UsageError as exc:
         print(f"bench_pipeline.py: error: {exc}", file=sys.stderr)
         return 2
@@ -454,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
-        print_report(rep)
+        (print_stream_report if a.stream else print_report)(rep)
         if a.json_out:
             write_json(a.json_out, rep)
     return 0
