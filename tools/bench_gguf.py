@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         paths = {"dense": Path(tmp) / "dense.gguf", "structured": Path(tmp) / "structured.gguf"}
         write_model(cfg, paths["dense"], source, None)
         write_model(cfg, paths["structured"], source, widths)
+        # n_batch covers the context: llama-cpp-python keeps n_batch rows of scores without logits_all
         llms = {k: llama_cpp.Llama(model_path=str(v), n_ctx=a.prompt + a.tokens + 8, n_threads=a.threads,
-                                   n_batch=a.prompt, verbose=False) for k, v in paths.items()}
+                                   n_batch=a.prompt + a.tokens + 8, verbose=False) for k, v in paths.items()}
         prompt = torch.randint(100, cfg["vocab_size"] - 100, (a.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
         for k in llms:  # warm-up
             decode_tps(llms[k], prompt, 8)
