@@ -70,6 +70,20 @@ def add_warning(results: dict, msg: str) -> None:
 
 
 # ---------------------------------------------------------------- stages
+def warn_on_report(results: dict, report: dict, trace: list[dict], args: argparse.Namespace) -> dict | None:
+    """Record the finished compression's warnings (nothing compressed, ranks off the alignment) in the results;
+    returns the nothing-compressed flag. One place for the in-memory and the streamed run."""
+    flag = nothing_compressed(report, trace, args)
+    if flag:
+        results["nothing_compressed"] = flag
+        add_warning(results, f"NOTHING COMPRESSED: {flag['reason']}; the model stays dense and the "
+                             "perplexities below are the DENSE model's")
+    align = rank_align_warning(report, args.rank_align)
+    if align:
+        add_warning(results, align)
+    return flag
+
+
 def select_linears(model, args) -> list[LinearInfo]:
     """The linears this run compresses: decoder-block linears (lm_head on request), optionally filtered."""
     try:
@@ -553,14 +567,7 @@ def run_streamed(args, results: dict, timed: Callable) -> tuple[None, object, di
             results.setdefault("ppl", {})["dense"] = timed("eval_dense", stream_eval, sm, tokenizer, args, progress,
                                                            sm.block, "dense")
         report = stream_compress(sm, linears, calib_ids, args, folder, progress, results, timed)
-        flag = nothing_compressed(report, [], args)
-        if flag:
-            results["nothing_compressed"] = flag
-            add_warning(results, f"NOTHING COMPRESSED: {flag['reason']}; the model stays dense and the "
-                                 "perplexities below are the DENSE model's")
-        align = rank_align_warning(report, args.rank_align)
-        if align:
-            add_warning(results, align)
+        flag = warn_on_report(results, report, [], args)
         results.setdefault("ppl", {})["compressed"] = timed(
             "eval", stream_eval, sm, tokenizer, args, progress, lambda b: streamed.compressed_block(sm, folder, b),
             "UNCOMPRESSED (dense)" if flag else "compressed")
@@ -658,14 +665,7 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
         accepted = [t for t in trace if t["ppl"] <= args.ppl_target]
         if accepted:
             results["ppl_calibration"]["compressed"] = min(accepted, key=lambda t: t["cut"])["ppl"]
-    flag = nothing_compressed(report, trace, args)
-    if flag:
-        results["nothing_compressed"] = flag
-        add_warning(results, f"NOTHING COMPRESSED: {flag['reason']}; the model stays dense and the "
-                             "perplexities below are the DENSE model's")
-    align = rank_align_warning(report, args.rank_align)
-    if align:
-        add_warning(results, align)
+    flag = warn_on_report(results, report, trace, args)
     if args.compress_kv_cache:
         results["kv_cache"] = stage_kv_cache(model, args)
     results["quantization"] = timed("quantize", quantization.quantize_model, model, args.weight_quant,
