@@ -185,6 +185,10 @@ class RunFolder:
         blob = load_json_cache(self.file(kind, b, ".json"), {"entry": self._entry_key(kind, b)})
         return None if blob is None else {k: v for k, v in blob.items() if k != "key"}
 
+    def first_undone(self, kind: str, n: int) -> int:
+        """The first of n blocks without its `kind` marker (n when every block has one): where a pass resumes."""
+        return next((b for b in range(n) if not self.done(kind, b)), n)
+
     def done(self, kind: str, b: int) -> bool:
         self.flush()
         return self.file(kind, b, ".json").exists() and self.marker(kind, b) is not None
@@ -298,7 +302,7 @@ def statistics_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor
     progress.start("statistics")
     wanted = set(names)
     n = sm.n_blocks
-    start = next((b for b in range(n) if not folder.done("stats", b)), n)
+    start = folder.first_undone("stats", n)
     progress.skip(start)
     if start < n:
         batches = batches_of(calib_ids, batch_size)
@@ -413,7 +417,7 @@ def compress_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, 
     progress.start("compress")
     wanted = set(names)
     n = sm.n_blocks
-    start = next((b for b in range(n) if not folder.done("block", b)), n)
+    start = folder.first_undone("block", n)
     progress.skip(start)
     if start < n:
         if start > 0:

@@ -137,3 +137,20 @@ def run_fresh_loader(child_code: str, jobs: dict, tmp: Path) -> dict:
     child = torch.load(tmp / "out.pt")
     assert child.pop("modules") == []  # nothing of the project was imported by the fresh process
     return child
+
+
+@pytest.fixture
+def data_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of data/ that the test may damage, in place of the repo's (texts read earlier in this process
+    are memoised: the memo is cleared so the damaged copy is what gets read)."""
+    import shutil
+
+    import datautils
+    import offline_resources as off
+    dst = tmp_path / "data"
+    shutil.copytree(off.DATA_DIR, dst)
+    monkeypatch.setattr(off, "DATA_DIR", dst)
+    monkeypatch.setattr(off, "CHECKSUMS", dst / "SHA256SUMS")
+    datautils.clear_memo()
+    yield dst
+    datautils.clear_memo()  # and never hand the damaged text to a later test

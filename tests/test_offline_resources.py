@@ -3,7 +3,6 @@ failure said in one line. Nothing here downloads."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,19 +11,6 @@ import pytest
 import acur
 import offline_resources as off
 from conftest import tiny_args
-
-
-@pytest.fixture
-def data_copy(tmp_path, monkeypatch) -> Path:
-    """A copy of data/ that the test may damage, in place of the repo's."""
-    import datautils
-    dst = tmp_path / "data"
-    shutil.copytree(off.DATA_DIR, dst)
-    monkeypatch.setattr(off, "DATA_DIR", dst)
-    monkeypatch.setattr(off, "CHECKSUMS", dst / "SHA256SUMS")
-    datautils.clear_memo()  # texts read earlier in this process are memoised: read the damaged copy
-    yield dst
-    datautils.clear_memo()  # and never hand the damaged text to a later test
 
 
 def test_every_carried_file_has_its_checksum():

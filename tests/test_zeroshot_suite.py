@@ -2,9 +2,7 @@
 data/SHA256SUMS) and the alias `paper_zeroshot` of the papers' own lm-eval tasks. Nothing here downloads."""
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,16 +18,6 @@ CARRIED = {"cur4llm_piqa": 1838, "cur4llm_hellaswag": 1000, "cur4llm_arc_easy": 
            # carried, not in the group
            "cur4llm_arc_challenge": 1172, "cur4llm_boolq": 1000, "cur4llm_copa": 100, "cur4llm_winogrande": 1267}
 PAPER_TASKS = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"]
-
-
-@pytest.fixture
-def data_copy(tmp_path, monkeypatch) -> Path:
-    """A copy of data/ that the test may damage, in place of the repo's."""
-    dst = tmp_path / "data"
-    shutil.copytree(off.DATA_DIR, dst)
-    monkeypatch.setattr(off, "DATA_DIR", dst)
-    monkeypatch.setattr(off, "CHECKSUMS", dst / "SHA256SUMS")
-    return dst
 
 
 # ---------------------------------------------------------------- the carried data
