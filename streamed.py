@@ -462,9 +462,9 @@ def _module_spec(module: nn.Module) -> dict:
             "fallback": getattr(module, "fallback", "")}
 
 
-def compressed_block(sm: StreamedModel, folder: RunFolder, b: int) -> nn.Module:
-    """Block b as the compression wrote it: the skeleton's block with its low-rank modules in place, on the
-    device."""
+def compressed_skeleton_block(sm: StreamedModel, folder: RunFolder, b: int) -> nn.Module:
+    """Block b of the compressed model on the meta device: the skeleton's block with empty low-rank modules
+    of the written classes and ranks in place (no tensor read: the export lists its layers from these)."""
     meta = folder.marker("block", b)
     if meta is None:
         raise UsageError(f"streamed run folder {folder.path}: block {b} has no compressed result")
@@ -477,6 +477,13 @@ def compressed_block(sm: StreamedModel, folder: RunFolder, b: int) -> nn.Module:
                                      spec["method"], dtype=sm.dtype)
             mod.fallback = spec["fallback"]
             replace_module(info, mod)
+    return block
+
+
+def compressed_block(sm: StreamedModel, folder: RunFolder, b: int) -> nn.Module:
+    """Block b as the compression wrote it: the skeleton's block with its low-rank modules in place, on the
+    device."""
+    block = compressed_skeleton_block(sm, folder, b)
     state = folder.load("block", b, sm.device)
     block.load_state_dict(state, strict=True, assign=True)
     block.to(sm.device)
