@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream_dir", default=None,
                    help="run folder of --stream (default OUTPUT_DIR/stream-MODEL[-RUN_NAME]); the same arguments "
                         "resume the run in it, different ones are refused")
+    g.add_argument("--stream_ram_gib", type=float, default=None,
+                   help="host RAM for the stored block inputs of --stream's reverse pass (GiB; default: half the "
+                        "available RAM, printed); what does not fit goes to the run folder; 0: always on disk")
     g.add_argument("--max_memory", default=None,
                    help="with --device_map auto: memory per device for the placement, e.g. 0=20GiB,cpu=60GiB "
                         "(what does not fit is offloaded to the CPU, then to disk under --output_dir)")

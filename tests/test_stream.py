@@ -145,8 +145,9 @@ def kill_after(monkeypatch, steps: int) -> None:
                                                                              ("acur", 2), ("acur", 6)])
 def test_killed_streamed_run_resumes_to_the_same_result(method, steps, sharded, tiny_text_file, tmp_path,
                                                         monkeypatch):
-    """2 blocks: steps 1-2 statistics, 3-4 reverse, 5-6 compress, 7-8 evaluation."""
-    extra = settings(method)
+    """2 blocks: steps 1-2 statistics, 3-4 reverse, 5-6 compress, 7-8 evaluation. The stored inputs on disk (in
+    RAM, a resume recomputes them: test_killed_run_with_inputs_in_ram_recomputes_them_on_resume)."""
+    extra = settings(method, "--stream_ram_gib", "0")
     whole_args = parse(sharded["llama"], tiny_text_file, tmp_path / "whole", *extra, "--stream")
     _, _, whole = acur.run_pipeline(whole_args)
     args = parse(sharded["llama"], tiny_text_file, tmp_path / "killed", *extra, "--stream")
@@ -330,3 +331,58 @@ def test_interrupted_streamed_run_says_where_its_blocks_are(sharded, tiny_text_f
     line = last_line(capsys)
     assert "interrupted by SIGINT during stage reverse" in line and "streamed run's finished blocks in" in line
     assert line.endswith("resume: run the same command again")
+
+
+# ---------------------------------------------------------------- stored inputs in RAM or on disk
+def written_kinds(monkeypatch) -> list[str]:
+    """The kinds of the entries the run folder writes to disk (recorded as they are written)."""
+    kinds, real = [], streamed.RunFolder._write
+    monkeypatch.setattr(streamed.RunFolder, "_write", lambda self, kind, b, t: kinds.append(kind) or real(self, kind, b, t))
+    return kinds
+
+
+@pytest.mark.parametrize("method", ["srid", "acur"])
+def test_stored_inputs_in_ram_or_on_disk_give_the_same_result(method, sharded, tiny_text_file, tmp_path, monkeypatch,
+                                                              capsys):
+    extra = settings(method)
+    disk_args = parse(sharded["llama"], tiny_text_file, tmp_path / "disk", *extra, "--stream", "--stream_ram_gib", "0")
+    with monkeypatch.context() as m:
+        kinds = written_kinds(m)
+        _, _, on_disk = acur.run_pipeline(disk_args)
+    assert kinds.count("inputs") == 3 and on_disk["stream"]["stored_inputs"]["in_ram"] == 0
+    assert "stored block inputs" in capsys.readouterr().out
+    ram_args = parse(sharded["llama"], tiny_text_file, tmp_path / "ram", *extra, "--stream")  # the default budget
+    with monkeypatch.context() as m:
+        kinds = written_kinds(m)
+        _, _, in_ram = acur.run_pipeline(ram_args)
+    out = capsys.readouterr().out
+    assert "inputs" not in kinds and in_ram["stream"]["stored_inputs"]["in_ram"] == 3
+    assert "in RAM (RAM budget" in out and "half of the" in out
+    assert in_ram["stream"]["stored_inputs"]["ram_peak_bytes"] == 3 * 4 * 64 * 64 * 4  # n+1 boundaries, fp32
+    assert_same_result(on_disk, in_ram, assembled(disk_args), assembled(ram_args))
+    # a budget of one boundary: the first input in RAM, the rest written
+    part_args = parse(sharded["llama"], tiny_text_file, tmp_path / "part", *extra, "--stream", "--stream_ram_gib",
+                      str(1.5 * 4 * 64 * 64 * 4 / 2**30))
+    _, _, part = acur.run_pipeline(part_args)
+    assert part["stream"]["stored_inputs"]["in_ram"] >= 1 and part["stream"]["stored_inputs"]["on_disk"] >= 1
+    assert "block(s) at a time, the rest on disk" in capsys.readouterr().out
+    assert_same_result(on_disk, part, assembled(disk_args), assembled(part_args))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_killed_run_with_inputs_in_ram_recomputes_them_on_resume(steps, sharded, tiny_text_file, tmp_path,
+                                                                 monkeypatch):
+    """Killed in the statistics pass (1), at its end (2) or in the reverse pass (3): the inputs held in RAM are
+    gone, the resume recomputes those it needs and ends with the uninterrupted run's result."""
+    extra = settings("srid")
+    whole_args = parse(sharded["llama"], tiny_text_file, tmp_path / "whole", *extra, "--stream", "--stream_ram_gib", "0")
+    _, _, whole = acur.run_pipeline(whole_args)
+    args = parse(sharded["llama"], tiny_text_file, tmp_path / "killed", *extra, "--stream")
+    with monkeypatch.context() as m:
+        kill_after(m, steps)
+        with pytest.raises(Killed):
+            acur.run_pipeline(args)
+    assert not list(acur.stream_dir(args).glob("inputs_*"))  # they were in RAM
+    _, _, again = acur.run_pipeline(args)
+    assert again["stream"]["resumed"]
+    assert_same_result(whole, again, assembled(whole_args), assembled(args))
