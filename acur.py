@@ -524,6 +524,36 @@ def stream_ram_budget(args, disk: dict, store_inputs: bool) -> int:
     return budget
 
 
+MICRO_FRACTION = 0.25  # of the device's free memory, for a covariance micro-batch's activations and product
+
+
+def stream_micro_batches(args, sm, covariances: bool) -> tuple[int, int]:
+    """(fisher, covariance) calibration samples per block recompute of the reverse pass: --stream_micro_batch
+    for both, or automatic: 1 for the fisher (output_fisher's batches), --calib_batch_size for the
+    covariances, halved while streamed.reverse_micro_bytes exceeds MICRO_FRACTION of the free device
+    memory. Printed in one line with the estimate."""
+    n = args.n_calib_samples
+    if args.stream_micro_batch < 0:
+        raise UsageError(f"--stream_micro_batch must be 0 (automatic) or a number of samples, got "
+                         f"{args.stream_micro_batch}")
+    if args.stream_micro_batch:
+        m = min(args.stream_micro_batch, n)
+        fisher, cov, why = m, m, "--stream_micro_batch"
+    else:
+        fisher, cov = 1, min(args.calib_batch_size, n)
+        free = model_loading.free_memory(sm.device)
+        while free is not None and cov > 1 and \
+                streamed.reverse_micro_bytes(sm, cov, args.calib_seqlen)["covariance"] > MICRO_FRACTION * free:
+            cov = (cov + 1) // 2
+        why = "automatic" + (f", {free / 2**30:.1f} GiB free on {sm.device.type}" if free is not None else "")
+    est = streamed.reverse_micro_bytes(sm, max(fisher, cov), args.calib_seqlen)
+    print(f"[acur] stream: reverse pass in micro-batches of {fisher} sample(s) for the output fisher"
+          + (f", {cov} for the input covariances" if covariances else "")
+          + f" ({why}; activations and covariance products up to {est['covariance' if covariances else 'fisher'] / 2**30:.2f} "
+            "GiB a recompute)", flush=True)
+    return fisher, cov
+
+
 def stored_inputs_report(folder: streamed.RunFolder) -> dict:
     """Where the stored block inputs went: RAM budget and peak (bytes), entries held in RAM and written."""
     return {"ram_budget_bytes": folder.ram_budget, "ram_peak_bytes": folder.ram_peak,
@@ -551,9 +581,11 @@ def stream_compress(sm, linears: list[LinearInfo], calib_ids: torch.Tensor, args
     scales = scales_of(abs_stats, args.scaling_method) if args.act_aware else None
     fisher = None
     if plan["reverse"]:
+        micro = stream_micro_batches(args, sm, plan["covariances"])
+        results.setdefault("stream", {})["micro_batch"] = {"fisher": micro[0], "covariance": micro[1]}
         fisher, rows_b = timed("reverse", streamed.reverse_pass, sm, names, calib_ids, args.calib_batch_size,
                                folder, progress, plan["covariances"],
-                               stream_rows(args, scales, n_tokens) if plan["covariances"] else None)
+                               stream_rows(args, scales, n_tokens) if plan["covariances"] else None, micro)
         table = table or rows_b
         fisher, uniform = finite_fisher(fisher)
         if uniform:

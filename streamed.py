@@ -269,6 +269,18 @@ def disk_needed(sm: StreamedModel, n_samples: int, seqlen: int, store_inputs: bo
             "need": max(stats, compress)}
 
 
+def reverse_micro_bytes(sm: StreamedModel, micro: int, seqlen: int) -> dict[str, int]:
+    """Device bytes a reverse-pass recompute of `micro` samples holds beyond the block's weights, estimated
+    from the shapes (the largest tensors): the block's activations kept for the backward (about 8 hidden-wide
+    and 4 of the widest linear input per token, in the run's dtype) and, for the covariances, the widest
+    input flattened in fp32 and its fp32 product (the fp64 sums are there whatever the micro-batch)."""
+    size = torch.empty(0, dtype=sm.dtype).element_size()
+    widest = max(i.module.in_features for i in sm.block_linears(sm.layers[0], 0))
+    tokens = micro * seqlen
+    act = tokens * (8 * sm.config.hidden_size + 4 * widest) * size
+    return {"fisher": 2 * act, "covariance": act + tokens * widest * 4 + widest * widest * 4}
+
+
 # ---------------------------------------------------------------- progress
 class StreamProgress:
     """One bar over every block of every pass: blocks done, the current stage, the time left (tqdm's ETA);
@@ -394,21 +406,29 @@ def statistics_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor
 # ---------------------------------------------------------------- pass 2: reverse (output fisher, covariances)
 def reverse_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, batch_size: int,
                  folder: RunFolder, progress: StreamProgress, covariances: bool,
-                 rows: Rows | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                 rows: Rows | None = None, micro: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(output fisher of every layer, as act_aware_utils.output_fisher measures it; sensitivity rows):
-    the loss's gradient carried back block by block, each block recomputed from its stored input (one
-    sample at a time, as output_fisher's batches of 1). With `covariances`, each block's input covariances
-    are measured on the same stored inputs (batched, as input_covariances) and handed to
-    rows(infos, {"cov": .., "fisher": ..}) with the block's fisher, then dropped."""
+    the loss's gradient carried back block by block, each block recomputed from its stored input. With
+    `covariances`, each block's input covariances are measured on the same stored inputs and handed to
+    rows(infos, {"cov": .., "fisher": ..}) with the block's fisher, then dropped.
+
+    micro = (fisher, covariance) calibration samples per block recompute (default (1, batch_size): as
+    output_fisher's batches of 1 and input_covariances' batches): fewer samples at a time hold less of
+    the block's activations and a smaller covariance product on the device; the sums are the same up
+    to round-off. The stored inputs stay on the host; each micro-batch goes to the device when its turn
+    comes. Gradients are kept and stored per sample, so a resume may use other micro-batches."""
     progress.start("reverse")
     wanted = set(names)
     n = sm.n_blocks
     todo = [b for b in reversed(range(n)) if not folder.done("fisher", b)]
     progress.skip(n - len(todo))
     if todo:
-        samples = [calib_ids[j:j + 1] for j in range(calib_ids.shape[0])]
-        _, kw_one = sm.capture(samples)
-        _, kw_batch = sm.capture(batches_of(calib_ids, batch_size)) if covariances else (None, None)
+        m_fisher, m_cov = micro or (1, batch_size)
+        n_samples = calib_ids.shape[0]
+        fisher_ids = batches_of(calib_ids, m_fisher)
+        _, kw_fisher = sm.capture(fisher_ids)
+        cov_spans = [(i, min(i + m_cov, n_samples)) for i in range(0, n_samples, m_cov)]
+        _, kw_cov = sm.capture(batches_of(calib_ids, m_cov)) if covariances else (None, None)
         top = todo[0]
         head = top == n - 1 and not folder.file("grads", n).exists()
         missing = {b for b in todo + ([n] if head else []) if not folder.has("inputs", b)}
@@ -417,20 +437,33 @@ def reverse_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, b
             regenerate_inputs(sm, folder, hidden, kw_fwd, missing, progress)
             del hidden, kw_fwd
         if head:
-            final = _unstack(folder.load("inputs", n, sm.device))
-            grads = [head_output_grads(sm.head, _row(final, j, batch_size), samples[j]) for j in range(len(samples))]
+            final = _unstack(folder.load("inputs", n))
+            grads = []
+            for i, ids in enumerate(fisher_ids):
+                s = i * m_fisher
+                g = head_output_grads(sm.head, _rows(final, s, s + ids.shape[0], batch_size, sm.device), ids)
+                grads += _per_sample(g)
             folder.save("grads", n, _stack(grads))
             folder.drop("inputs", n)
+            del final
         grads = _unstack(folder.load("grads", top + 1, sm.device))
         tokens = calib_ids.numel()
         progress.ready()
         for b, block in prefetched(sm.block, todo):
             infos = sm.block_linears(block, b, wanted)
-            hidden = _unstack(folder.load("inputs", b, sm.device))
-            covs = block_covariances(block, infos, list(hidden), [kw[b] for kw in kw_batch]) if covariances else None
+            hidden = _unstack(folder.load("inputs", b))  # on the host: one micro-batch at a time goes to the device
+            covs = None
+            if covariances:
+                covs = block_covariances(block, infos, [_rows(hidden, s, e, batch_size, sm.device) for s, e in cov_spans],
+                                         [kw[b] for kw in kw_cov])
             acc = {i.name: torch.zeros(i.module.out_features, device=sm.device) for i in infos}
-            grads = [block_output_fisher(block, infos, acc, _row(hidden, j, batch_size), grads[j], kw_one[j][b])
-                     for j in range(len(samples))]
+            new_grads = []
+            for i, ids in enumerate(fisher_ids):
+                s, e = i * m_fisher, i * m_fisher + ids.shape[0]
+                g = block_output_fisher(block, infos, acc, _rows(hidden, s, e, batch_size, sm.device),
+                                        torch.cat(grads[s:e]) if e - s > 1 else grads[s], kw_fisher[i][b])
+                new_grads += _per_sample(g)
+            grads = new_grads
             fisher = {name: (a / max(tokens, 1)).cpu() for name, a in acc.items()}
             table = rows(infos, {"cov": covs, "fisher": fisher}) if rows is not None else {}
             if b > 0:
@@ -468,6 +501,22 @@ def regenerate_inputs(sm: StreamedModel, folder: RunFolder, hidden: list[torch.T
         del block
     folder.save("inputs", last, _stack(hidden))
     progress.start(stage)
+
+
+def _rows(hidden: list[torch.Tensor], start: int, stop: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Samples start..stop-1 of the stored calibration batches as one batch, on the device (a view of the
+    stored batch when they lie in one)."""
+    if start // batch_size == (stop - 1) // batch_size:
+        out = hidden[start // batch_size][start % batch_size:start % batch_size + stop - start]
+    else:
+        out = torch.cat([_row(hidden, j, batch_size) for j in range(start, stop)])
+    return out.to(device)
+
+
+def _per_sample(g: torch.Tensor) -> list[torch.Tensor]:
+    """A micro-batch's gradients as one (1, seq, width) tensor per sample, each its own storage (stored per
+    sample, so the entry does not depend on the micro-batch; safetensors refuses tensors sharing memory)."""
+    return [g] if g.shape[0] == 1 else [r.clone() for r in g.split(1)]
 
 
 def _row(hidden: list[torch.Tensor], j: int, batch_size: int) -> torch.Tensor:

@@ -58,21 +58,21 @@ def assembled(args):
     return streamed.assemble(sm, folder)
 
 
-def assert_same_result(mem: dict, st: dict, mem_model, st_model) -> None:
+def assert_same_result(mem: dict, st: dict, mem_model, st_model, rel: float = 1e-5) -> None:
     assert {k: v["rank"] for k, v in st["layers"].items()} == {k: v["rank"] for k, v in mem["layers"].items()}
     assert any(v["rank"] is not None for v in st["layers"].values())
     assert st["param_ratio"]["reached"] == mem["param_ratio"]["reached"]
     for name, row in mem["sensitivity"]["table"].items():
         for r, v in row.items():
-            assert st["sensitivity"]["table"][name][r] == pytest.approx(v, rel=1e-5, abs=1e-12), (name, r)
+            assert st["sensitivity"]["table"][name][r] == pytest.approx(v, rel=rel, abs=1e-12), (name, r)
     for label, vals in mem["ppl"].items():
         for ds, v in vals.items():
-            assert st["ppl"][label][ds] == pytest.approx(v, rel=1e-5)
+            assert st["ppl"][label][ds] == pytest.approx(v, rel=rel)
     a, b = mem_model.state_dict(), st_model.state_dict()
     assert set(a) == set(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6), k
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=rel, atol=rel / 10), k
 
 
 # ---------------------------------------------------------------- the loader
@@ -386,3 +386,47 @@ def test_killed_run_with_inputs_in_ram_recomputes_them_on_resume(steps, sharded,
     _, _, again = acur.run_pipeline(args)
     assert again["stream"]["resumed"]
     assert_same_result(whole, again, assembled(whole_args), assembled(args))
+
+
+# ---------------------------------------------------------------- micro-batches of the reverse pass
+@pytest.mark.parametrize("method", ["srid", "wsvd"])
+def test_reverse_micro_batches_give_the_same_result_with_smaller_recomputes(method, sharded, tiny_text_file, tmp_path,
+                                                                           monkeypatch, capsys):
+    """4 calibration samples stored in batches of 2: micro-batches of 1, 3 (across the stored batches, a short
+    last one) and 4 equal the automatic run (1 for the fisher, 2 for the covariances) to round-off; no
+    recompute holds more samples than its micro-batch, so the largest activations shrink with it."""
+    extra = settings(method)
+    base_args = parse(sharded["qwen2"], tiny_text_file, tmp_path / "auto", *extra, "--stream")
+    _, _, base = acur.run_pipeline(base_args)
+    assert base["stream"]["micro_batch"] == {"fisher": 1, "covariance": 2}
+    assert "micro-batches of 1 sample(s) for the output fisher, 2 for the input covariances (automatic" in \
+        capsys.readouterr().out
+    for m in (1, 3, 4):
+        seen = []
+        real_cov, real_fisher = streamed.block_covariances, streamed.block_output_fisher
+        with monkeypatch.context() as mp:
+            mp.setattr(streamed, "block_covariances", lambda blk, infos, hidden, kw: seen.extend(
+                h.shape[0] for h in hidden) or real_cov(blk, infos, hidden, kw))
+            mp.setattr(streamed, "block_output_fisher", lambda blk, infos, acc, h, g, kw: seen.append(h.shape[0]) or
+                       real_fisher(blk, infos, acc, h, g, kw))
+            args = parse(sharded["qwen2"], tiny_text_file, tmp_path / f"m{m}", *extra, "--stream",
+                         "--stream_micro_batch", str(m))
+            _, _, res = acur.run_pipeline(args)
+        assert max(seen) == m and res["stream"]["micro_batch"] == {"fisher": m, "covariance": m}
+        # (other sums in fp32: a sensitivity of 9e-6 that is a difference of larger terms moves by 1e-5)
+        assert_same_result(base, res, assembled(base_args), assembled(args), rel=1e-4)
+    # the estimate the automatic choice reads: the largest tensors of a recompute grow with its samples
+    sm, _, _ = model_loading.open_streamed(base_args)
+    sizes = [streamed.reverse_micro_bytes(sm, m, 64) for m in (1, 2, 4)]
+    assert sizes[0]["covariance"] < sizes[1]["covariance"] < sizes[2]["covariance"]
+    assert sizes[0]["fisher"] * 4 == sizes[2]["fisher"]
+
+
+def test_automatic_micro_batch_shrinks_when_the_device_is_short(sharded, tiny_text_file, tmp_path, monkeypatch):
+    args = parse(sharded["llama"], tiny_text_file, tmp_path, *settings("srid"), "--stream")
+    sm, _, _ = model_loading.open_streamed(args)
+    one = streamed.reverse_micro_bytes(sm, 1, args.calib_seqlen)["covariance"]
+    monkeypatch.setattr(model_loading, "free_memory", lambda device: int(one / acur.MICRO_FRACTION) + 1)
+    assert acur.stream_micro_batches(args, sm, True) == (1, 1)
+    monkeypatch.setattr(model_loading, "free_memory", lambda device: 2**40)
+    assert acur.stream_micro_batches(args, sm, True) == (1, 2)
