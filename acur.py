@@ -390,7 +390,8 @@ def write_results(results: dict, args) -> Path:
 # arguments that change no per-block result of a streamed run (evaluation and where things go): a resume may differ
 STREAM_KEY_SKIP = ("eval_ppl", "eval_seqlen", "eval_max_windows", "eval_batch_size", "eval_dense", "eval_mmlu",
                    "eval_tasks", "eval_limit", "mc_task", "output_dir", "cache_dir", "use_cache", "run_name", "stream",
-                   "stream_dir", "device", "compile_blocks", "no_fast_sensitivity", "device_map", "max_memory")
+                   "stream_dir", "device", "compile_blocks", "no_fast_sensitivity", "device_map", "max_memory",
+                   "stream_ram_gib", "stream_micro_batch")
 STREAM_KEY_LABELS = {"model_files": "the checkpoint (its config and weight files)",
                      "code": "the code (a source file streamed results depend on changed)",
                      "calib_text": "the calibration text"}
@@ -487,10 +488,11 @@ def stream_plan(args) -> dict:
 def open_stream_folder(sm, args, key: dict, path: Path) -> tuple[streamed.RunFolder, dict]:
     """(run folder, disk figures): the folder opened (refused when it holds another run), the disk a run will
     need printed before it starts, refused when the folder's file system has less free."""
-    folder = streamed.RunFolder(path, key, STREAM_KEY_LABELS)
     plan = stream_plan(args)
     disk = streamed.disk_needed(sm, args.n_calib_samples, args.calib_seqlen, plan["store_inputs"],
                                 int(plan["compressed_stream"]) + int(plan["dense_stream"]), args.param_ratio_target)
+    budget = stream_ram_budget(args, disk, plan["store_inputs"])
+    folder = streamed.RunFolder(path, key, STREAM_KEY_LABELS, ram_budget=budget)
     free = folder.free_bytes()
     print(f"[acur] stream: run folder {folder.path} ({'resumed' if folder.resumed else 'new'}); disk needed up to "
           f"{disk['need'] / 2**30:.2f} GiB (statistics {disk['statistics'] / 2**30:.2f} GiB, compressed blocks and "
@@ -499,6 +501,63 @@ def open_stream_folder(sm, args, key: dict, path: Path) -> tuple[streamed.RunFol
         raise UsageError(f"--stream needs up to {disk['need'] / 2**30:.1f} GiB in {folder.path}, only "
                          f"{free / 2**30:.1f} GiB free there; choose another --stream_dir")
     return folder, disk
+
+
+RAM_FRACTION = 0.5  # of the available host RAM, for the stored inputs by default (the rest: blocks, the writer)
+
+
+def stream_ram_budget(args, disk: dict, store_inputs: bool) -> int:
+    """Bytes of host RAM the stored block inputs may take (--stream_ram_gib, else RAM_FRACTION of the available
+    RAM), with a printed line saying where they will be: in RAM, partly on disk, or on disk."""
+    if not store_inputs:
+        return 0
+    if args.stream_ram_gib is not None:
+        budget, why = int(args.stream_ram_gib * 2**30), "--stream_ram_gib"
+    else:
+        free = model_loading.free_memory(torch.device("cpu")) or 0
+        budget, why = int(RAM_FRACTION * free), f"half of the {free / 2**30:.1f} GiB of RAM available"
+    need = disk["stored_inputs"]
+    where = ("in RAM" if need <= budget else "on disk" if budget < disk["boundary"] else
+             f"in RAM up to {budget // disk['boundary']} block(s) at a time, the rest on disk")
+    print(f"[acur] stream: stored block inputs {need / 2**30:.2f} GiB {where} (RAM budget {budget / 2**30:.2f} GiB: "
+          f"{why})", flush=True)
+    return budget
+
+
+MICRO_FRACTION = 0.25  # of the device's free memory, for a covariance micro-batch's activations and product
+
+
+def stream_micro_batches(args, sm, covariances: bool) -> tuple[int, int]:
+    """(fisher, covariance) calibration samples per block recompute of the reverse pass: --stream_micro_batch
+    for both, or automatic: 1 for the fisher (output_fisher's batches), --calib_batch_size for the
+    covariances, halved while streamed.reverse_micro_bytes exceeds MICRO_FRACTION of the free device
+    memory. Printed in one line with the estimate."""
+    n = args.n_calib_samples
+    if args.stream_micro_batch < 0:
+        raise UsageError(f"--stream_micro_batch must be 0 (automatic) or a number of samples, got "
+                         f"{args.stream_micro_batch}")
+    if args.stream_micro_batch:
+        m = min(args.stream_micro_batch, n)
+        fisher, cov, why = m, m, "--stream_micro_batch"
+    else:
+        fisher, cov = 1, min(args.calib_batch_size, n)
+        free = model_loading.free_memory(sm.device)
+        while free is not None and cov > 1 and \
+                streamed.reverse_micro_bytes(sm, cov, args.calib_seqlen)["covariance"] > MICRO_FRACTION * free:
+            cov = (cov + 1) // 2
+        why = "automatic" + (f", {free / 2**30:.1f} GiB free on {sm.device.type}" if free is not None else "")
+    est = streamed.reverse_micro_bytes(sm, max(fisher, cov), args.calib_seqlen)
+    print(f"[acur] stream: reverse pass in micro-batches of {fisher} sample(s) for the output fisher"
+          + (f", {cov} for the input covariances" if covariances else "")
+          + f" ({why}; activations and covariance products up to {est['covariance' if covariances else 'fisher'] / 2**30:.2f} "
+            "GiB a recompute)", flush=True)
+    return fisher, cov
+
+
+def stored_inputs_report(folder: streamed.RunFolder) -> dict:
+    """Where the stored block inputs went: RAM budget and peak (bytes), entries held in RAM and written."""
+    return {"ram_budget_bytes": folder.ram_budget, "ram_peak_bytes": folder.ram_peak,
+            "in_ram": folder.ram_entries, "on_disk": folder.disk_entries}
 
 
 def stream_passes(args, n_eval: int) -> int:
@@ -522,9 +581,11 @@ def stream_compress(sm, linears: list[LinearInfo], calib_ids: torch.Tensor, args
     scales = scales_of(abs_stats, args.scaling_method) if args.act_aware else None
     fisher = None
     if plan["reverse"]:
+        micro = stream_micro_batches(args, sm, plan["covariances"])
+        results.setdefault("stream", {})["micro_batch"] = {"fisher": micro[0], "covariance": micro[1]}
         fisher, rows_b = timed("reverse", streamed.reverse_pass, sm, names, calib_ids, args.calib_batch_size,
                                folder, progress, plan["covariances"],
-                               stream_rows(args, scales, n_tokens) if plan["covariances"] else None)
+                               stream_rows(args, scales, n_tokens) if plan["covariances"] else None, micro)
         table = table or rows_b
         fisher, uniform = finite_fisher(fisher)
         if uniform:
@@ -572,6 +633,7 @@ def run_streamed(args, results: dict, timed: Callable) -> tuple[None, object, di
             "eval", stream_eval, sm, tokenizer, args, progress, lambda b: streamed.compressed_block(sm, folder, b),
             "UNCOMPRESSED (dense)" if flag else "compressed")
         results["stream"]["block_seconds"] = progress.block_seconds
+        results["stream"]["stored_inputs"] = stored_inputs_report(folder)
     finally:
         progress.close()
         folder.close()  # every write asked for is on disk (or its error raised) before the run returns

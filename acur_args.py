@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream_dir", default=None,
                    help="run folder of --stream (default OUTPUT_DIR/stream-MODEL[-RUN_NAME]); the same arguments "
                         "resume the run in it, different ones are refused")
+    g.add_argument("--stream_ram_gib", type=float, default=None,
+                   help="host RAM for the stored block inputs of --stream's reverse pass (GiB; default: half the "
+                        "available RAM, printed); what does not fit goes to the run folder; 0: always on disk")
+    g.add_argument("--stream_micro_batch", type=int, default=0,
+                   help="calibration samples per block recompute in --stream's reverse pass (output fisher and "
+                        "input covariances): fewer hold less GPU memory, same sums to round-off; 0: automatic "
+                        "(1 for the fisher, --calib_batch_size for the covariances unless the device is short)")
     g.add_argument("--max_memory", default=None,
                    help="with --device_map auto: memory per device for the placement, e.g. 0=20GiB,cpu=60GiB "
                         "(what does not fit is offloaded to the CPU, then to disk under --output_dir)")

@@ -66,6 +66,10 @@ def key_difference(stored: dict, key: dict, labels: dict[str, str] | None = None
 
 
 TEMPORARY = ("inputs", "grads", "carry")  # entries a later block or pass of the same run reads, then drops
+# entries held in host RAM while the budget allows: the stored block inputs, read back once per block by the
+# reverse pass; a run killed with them in RAM loses them and its resume recomputes them (a forward pass).
+# Gradients and carried streams stay on disk: a resume reads them, and nothing recomputes them cheaply.
+RAM_KINDS = ("inputs",)
 QUEUE = 2  # writes in flight at most: what they hold (a block's inputs or weights) stays bounded
 
 
@@ -75,9 +79,10 @@ class RunFolder:
     block, written atomically (a temporary file, then os.replace) by one background thread in the order they
     were asked for, so the blocks compute while the disk writes and a marker never lands before the entries
     it stands for; every read waits for the writes in flight. Results carry a sha256 of their tensors; the
-    temporary entries (TEMPORARY) do not (they live minutes, and the checksum costs a second a block at 70B)."""
+    temporary entries (TEMPORARY) do not (they live minutes, and the checksum costs a second a block at 70B).
+    Entries of RAM_KINDS are held in host RAM instead of written while they fit ram_budget bytes (0: never)."""
 
-    def __init__(self, path: str | Path, key: dict, labels: dict[str, str] | None = None):
+    def __init__(self, path: str | Path, key: dict, labels: dict[str, str] | None = None, ram_budget: int = 0):
         self.path = Path(path)
         self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
         run = self.path / RUN_FILE
@@ -99,6 +104,12 @@ class RunFolder:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="stream-writer")
         self._pending: collections.deque[Future] = collections.deque()
         self._lock = threading.RLock()  # the reader thread (prefetched) may load while the main thread writes
+        self.ram_budget = max(0, int(ram_budget))
+        self._ram: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self.ram_bytes = 0
+        self.ram_peak = 0  # bytes held at most (the bench and the tests read it)
+        self.ram_entries = 0  # entries ever held in RAM, and written to disk, of RAM_KINDS
+        self.disk_entries = 0
 
     # ---- the writer
     def _submit(self, fn: Callable, *args) -> None:
@@ -134,9 +145,35 @@ class RunFolder:
         return self.path / f"{kind}_{b:05d}{suffix}"
 
     def save(self, kind: str, b: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Write an entry in the background. The tensors must not change afterwards (the passes only ever
-        rebind their hidden states and drop their blocks, so they do not)."""
+        """Write an entry in the background, or hold it in host RAM (RAM_KINDS, within the budget). The tensors
+        must not change afterwards (the passes only ever rebind their hidden states and drop their blocks, so
+        they do not): on the CPU the RAM entry is the very tensors, with no copy."""
+        if kind in RAM_KINDS:
+            size = sum(t.numel() * t.element_size() for t in tensors.values())
+            with self._lock:
+                if self.ram_bytes + size <= self.ram_budget:
+                    self._pop_ram(kind, b)
+                    self._ram[(kind, b)] = {k: v.detach().to("cpu") for k, v in tensors.items()}
+                    self.ram_bytes += size
+                    self.ram_peak = max(self.ram_peak, self.ram_bytes)
+                    self.ram_entries += 1
+                    return
+                self.disk_entries += 1
         self._submit(self._write, kind, b, dict(tensors))
+
+    def _pop_ram(self, kind: str, b: int) -> bool:
+        with self._lock:
+            entry = self._ram.pop((kind, b), None)
+            if entry is not None:
+                self.ram_bytes -= sum(t.numel() * t.element_size() for t in entry.values())
+            return entry is not None
+
+    def has(self, kind: str, b: int) -> bool:
+        """Whether an entry is there, in RAM or on disk (what a resume can read)."""
+        if (kind, b) in self._ram:
+            return True
+        self.flush()
+        return self.file(kind, b).exists()
 
     def _write(self, kind: str, b: int, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -157,6 +194,9 @@ class RunFolder:
         """An entry's tensors; UsageError naming the file when it is missing, foreign or damaged (a resume
         cannot go on without it)."""
         from safetensors import safe_open
+        held = self._ram.get((kind, b))
+        if held is not None:
+            return {k: v.to(device) for k, v in held.items()} if device is not None else dict(held)
         self.flush()
         path = self.file(kind, b)
         why = None
@@ -194,7 +234,9 @@ class RunFolder:
         return self.file(kind, b, ".json").exists() and self.marker(kind, b) is not None
 
     def drop(self, kind: str, b: int) -> None:
-        """Remove an entry (queued: after the writes asked for before it)."""
+        """Remove an entry (from RAM at once; from disk queued after the writes asked for before it)."""
+        if self._pop_ram(kind, b) and not self.file(kind, b).exists():
+            return
         self._submit(self._unlink, kind, b)
 
     def _unlink(self, kind: str, b: int) -> None:
@@ -202,6 +244,8 @@ class RunFolder:
             self.file(kind, b, suffix).unlink(missing_ok=True)
 
     def drop_kind(self, kind: str) -> None:
+        for k, b in [key for key in self._ram if key[0] == kind]:
+            self._pop_ram(k, b)
         self.flush()
         for p in self.path.glob(f"{kind}_*"):
             p.unlink(missing_ok=True)
@@ -221,7 +265,20 @@ def disk_needed(sm: StreamedModel, n_samples: int, seqlen: int, store_inputs: bo
     blocks = int(sum(sm.block_bytes(b) for b in range(sm.n_blocks)) * min(1.0, kept_fraction))
     compress = blocks + 2 * n_streams * boundary
     return {"boundary": boundary, "statistics": stats, "compress": compress, "blocks": blocks,
+            "stored_inputs": (sm.n_blocks + 1) * boundary if store_inputs else 0,
             "need": max(stats, compress)}
+
+
+def reverse_micro_bytes(sm: StreamedModel, micro: int, seqlen: int) -> dict[str, int]:
+    """Device bytes a reverse-pass recompute of `micro` samples holds beyond the block's weights, estimated
+    from the shapes (the largest tensors): the block's activations kept for the backward (about 8 hidden-wide
+    and 4 of the widest linear input per token, in the run's dtype) and, for the covariances, the widest
+    input flattened in fp32 and its fp32 product (the fp64 sums are there whatever the micro-batch)."""
+    size = torch.empty(0, dtype=sm.dtype).element_size()
+    widest = max(i.module.in_features for i in sm.block_linears(sm.layers[0], 0))
+    tokens = micro * seqlen
+    act = tokens * (8 * sm.config.hidden_size + 4 * widest) * size
+    return {"fisher": 2 * act, "covariance": act + tokens * widest * 4 + widest * widest * 4}
 
 
 # ---------------------------------------------------------------- progress
@@ -310,6 +367,10 @@ def statistics_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor
         if start == 0:
             folder.save("inputs", 0, _stack(hidden))
         else:
+            keep = set(range(start + 1)) if store_inputs else {start}
+            missing = {b for b in keep if not folder.has("inputs", b)}
+            if missing:  # held in the RAM of the process that was killed
+                regenerate_inputs(sm, folder, hidden, kwargs, missing, progress)
             hidden = _unstack(folder.load("inputs", start, sm.device))
         progress.ready()
         for b, block in prefetched(sm.block, range(start, n)):
@@ -345,37 +406,64 @@ def statistics_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor
 # ---------------------------------------------------------------- pass 2: reverse (output fisher, covariances)
 def reverse_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, batch_size: int,
                  folder: RunFolder, progress: StreamProgress, covariances: bool,
-                 rows: Rows | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                 rows: Rows | None = None, micro: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(output fisher of every layer, as act_aware_utils.output_fisher measures it; sensitivity rows):
-    the loss's gradient carried back block by block, each block recomputed from its stored input (one
-    sample at a time, as output_fisher's batches of 1). With `covariances`, each block's input covariances
-    are measured on the same stored inputs (batched, as input_covariances) and handed to
-    rows(infos, {"cov": .., "fisher": ..}) with the block's fisher, then dropped."""
+    the loss's gradient carried back block by block, each block recomputed from its stored input. With
+    `covariances`, each block's input covariances are measured on the same stored inputs and handed to
+    rows(infos, {"cov": .., "fisher": ..}) with the block's fisher, then dropped.
+
+    micro = (fisher, covariance) calibration samples per block recompute (default (1, batch_size): as
+    output_fisher's batches of 1 and input_covariances' batches): fewer samples at a time hold less of
+    the block's activations and a smaller covariance product on the device; the sums are the same up
+    to round-off. The stored inputs stay on the host; each micro-batch goes to the device when its turn
+    comes. Gradients are kept and stored per sample, so a resume may use other micro-batches."""
     progress.start("reverse")
     wanted = set(names)
     n = sm.n_blocks
     todo = [b for b in reversed(range(n)) if not folder.done("fisher", b)]
     progress.skip(n - len(todo))
     if todo:
-        samples = [calib_ids[j:j + 1] for j in range(calib_ids.shape[0])]
-        _, kw_one = sm.capture(samples)
-        _, kw_batch = sm.capture(batches_of(calib_ids, batch_size)) if covariances else (None, None)
+        m_fisher, m_cov = micro or (1, batch_size)
+        n_samples = calib_ids.shape[0]
+        fisher_ids = batches_of(calib_ids, m_fisher)
+        _, kw_fisher = sm.capture(fisher_ids)
+        cov_spans = [(i, min(i + m_cov, n_samples)) for i in range(0, n_samples, m_cov)]
+        _, kw_cov = sm.capture(batches_of(calib_ids, m_cov)) if covariances else (None, None)
         top = todo[0]
-        if top == n - 1 and not folder.file("grads", n).exists():
-            final = _unstack(folder.load("inputs", n, sm.device))
-            grads = [head_output_grads(sm.head, _row(final, j, batch_size), samples[j]) for j in range(len(samples))]
+        head = top == n - 1 and not folder.file("grads", n).exists()
+        missing = {b for b in todo + ([n] if head else []) if not folder.has("inputs", b)}
+        if missing:  # held in the RAM of the process that was killed
+            hidden, kw_fwd = sm.capture(batches_of(calib_ids, batch_size))
+            regenerate_inputs(sm, folder, hidden, kw_fwd, missing, progress)
+            del hidden, kw_fwd
+        if head:
+            final = _unstack(folder.load("inputs", n))
+            grads = []
+            for i, ids in enumerate(fisher_ids):
+                s = i * m_fisher
+                g = head_output_grads(sm.head, _rows(final, s, s + ids.shape[0], batch_size, sm.device), ids)
+                grads += _per_sample(g)
             folder.save("grads", n, _stack(grads))
             folder.drop("inputs", n)
+            del final
         grads = _unstack(folder.load("grads", top + 1, sm.device))
         tokens = calib_ids.numel()
         progress.ready()
         for b, block in prefetched(sm.block, todo):
             infos = sm.block_linears(block, b, wanted)
-            hidden = _unstack(folder.load("inputs", b, sm.device))
-            covs = block_covariances(block, infos, list(hidden), [kw[b] for kw in kw_batch]) if covariances else None
+            hidden = _unstack(folder.load("inputs", b))  # on the host: one micro-batch at a time goes to the device
+            covs = None
+            if covariances:
+                covs = block_covariances(block, infos, [_rows(hidden, s, e, batch_size, sm.device) for s, e in cov_spans],
+                                         [kw[b] for kw in kw_cov])
             acc = {i.name: torch.zeros(i.module.out_features, device=sm.device) for i in infos}
-            grads = [block_output_fisher(block, infos, acc, _row(hidden, j, batch_size), grads[j], kw_one[j][b])
-                     for j in range(len(samples))]
+            new_grads = []
+            for i, ids in enumerate(fisher_ids):
+                s, e = i * m_fisher, i * m_fisher + ids.shape[0]
+                g = block_output_fisher(block, infos, acc, _rows(hidden, s, e, batch_size, sm.device),
+                                        torch.cat(grads[s:e]) if e - s > 1 else grads[s], kw_fisher[i][b])
+                new_grads += _per_sample(g)
+            grads = new_grads
             fisher = {name: (a / max(tokens, 1)).cpu() for name, a in acc.items()}
             table = rows(infos, {"cov": covs, "fisher": fisher}) if rows is not None else {}
             if b > 0:
@@ -394,6 +482,41 @@ def reverse_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, b
         fisher_all.update(folder.load("fisher", b))
         table.update(folder.marker("fisher", b)["table"])
     return fisher_all, table
+
+
+@torch.no_grad()
+def regenerate_inputs(sm: StreamedModel, folder: RunFolder, hidden: list[torch.Tensor], kwargs: list[list[dict]],
+                      wanted: set[int], progress: StreamProgress) -> None:
+    """Store the inputs of the blocks in `wanted` again, by a forward over the dense blocks from block 0's
+    input `hidden` (consumed): a resumed run whose stored inputs were held in RAM by the killed process."""
+    stage = progress.stage
+    progress.start(f"{stage}: recompute stored inputs")
+    hidden = list(hidden)
+    last = max(wanted)
+    for b, block in prefetched(sm.block, range(last)):
+        if b in wanted:
+            folder.save("inputs", b, _stack(hidden))
+        for j in range(len(hidden)):
+            hidden[j] = run_block(block, hidden[j], kwargs[j][b])
+        del block
+    folder.save("inputs", last, _stack(hidden))
+    progress.start(stage)
+
+
+def _rows(hidden: list[torch.Tensor], start: int, stop: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Samples start..stop-1 of the stored calibration batches as one batch, on the device (a view of the
+    stored batch when they lie in one)."""
+    if start // batch_size == (stop - 1) // batch_size:
+        out = hidden[start // batch_size][start % batch_size:start % batch_size + stop - start]
+    else:
+        out = torch.cat([_row(hidden, j, batch_size) for j in range(start, stop)])
+    return out.to(device)
+
+
+def _per_sample(g: torch.Tensor) -> list[torch.Tensor]:
+    """A micro-batch's gradients as one (1, seq, width) tensor per sample, each its own storage (stored per
+    sample, so the entry does not depend on the micro-batch; safetensors refuses tensors sharing memory)."""
+    return [g] if g.shape[0] == 1 else [r.clone() for r in g.split(1)]
 
 
 def _row(hidden: list[torch.Tensor], j: int, batch_size: int) -> torch.Tensor:
@@ -462,9 +585,9 @@ def _module_spec(module: nn.Module) -> dict:
             "fallback": getattr(module, "fallback", "")}
 
 
-def compressed_block(sm: StreamedModel, folder: RunFolder, b: int) -> nn.Module:
-    """Block b as the compression wrote it: the skeleton's block with its low-rank modules in place, on the
-    device."""
+def compressed_skeleton_block(sm: StreamedModel, folder: RunFolder, b: int) -> nn.Module:
+    """Block b of the compressed model on the meta device: the skeleton's block with empty low-rank modules
+    of the written classes and ranks in place (no tensor read: the export lists its layers from these)."""
     meta = folder.marker("block", b)
     if meta is None:
         raise UsageError(f"streamed run folder {folder.path}: block {b} has no compressed result")
@@ -477,6 +600,13 @@ def compressed_block(sm: StreamedModel, folder: RunFolder, b: int) -> nn.Module:
                                      spec["method"], dtype=sm.dtype)
             mod.fallback = spec["fallback"]
             replace_module(info, mod)
+    return block
+
+
+def compressed_block(sm: StreamedModel, folder: RunFolder, b: int) -> nn.Module:
+    """Block b as the compression wrote it: the skeleton's block with its low-rank modules in place, on the
+    device."""
+    block = compressed_skeleton_block(sm, folder, b)
     state = folder.load("block", b, sm.device)
     block.load_state_dict(state, strict=True, assign=True)
     block.to(sm.device)

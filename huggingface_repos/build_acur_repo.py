@@ -12,6 +12,9 @@ from modeling_acur_template.py, the layer classes (acur_layers.py, copied from m
 inspect.getsource), the KV runtime (acur_kv_cache.py) and the packed-weight runtime (acur_packed.py), a model
 card README.md and acur_results.json.
 
+A streamed run (--stream) is exported from its run folder one block a shard (streamed_export.py): the
+host never holds the whole compressed model, and the repo equals the in-memory export's.
+
 With --weight_quant the safetensors hold the quantized matrices packed (int8 codes, or two 4-bit codes per
 byte, with their scales and zero points; `packed_quant` in config.json), not floats: real bytes. The
 model card and the export summary say what the weight files hold and their size against the dense checkpoint.
@@ -53,6 +56,10 @@ from tools.compare_table import run_row_markdown  # noqa: E402
 
 import export_gguf  # noqa: E402
 import export_structured  # noqa: E402
+import model_loading  # noqa: E402
+import streamed  # noqa: E402
+import streamed_export  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 TEMPLATE = HERE / "modeling_acur_template.py"  # the one source of every family's configuration/modeling files
 # config keys that describe the base checkpoint rather than the exported one
@@ -630,8 +637,9 @@ torch.save({"logits": logits, "load_s": load_s,  # a packed matrix stands for ro
 """
 
 
-def verify_repo(repo_dir: Path, model, tokenizer) -> dict:
-    """Reload the repo in a fresh Python process (fp32) and compare logits on a short text."""
+def verify_repo(repo_dir: Path, model, tokenizer, reference=None, params: int | None = None) -> dict:
+    """Reload the repo in a fresh Python process (fp32) and compare logits on a short text with the in-memory
+    model's, or (a streamed run: model None) with reference(ids), whose parameters number `params`."""
     import tempfile
     ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids[:, :32]
     with tempfile.TemporaryDirectory() as tmp:
@@ -643,13 +651,17 @@ def verify_repo(repo_dir: Path, model, tokenizer) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"reloading {repo_dir} failed:\n{proc.stderr[-3000:]}")
         child = torch.load(out_path)
-    p = next(model.parameters())
-    with torch.no_grad():
-        ref = model.float()(ids.to(p.device)).logits.cpu()
-    model.to(p.dtype)
+    if model is None:
+        ref = reference(ids)
+    else:
+        p = next(model.parameters())
+        with torch.no_grad():
+            ref = model.float()(ids.to(p.device)).logits.cpu()
+        model.to(p.dtype)
+        params = sum(q.numel() for q in model.parameters())
     return {"load_s": child["load_s"], "process_s": time.perf_counter() - t0,
             "max_abs_logit_diff": (child["logits"] - ref).abs().max().item(),
-            "params_equal": child["params"] == sum(q.numel() for q in model.parameters())}
+            "params_equal": child["params"] == params}
 
 
 def write_repo(model, tokenizer, results: dict, args, family: str, repo_dir: Path,
@@ -678,16 +690,28 @@ def write_repo(model, tokenizer, results: dict, args, family: str, repo_dir: Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    swap_in(tmp, repo_dir)
+    verify = (lambda: verify_repo(repo_dir, model, tokenizer)) if args.verify else None
+    return finish_repo(args, results, family, repo_dir, specs, packed, save_dtype, code_files, verify, hub_id)
+
+
+def swap_in(tmp: Path, repo_dir: Path) -> None:
+    """The finished export replaces the folder (an older export is removed only once the new one is there)."""
     old = repo_dir.with_name(repo_dir.name + f".old{os.getpid()}")
     if repo_dir.exists():
         repo_dir.rename(old)
     tmp.rename(repo_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def finish_repo(args, results: dict, family: str, repo_dir: Path, specs: dict, packed: dict | None,
+                save_dtype: torch.dtype, code_files: list[str], verify, hub_id: str | None) -> dict:
+    """The size report, the optional round trip (verify: a callable), the model card and acur_results.json."""
     sizes = size_report(args, results, repo_dir, save_dtype, set(specs) | set((packed or {}).get("layers", {})))
     if sizes["files"]["dense_weights_of_compressed_layers"]:
         raise RuntimeError(f"export kept dense weights of compressed layers: "
                            f"{sizes['files']['dense_weights_of_compressed_layers'][:5]}")
-    verify = verify_repo(repo_dir, model, tokenizer) if args.verify else None
+    verify = verify() if verify is not None else None
     export_info = {"repo_dir": str(repo_dir), "family": family, "sizes": sizes, "verify": verify,
                    "lowrank_layers": len(specs), "code_files": code_files,  # files: what a re-export may replace
                    "files": sorted({p.name for p in repo_dir.iterdir()} | {"README.md", "acur_results.json"}),
@@ -697,6 +721,77 @@ def write_repo(model, tokenizer, results: dict, args, family: str, repo_dir: Pat
     (repo_dir / "README.md").write_text(model_card(args, results, sizes, repo_dir, family, verify, hub_id))
     (repo_dir / "acur_results.json").write_text(json.dumps(results, indent=1, default=str))
     return export_info
+
+
+def write_streamed_repo(tokenizer, results: dict, args, family: str, repo_dir: Path,
+                        hub_id: str | None = None) -> dict:
+    """write_repo for a streamed run (issue 30): the compressed model is the run folder's blocks, never put
+    together. Config and code come from its skeleton on the meta device; the weights are written one block a
+    shard (streamed_export), so the host holds one block of them at a time; the rest is write_repo's."""
+    sm, _, fp = model_loading.open_streamed(args)
+    folder = streamed.RunFolder(acur.stream_dir(args), acur.stream_key(args, fp), acur.STREAM_KEY_LABELS)
+    try:
+        missing = next((b for b in range(sm.n_blocks) if not folder.done("block", b)), None)
+        if missing is not None:
+            raise UsageError(f"streamed run folder {folder.path}: block {missing} is not compressed yet; run the "
+                             "same command again to finish the run before exporting")
+        model = streamed_export.compressed_skeleton(sm, folder)
+        save_dtype = sm.dtype if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
+        specs = lowrank_layer_specs(model, results["args"].get("method", "acur"))
+        if not specs:
+            raise UsageError("no layer was compressed: nothing to export (ratio target 1.0?)")
+        tmp = repo_dir.with_name(repo_dir.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            code_files = write_repo_code(tmp, model, family)
+            names = family_names(family)
+            cfg_cls = getattr(import_repo_code(tmp, f"configuration_{names['acur_base']}"), names["AcurBase"] + "Config")
+            mdl_cls = getattr(import_repo_code(tmp, f"modeling_{names['acur_base']}"), names["AcurBase"] + "ForCausalLM")
+            cfg = export_config(model, cfg_cls, family, specs, results, save_dtype)
+            with torch.device("meta"):
+                out = mdl_cls(cfg)
+            expected = {k: v.shape for k, v in out.state_dict().items()}
+            tied = set(getattr(out, "_tied_weights_keys", None) or {}) if cfg.tie_word_embeddings else set()
+            bar = tqdm(total=sm.n_blocks + 1, desc="export shards", unit="shard", dynamic_ncols=True)
+            try:
+                streamed_export.write_shards(streamed_export.state_groups(sm, folder, save_dtype), sm.n_blocks + 1,
+                                             tmp, expected, tied, lambda i: bar.update(1))
+            finally:
+                bar.close()
+            # what save_pretrained writes beside the weights: config (dtype, architectures) and generation config
+            out.config.dtype = str(save_dtype).split(".")[1]
+            out.config.architectures = [type(out).__name__]
+            out.config.save_pretrained(tmp)
+            if out.can_generate():
+                source_generation_config(args, model).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for f in tmp.iterdir():
+                if f.is_file():
+                    os.chmod(f, new_file_mode())
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        swap_in(tmp, repo_dir)
+        verify = None
+        if args.verify:  # the parameters the reloaded model must have (a tied head counts once)
+            params = sum(p.numel() for n, p in out.named_parameters() if n not in tied)
+            verify = lambda: verify_repo(repo_dir, None, tokenizer,  # noqa: E731
+                                         lambda ids: streamed_export.reference_logits(sm, folder, ids), params)
+        return finish_repo(args, results, family, repo_dir, specs, None, save_dtype, code_files, verify, hub_id)
+    finally:
+        folder.close()
+
+
+def source_generation_config(args, model):
+    """The generation config from_pretrained gives the dense checkpoint (its generation_config.json, else the
+    one built from its config), which the in-memory export saves."""
+    from transformers import GenerationConfig
+    path, _ = datautils.resolve_model(args)
+    try:
+        return GenerationConfig.from_pretrained(path, revision=args.revision)
+    except OSError:
+        return model.generation_config
 
 
 def push_repo(api, repo_id: str, repo_dir: Path, private: bool) -> str:
@@ -745,6 +840,8 @@ def build_repo(args) -> tuple[Path, torch.nn.Module, object, dict]:
         save_dtype = next(model.parameters()).dtype if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
         export = export_structured.write_structured_repo(model, tokenizer, results, repo_dir, args.structured_widths,
                                                          save_dtype=save_dtype, source_gguf=offline_gguf(args))
+    elif model is None:  # a streamed run: its compressed blocks are in the run folder
+        export = write_streamed_repo(tokenizer, results, args, family, repo_dir, repo_id)
     else:
         export = write_repo(model, tokenizer, results, args, family, repo_dir, repo_id)
     if api is not None:

@@ -325,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep_stream_dir", action="store_true", help="keep the run folder (compressed blocks)")
     g.add_argument("--in_memory_too", action="store_true",
                    help="also run the in-memory pipeline on the same weights in the same call (the baseline)")
+    g.add_argument("--stream_ram_gib", type=float, default=None,
+                   help="acur.py's flag: host RAM for the stored block inputs (default: half the available RAM)")
+    g.add_argument("--stream_micro_batch", type=int, default=0,
+                   help="acur.py's flag: calibration samples per reverse-pass / covariance product (0 = automatic)")
     g.add_argument("--gpu_memory_cap_gib", type=float, default=0,
                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction); 0 = no cap")
     return p
@@ -421,7 +425,8 @@ def run_stream_bench(a) -> dict:
     """The streamed pipeline on random weights made block by block; see the module docstring."""
     import model_loading
     import streamed
-    args = acur_args(a, ["--stream", "on"])
+    args = acur_args(a, ["--stream", "on", "--stream_micro_batch", str(a.stream_micro_batch)]
+                     + (["--stream_ram_gib", str(a.stream_ram_gib)] if a.stream_ram_gib is not None else []))
     acur.validate_args(args)
     device, dtype = datautils.pick_device_dtype(args)
     if a.gpu_memory_cap_gib and device.type == "cuda":
@@ -460,6 +465,7 @@ def run_stream_bench(a) -> dict:
         finally:
             progress.close()
             folder.close()
+        rep["stored_inputs"] = acur.stored_inputs_report(folder)
         rep["param_ratio_reached"] = acur.summarize_params(report)["reached"]
         rep["ranks"] = {k: v["rank"] for k, v in report.items()}
         rep["run_folder_gib"] = round(sum(p.stat().st_size for p in path.iterdir()) / 2**30, 3)
