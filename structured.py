@@ -59,6 +59,7 @@ class Unit:
     col_groups: torch.Tensor         # (G, columns of one group) of the output
     heads_per_group: int = 1         # attention: query heads per KV group
     group_params: int = 0            # parameters one group holds across the unit's linears
+    bias_refusal: str = ""           # why its refitted layer cannot take an intercept ("" when it can)
 
     @property
     def n_groups(self) -> int:
@@ -132,6 +133,7 @@ def find_units(model: nn.Module, linears: list[LinearInfo], method: str) -> list
                         "an attention of separate q_proj/k_proj/v_proj/o_proj with whole heads")
                 raise ValueError(f"{type(model).__name__}: block {b} has no {what} as nn.Linear layers; "
                                  f"--method {method} knows LLaMA-, Qwen2-, Mistral- and OPT-style blocks")
+            unit.bias_refusal = intercept_refusal(model, unit)
             chosen = [id(i.module) in selected for i in unit.linears()]
             if all(chosen):
                 unit.inputs = [selected[id(i.module)] for i in unit.inputs]
@@ -184,10 +186,13 @@ def conditioned(cov: torch.Tensor, n_tokens: int | None, damp: float, shrink: bo
 def unit_curve(unit: Unit, stats: LayerStats, keeps: list[int], selection: str, damp: float,
                spec: registry.Method) -> dict[str, float]:
     """{keep fraction: predicted rise of the calibration NLL} of one unit: half the fisher-weighted output
-    error of its refitted last layer (as sensitivity.fisher_error scores a linear)."""
+    error of its refitted last layer (as sensitivity.fisher_error scores a linear); with the intercept
+    (spec.bias, stats.mean) the error left after it, from the centred covariance."""
     with materialized(unit.output.module):
         W = unit.output.module.weight.detach()
         cov = stats.cov.to(W.device)
+        if spec.bias and stats.mean is not None and not unit.bias_refusal:  # the error left with an intercept
+            cov = ms.centered(cov, stats.mean)
         C = conditioned(cov, stats.n_tokens, damp, spec.shrink)
         g = stats.row_weight if spec.fisher else None
         n, most = unit.n_groups, unit.n_groups - min(keeps)
@@ -438,12 +443,13 @@ def compress(model: nn.Module, linears: list[LinearInfo], ratios: dict[str, floa
     shapes = {i.name: list(i.module.weight.shape) for i in linears}
     kept: dict[str, list[int]] = {}
 
-    refused = {u.name: intercept_refusal(model, u) if spec.bias else "" for u in todo}
+    refused = {u.name: u.bias_refusal if spec.bias else "" for u in todo}
     if spec.bias and not spec.sequential:  # the dense statistics carry no input means
         refused = {n: "no intercept: sequential=0 measures no input means; refitted without" for n in refused}
-    for u in todo:
-        if refused[u.name]:
-            print(f"WARNING: {u.output.name}: {refused[u.name]}")
+    no_bias = [u.output.name for u in todo if refused[u.name]]
+    if no_bias:  # one line here; each layer's reason is its report row's fallback
+        print(f"WARNING: {len(no_bias)} refitted layer(s) without intercept, e.g. {no_bias[0]}: "
+              f"{refused[by_output[no_bias[0]].name]}")
 
     def fit(unit: Unit, cov, cross, n_tokens, mean=None, mean_dense=None) -> None:
         st = stats.get(unit.output.name) or LayerStats()

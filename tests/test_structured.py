@@ -458,3 +458,34 @@ def test_intercept_lowers_the_calibration_output_error(tiny_llama_dir, tiny_text
             out = out + sliced.down_proj.bias.detach().double()
         errors[bias] = float((y - out).pow(2).sum(1).mean())
     assert errors[True] < 0.98 * errors[False]
+
+
+def test_intercept_curves_read_the_dense_input_means(tiny_llama_dir, tiny_text_file, tmp_path):
+    """bias=1 measures E[x] of the refitted layers (acur's means stage, input_means) and scores the loss
+    curves on the centred covariance: the predicted loss at each width is what remains after the intercept."""
+    from transformers import AutoModelForCausalLM
+    from act_aware_utils import input_means
+    from modules import registry
+    from modules.low_rank_linear import LayerStats
+    from modules.model_utils import find_linears
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    ids = _calib_ids(tiny_llama_dir, tiny_text_file)
+    unit = structured.find_units(model, find_linears(model), "neurons")[0]
+    got = []
+    handle = unit.output.module.register_forward_pre_hook(lambda _m, inp: got.append(inp[0].reshape(-1, inp[0].shape[-1])))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    handle.remove()
+    h = torch.cat(got).double() + 0.05
+    means = input_means(model, [unit.output], ids, 2)
+    torch.testing.assert_close(means[unit.output.name].double(), h.mean(0) - 0.05, rtol=1e-5, atol=1e-6)
+    stats = LayerStats(cov=h.T @ h / len(h), n_tokens=len(h), mean=h.mean(0))
+    keeps = [32, 64, 96]
+    spec = registry.variant("neurons", bias=True)
+    curve = structured.unit_curve(unit, stats, keeps, "greedy", 0.01, spec)
+    plain = structured.unit_curve(unit, stats, keeps, "greedy", 0.01, registry.get("neurons"))
+    centred = structured.unit_curve(unit, LayerStats(cov=structured.ms.centered(stats.cov, stats.mean),
+                                                     n_tokens=len(h)), keeps, "greedy", 0.01, registry.get("neurons"))
+    assert curve == centred and all(curve[k] < plain[k] for k in curve)
+    _, _, res = _run(tiny_llama_dir, tiny_text_file, tmp_path, "--method", spec.name, "--param_ratio_target", "0.6")
+    assert "means" in res["timings"] and not res["fallbacks"]
