@@ -76,32 +76,6 @@ def activation_stats(model: nn.Module, linears: list[LinearInfo], calib_ids: tor
 
 
 @torch.no_grad()
-def input_means(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,
-                batch_size: int = 1) -> dict[str, torch.Tensor]:
-    """E[x] (fp32, on the CPU) of the given linears' inputs, in one pass over the calibration data: with the
-    uncentred E[x x^T] of input_covariances it gives the centred covariance an intercept fit reads."""
-    device = input_device(model)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def make_hook(name):
-        def hook(_mod, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            sums[name] = x.sum(0) + sums[name] if name in sums else x.sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return hook
-
-    hooks = [info.module.register_forward_pre_hook(make_hook(info.name)) for info in linears]
-    try:
-        for batch in tqdm(list(_batches(calib_ids, batch_size)), desc="input means"):
-            model(batch.to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: (sums[name] / counts[name]).float().cpu() for name in sums}
-
-
-@torch.no_grad()
 def block_activation_stats(block: nn.Module, linears: list[LinearInfo], hidden: list[torch.Tensor],
                            block_kwargs: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
     """activation_stats of one block's linears, running the block on every batch's hidden state (advanced

@@ -35,7 +35,7 @@ import selfgen_utils
 import sensitivity as sens
 import structured
 from act_aware_utils import (block_covariances, calib_scales, calibrate_block, finite_fisher, input_covariances,
-                             input_means, output_fisher, scales_of, sequential_calibration)
+                             output_fisher, scales_of, sequential_calibration)
 from acur_args import (build_parser, check_ppl_target, check_rank_align, cur_settings, lm_eval_tasks, lm_task_metadata,
                        method_settings, needs_covariance, needs_fisher, parse_kv_fractions, sensitivity_ratios,
                        validate_args, validate_stream_args)
@@ -172,11 +172,10 @@ def compress_model(linears: list[LinearInfo], ratios: dict[str, float], scales: 
 
 
 def layer_stats(linears: list[LinearInfo], scales: dict | None, covs: dict | None, fisher: dict | None,
-                n_tokens: int, means: dict | None = None) -> dict[str, LayerStats]:
+                n_tokens: int) -> dict[str, LayerStats]:
     """Everything calibration measured, per layer, as the registry's methods read it."""
     return {i.name: LayerStats(scale=layer_scale(scales, i.name), cov=layer_scale(covs, i.name),
-                               row_weight=layer_scale(fisher, i.name), n_tokens=n_tokens,
-                               mean=layer_scale(means, i.name)) for i in linears}
+                               row_weight=layer_scale(fisher, i.name), n_tokens=n_tokens) for i in linears}
 
 
 def restore_model(linears: list[LinearInfo], originals: dict) -> None:
@@ -229,22 +228,6 @@ def stage_covariance(model, linears, calib_ids, args, fp) -> dict | None:
     return cached_layer_tensors(
         "covariance", {**cache_key(args, fp, "covariance", linears), "scaling": None}, args, linears,
         "input covariances", lambda: input_covariances(model, linears, calib_ids, args.calib_batch_size))
-
-
-def needs_means(args) -> bool:
-    """The structured methods' intercept (bias=1) scores its loss curves on the centred covariance."""
-    spec = registry.get(args.method)
-    return spec.bias and not spec.per_linear
-
-
-def stage_means(model, linears, calib_ids, args, fp) -> dict | None:
-    """E[x] of the structured units' refitted layers (down_proj / o_proj), when the intercept reads it (cached)."""
-    if not needs_means(args):
-        return None
-    outputs = [u.output for u in structured.find_units(model, linears, args.method)]
-    return cached_layer_tensors(
-        "means", {**cache_key(args, fp, "means", outputs), "scaling": None}, args, outputs, "input means",
-        lambda: input_means(model, outputs, calib_ids, args.calib_batch_size))
 
 
 def stage_fisher(model, linears, calib_ids, args, fp) -> dict | None:
@@ -655,11 +638,10 @@ def run_pipeline(args) -> tuple[torch.nn.Module, object, dict]:
     scales = timed("calibration", stage_scales, model, linears, calib_ids, args, fp)
     covs = timed("covariance", stage_covariance, model, linears, calib_ids, args, fp) if needs_covariance(args) else None
     fisher = timed("fisher", stage_fisher, model, linears, calib_ids, args, fp) if needs_fisher(args) else None
-    means = timed("means", stage_means, model, linears, calib_ids, args, fp) if needs_means(args) else None
     fisher, uniform = finite_fisher(fisher) if fisher else (fisher, [])
     if uniform:  # recorded in the JSON, not only printed
         add_warning(results, f"output fisher not finite in {len(uniform)} layer(s), weighted uniformly: {', '.join(uniform)}")
-    stats = layer_stats(linears, scales, covs, fisher, calib_ids.numel(), means)
+    stats = layer_stats(linears, scales, covs, fisher, calib_ids.numel())
     table, sens_info = timed("sensitivity", stage_sensitivity, model, linears, calib_ids, scales, args, fp, covs,
                              stats)
     if rank != 0:  # the other ranks only shared the sensitivity; rank 0 finishes and writes the run

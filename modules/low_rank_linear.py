@@ -122,7 +122,6 @@ class LayerStats:
     cross: torch.Tensor | None = None       # E[x x~^T]: dense inputs x against the fitted-on inputs x~ (sequential)
     row_weight: torch.Tensor | None = None  # output fisher: the loss's sensitivity to each output
     n_tokens: int | None = None             # calibration tokens behind cov (covariance shrinkage)
-    mean: torch.Tensor | None = None        # E[x] (structured intercepts: the centred covariance)
 
 
 @dataclass

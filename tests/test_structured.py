@@ -92,19 +92,6 @@ def test_intercept_refit_is_the_least_squares_fit_on_kept_activations_and_a_cons
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_greedy_on_centred_moments_keeps_what_the_intercept_refit_needs(device):
-    """A channel that is a constant (its variance ~0, its mean large) is what the intercept replaces: greedy on
-    the centred covariance drops it first at no cost, on the uncentred one it keeps it."""
-    X, W, _ = _data(400, 8, 5, device)
-    X[:, 3] = 4.0 + 1e-4 * X[:, 3]
-    C, mean = X.T @ X / 400, X.mean(0)
-    damp = lambda M: M + 1e-8 * float(M.diagonal().mean()) * torch.eye(8, dtype=M.dtype, device=device)
-    removed, err = st.greedy_removal(W, damp(st.centered(C, mean)), 1)
-    assert int(removed[0]) == 3 and float(err[1]) < 1e-6 * float((W @ C * W).sum())
-    assert 3 in st.select(W, damp(C), 4).tolist()
-
-
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("selection", st.SELECTIONS)
 def test_exactly_k_active_neurons_are_found_and_cost_nothing(device, selection):
     n, k = 16, 5
@@ -458,34 +445,3 @@ def test_intercept_lowers_the_calibration_output_error(tiny_llama_dir, tiny_text
             out = out + sliced.down_proj.bias.detach().double()
         errors[bias] = float((y - out).pow(2).sum(1).mean())
     assert errors[True] < 0.98 * errors[False]
-
-
-def test_intercept_curves_read_the_dense_input_means(tiny_llama_dir, tiny_text_file, tmp_path):
-    """bias=1 measures E[x] of the refitted layers (acur's means stage, input_means) and scores the loss
-    curves on the centred covariance: the predicted loss at each width is what remains after the intercept."""
-    from transformers import AutoModelForCausalLM
-    from act_aware_utils import input_means
-    from modules import registry
-    from modules.low_rank_linear import LayerStats
-    from modules.model_utils import find_linears
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    ids = _calib_ids(tiny_llama_dir, tiny_text_file)
-    unit = structured.find_units(model, find_linears(model), "neurons")[0]
-    got = []
-    handle = unit.output.module.register_forward_pre_hook(lambda _m, inp: got.append(inp[0].reshape(-1, inp[0].shape[-1])))
-    with torch.no_grad():
-        model(ids, use_cache=False)
-    handle.remove()
-    h = torch.cat(got).double() + 0.05
-    means = input_means(model, [unit.output], ids, 2)
-    torch.testing.assert_close(means[unit.output.name].double(), h.mean(0) - 0.05, rtol=1e-5, atol=1e-6)
-    stats = LayerStats(cov=h.T @ h / len(h), n_tokens=len(h), mean=h.mean(0))
-    keeps = [32, 64, 96]
-    spec = registry.variant("neurons", bias=True)
-    curve = structured.unit_curve(unit, stats, keeps, "greedy", 0.01, spec)
-    plain = structured.unit_curve(unit, stats, keeps, "greedy", 0.01, registry.get("neurons"))
-    centred = structured.unit_curve(unit, LayerStats(cov=structured.ms.centered(stats.cov, stats.mean),
-                                                     n_tokens=len(h)), keeps, "greedy", 0.01, registry.get("neurons"))
-    assert curve == centred and all(curve[k] < plain[k] for k in curve)
-    _, _, res = _run(tiny_llama_dir, tiny_text_file, tmp_path, "--method", spec.name, "--param_ratio_target", "0.6")
-    assert "means" in res["timings"] and not res["fallbacks"]

@@ -320,11 +320,7 @@ def run_grid(base: argparse.Namespace, specs: list[str], ratios: list[float], de
                 t0 = time.perf_counter()
                 fisher = acur.stage_fisher(model, linears, calib_ids, fisher_user, fp)
                 timings["fisher" + suffix(seed)] = round(time.perf_counter() - t0, 2)
-            means = None  # E[x] of the refitted layers, for the structured intercepts (bias=1)
-            for a in seed_args.values():
-                if acur.needs_means(a):
-                    means = {**(means or {}), **acur.stage_means(model, linears, calib_ids, a, fp)}
-            stats = acur.layer_stats(linears, scales, covs, fisher, calib_ids.numel(), means)
+            stats = acur.layer_stats(linears, scales, covs, fisher, calib_ids.numel())
             results["calibration"][str(seed)] = {"ids_sha256": tensors_digest({"ids": calib_ids})[:16],
                                                  "scales_sha256": tensors_digest(scales)[:16] if scales else None}
             for spec in specs:
