@@ -417,7 +417,8 @@ def sequential_calibration(model: nn.Module, linears: list[LinearInfo], calib_id
     (a group = the linears that share one input), on x~ = the input the compressed blocks before them
     produce. fit_group(group, stats) replaces the group's modules; stats[name] = {"cov": E[x~ x~^T],
     "cross": E[x x~^T] against the dense model's own input x at the same tokens (None when
-    cross=False), "n_tokens": N} in fp64. With cross, two streams of hidden states (dense, compressed)
+    cross=False), "n_tokens": N, "mean": E[x~], "mean_dense": E[x] (None when cross=False)} in fp64
+    (the means: for fits with an intercept, whose moments are centred). With cross, two streams of hidden states (dense, compressed)
     advance block by block and each group costs two partial block passes per batch; without it (a
     method that does not read the cross term) only the compressed stream runs: no dense copy of the
     block, half the passes. lm_head (block -1) is fitted last, on the final norm's output."""
@@ -434,11 +435,12 @@ def sequential_calibration(model: nn.Module, linears: list[LinearInfo], calib_id
     if heads:
         pre = parts.head_modules[:-1]  # final norm (+ projection) before lm_head
         x_c = torch.cat([_apply(pre, h) for h in h_c]).reshape(-1, h_c[0].shape[-1]).float()
-        xcov = None
+        xcov = mean_d = None
         if cross:
             x_d = torch.cat([_apply(pre, h) for h in h_d]).reshape(-1, h_d[0].shape[-1]).float()
-            xcov = (x_d.T @ x_c).double() / x_c.shape[0]
-        stats = {"cov": (x_c.T @ x_c).double() / x_c.shape[0], "cross": xcov, "n_tokens": x_c.shape[0]}
+            xcov, mean_d = (x_d.T @ x_c).double() / x_c.shape[0], x_d.double().mean(0)
+        stats = {"cov": (x_c.T @ x_c).double() / x_c.shape[0], "cross": xcov, "n_tokens": x_c.shape[0],
+                 "mean": x_c.double().mean(0), "mean_dense": mean_d}
         fit_group(heads, {i.name: stats for i in heads})
 
 
@@ -455,18 +457,19 @@ def calibrate_block(block: nn.Module, infos: list[LinearInfo], h_c: list[torch.T
         twin = {id(m): name for name, m in block.named_modules()}
         dense_of = dict(dense_block.named_modules())
         for group in _group_by_input(block, infos, h_c[0], block_kwargs[0]):
-            cov = xcov = None
+            cov = xcov = s_c = s_d = None
             n = 0
             for j in range(len(h_c)):
                 x_c = _capture_input(block, group[0].module, h_c[j], block_kwargs[j])
-                c = (x_c.T @ x_c).double()
-                cov = c if cov is None else cov + c
+                c, s = (x_c.T @ x_c).double(), x_c.double().sum(0)
+                cov, s_c = (c, s) if cov is None else (cov + c, s_c + s)
                 if cross:
                     x_d = _capture_input(dense_block, dense_of[twin[id(group[0].module)]], h_d[j], block_kwargs[j])
-                    x = (x_d.T @ x_c).double()
-                    xcov = x if xcov is None else xcov + x
+                    x, s = (x_d.T @ x_c).double(), x_d.double().sum(0)
+                    xcov, s_d = (x, s) if xcov is None else (xcov + x, s_d + s)
                 n += x_c.shape[0]
-            stats = {"cov": cov / n, "cross": xcov / n if cross else None, "n_tokens": n}
+            stats = {"cov": cov / n, "cross": xcov / n if cross else None, "n_tokens": n,
+                     "mean": s_c / n, "mean_dense": s_d / n if cross else None}
             fit_group(group, {i.name: stats for i in group})
     for j in range(len(h_c)):
         if cross:

@@ -35,6 +35,7 @@ class Method:
     correct: bool = False     # sequential fit targets the dense model's output (undoes earlier layers' error)
     fisher: bool = False      # output rows weighted by the loss's sensitivity to them (output fisher)
     shrink: bool = False      # covariance shrunk toward its diagonal by the calibration token count
+    bias: bool = False        # structured: the refitted down_proj / o_proj gains an intercept (centred moments)
 
     @property
     def per_linear(self) -> bool:
@@ -113,7 +114,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
-ABLATION_FLAGS = ("sequential", "correct", "fisher", "shrink")
+ABLATION_FLAGS = ("sequential", "correct", "fisher", "shrink", "bias")
 
 
 def variant(base: str, **flags: bool) -> Method:

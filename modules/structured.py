@@ -21,6 +21,16 @@ by the loss's sensitivity to it, so errors are in nats):
             exact error at every kept count.
   leverage  ridge leverage diag(C (C + lam I)^-1) of each channel, summed over its group (MoDeGPT).
 
+Intercept (the refitted layer gains a bias b): a removed channel's mean contribution W_R E[h_R] is lost by
+the refit above; regressing W h on [h~_S, 1] instead absorbs it. The constant column's normal equations
+eliminate to the same formulas on centred moments (the Schur complement of the augmented Gram):
+
+    W' = W Xc[:, S] Sc[S, S]^-1,   b = W E[h] - W' E[h~_S],   Sc = C - E[h~] E[h~]^T,  Xc = X - E[h] E[h~]^T
+
+and the error of keeping S is the one above with Sc for C, so every function here serves both: the caller
+passes the centred moments (centered) and adds intercept(...) as the bias. Damping Sc by lam I equals
+damping C and then centring (the Schur complement of [[C + lam I, m], [m^T, 1]]).
+
 The caller passes C already damped (modules.decompositions.damped_covariance), so C is invertible and
 keeping every channel reproduces W exactly. Work is in fp64 on the inputs' device.
 """
@@ -88,6 +98,25 @@ def refit_error(weight: torch.Tensor, cov: torch.Tensor, kept: torch.Tensor, tar
     energy = ((full @ C) * full).sum(1) - ((part @ C[kept][:, kept]) * part).sum(1)  # per output
     g = torch.ones_like(energy) if row_weight is None else _f64(row_weight, W.device).clamp_min(0)
     return float((g * energy).sum())
+
+
+def centered(moment: torch.Tensor, mean: torch.Tensor, other_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """E[(h - E h)(h~ - E h~)^T] (fp64) from E[h h~^T] and the means (other_mean = E[h~]; None: h~ = h):
+    the moment the intercept refit reads in place of the uncentred one."""
+    M = moment.detach().double()
+    a = _f64(mean, M.device)
+    b = a if other_mean is None else _f64(other_mean, M.device)
+    return M - torch.outer(a, b)
+
+
+def intercept(weight: torch.Tensor, refitted: torch.Tensor, kept: torch.Tensor, mean: torch.Tensor,
+              target_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """b = W E[h] - W' E[h~_S] (fp64, m): the bias that restores the mean output the refit on the kept channels
+    misses. mean: E[h~] (what the refit reads); target_mean: E[h] of the dense inputs (None: h = h~)."""
+    W = weight.detach().double()
+    mu = _f64(mean, W.device)
+    mu_d = mu if target_mean is None else _f64(target_mean, W.device)
+    return W @ mu_d - _f64(refitted, W.device) @ mu[kept.to(W.device)]
 
 
 def _start(weight: torch.Tensor, cov: torch.Tensor, target: torch.Tensor | None,

@@ -48,6 +48,20 @@ def slice_llama(model, widths: list[tuple[int, int]]) -> None:
         mlp.gate_proj, mlp.up_proj, mlp.down_proj = sub(mlp.gate_proj, keep), sub(mlp.up_proj, keep), sub(mlp.down_proj, cols=keep)
 
 
+def add_intercepts(model) -> None:
+    """What bias=1 leaves: down_proj and o_proj with a bias (random here), the LLaMA config's mlp_bias and
+    attention_bias switched on and every other bias they cover zero (structured.bias_flags)."""
+    import structured
+    g = torch.Generator().manual_seed(1)
+    for layer in model.model.layers:
+        for lin in (layer.mlp.down_proj, layer.self_attn.o_proj):
+            lin.bias = nn.Parameter(0.1 * torch.randn(lin.out_features, generator=g))
+    flags = structured.bias_flags(model)
+    assert flags == {"mlp_bias": True, "attention_bias": True}
+    for attr, value in flags.items():
+        setattr(model.config, attr, value)
+
+
 def load_tiny(tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     return (AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval(),
@@ -87,9 +101,12 @@ def test_rotary_interleave_matches_pairwise_rope():
             assert torch.equal(out[h * d + 2 * i + 1], w[h * d + d // 2 + i])
 
 
-def test_uniform_export_loads_in_stock_transformers(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("bias", [False, True])
+def test_uniform_export_loads_in_stock_transformers(tiny_llama_dir, tmp_path, bias):
     model, tok = load_tiny(tiny_llama_dir)
     slice_llama(model, [(96, 1), (96, 1)])
+    if bias:
+        add_intercepts(model)
     ids = tok("the quick brown fox jumps over the lazy dog", add_special_tokens=False).input_ids
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
@@ -97,6 +114,7 @@ def test_uniform_export_loads_in_stock_transformers(tiny_llama_dir, tmp_path):
     cfg = json.loads((tmp_path / "repo" / "config.json").read_text())
     assert "auto_map" not in cfg and cfg["model_type"] == "llama"
     assert (cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (96, 2, 1, 16)
+    assert (cfg["mlp_bias"], cfg["attention_bias"]) == (bias, bias)
     assert not list((tmp_path / "repo").glob("*.py"))  # no code: nothing to trust
     child = run_child(tmp_path / "repo", remote=False, ids=ids)
     assert child["class"] == "transformers.models.llama.modeling_llama.LlamaForCausalLM" and child["modules"] == []
@@ -149,16 +167,23 @@ def llama_cpp_logits(gguf_path: Path, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("widths, mode", [([(96, 1), (96, 1)], "uniform"), ([(112, 2), (48, 1)], "per_layer")])
-def test_llama_cpp_runs_the_gguf_like_transformers(tiny_llama_dir, tmp_path, widths, mode):
+@pytest.mark.parametrize("bias", [False, True])
+def test_llama_cpp_runs_the_gguf_like_transformers(tiny_llama_dir, tmp_path, widths, mode, bias):
     """The f32 GGUF in llama.cpp gives the HF model's logits to float round-off, so the same greedy tokens
-    and the same perplexity."""
+    and the same perplexity (with bias: llama.cpp reads blk.N.ffn_down.bias / attn_output.bias)."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: `make engines`")
     model, tok = load_tiny(tiny_llama_dir)
     slice_llama(model, widths)
+    if bias:
+        add_intercepts(model)
     ids = tok("the quick brown fox jumps over the lazy dog and then runs far away", add_special_tokens=False).input_ids
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
     info = xs.export_structured(model, tok, tmp_path / "repo", mode, save_dtype=torch.float32, gguf_dtype="f32")
+    if bias:
+        import gguf
+        names = {t.name for t in gguf.GGUFReader(str(tmp_path / "repo" / info["gguf"]["file"])).tensors}
+        assert {"blk.0.ffn_down.bias", "blk.1.attn_output.bias"} <= names
     got = llama_cpp_logits(tmp_path / "repo" / info["gguf"]["file"], ids)
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))

@@ -58,6 +58,40 @@ def test_refit_with_a_target_maps_the_compressed_activations_to_the_dense_output
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_target", [False, True])
+def test_intercept_refit_is_the_least_squares_fit_on_kept_activations_and_a_constant(device, with_target):
+    """Channels with nonzero means (one removed channel's mean is large): the refit of the centred moments plus
+    intercept() is torch.linalg.lstsq on [h~_S, 1]; its error is the centred refit_error and is below the one
+    without intercept, which cannot restore the removed channel's mean output."""
+    X, W, _ = _data(500, 10, 6, device)
+    X = X + torch.linspace(-1.0, 2.0, 10, dtype=X.dtype, device=device)
+    X[:, 7] += 5.0                                  # removed below: its mean output W[:, 7] * 5 is lost without b
+    Xc = X + 0.1 * torch.randn(X.shape, generator=torch.Generator().manual_seed(4), dtype=X.dtype).to(device) + 0.3
+    if not with_target:
+        Xc = X
+    N = X.shape[0]
+    C, T = Xc.T @ Xc / N, X.T @ Xc / N             # E[h~ h~^T], E[h h~^T]
+    mean, mean_d = Xc.mean(0), X.mean(0)
+    kept = torch.tensor([0, 2, 3, 5, 9], device=device)
+    Sc = st.centered(C, mean)
+    target = st.centered(T, mean_d, mean) if with_target else None
+    Wk = st.refit(W, Sc, kept, target)
+    b = st.intercept(W, Wk, kept, mean, mean_d if with_target else None)
+    assert Wk.device.type == b.device.type == device and b.shape == (6,)
+    design = torch.cat([Xc[:, kept], torch.ones(N, 1, dtype=X.dtype, device=device)], 1)
+    Y = X @ W.T
+    sol = torch.linalg.lstsq(design.cpu(), Y.cpu()).solution.T.to(device)  # (m, |S| + 1): [W', b]
+    torch.testing.assert_close(Wk, sol[:, :-1], rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(b, sol[:, -1], rtol=1e-8, atol=1e-9)
+    err = float((Y - design @ sol.T).pow(2).sum()) / N
+    assert float((Y - Xc[:, kept] @ Wk.T - b).pow(2).sum()) / N == pytest.approx(err, rel=1e-8)
+    if not with_target:
+        assert st.refit_error(W, Sc, kept) == pytest.approx(err, rel=1e-8)
+    plain = torch.linalg.lstsq(Xc[:, kept].cpu(), Y.cpu()).solution.T.to(device)
+    assert err < 0.8 * float((Y - Xc[:, kept] @ plain.T).pow(2).sum()) / N
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("selection", st.SELECTIONS)
 def test_exactly_k_active_neurons_are_found_and_cost_nothing(device, selection):
     n, k = 16, 5
@@ -326,3 +360,88 @@ def test_ablations_of_structured_run(flags, tiny_llama_dir, tiny_text_file, tmp_
     model, _, res = _run(tiny_llama_dir, tiny_text_file, tmp_path, "--method", name, "--param_ratio_target", "0.6")
     assert res["param_ratio"]["reached"] <= 0.6 and all(math.isfinite(v) for v in res["ppl"]["compressed"].values())
     assert res["structured"]["widths"]
+
+
+@pytest.mark.parametrize("family,method,layer_filter,target", [("llama", "neurons", None, 0.6),
+                                                               ("llama", "structured", "self_attn", 0.5),
+                                                               ("opt", "neurons", None, 0.6)])
+def test_intercept_model_reloads_in_stock_transformers(family, method, layer_filter, target, tiny_llama_dir,
+                                                       tiny_opt_dir, tiny_text_file, tmp_path):
+    """bias=1: the refitted down_proj (and o_proj) carry the intercept; LLaMA's config gets mlp_bias /
+    attention_bias (every other bias zero), OPT's fc2 had one already: the saved model reloads through
+    the stock class, no remote code, with the same logits."""
+    from transformers import AutoModelForCausalLM
+    from modules import registry
+    model_dir = {"llama": tiny_llama_dir, "opt": tiny_opt_dir}[family]
+    dense_cls = type(AutoModelForCausalLM.from_pretrained(model_dir))
+    name = registry.variant(method, bias=True).name
+    extra = ("--layer_filter", layer_filter) if layer_filter else ()
+    model, _, res = _run(model_dir, tiny_text_file, tmp_path, "--method", name, "--param_ratio_target", str(target),
+                         "--structured_widths", "uniform", *extra)
+    assert not res["fallbacks"] and res["param_ratio"]["reached"] <= target
+    blocks = model.model.layers if family == "llama" else model.model.decoder.layers
+    attn = layer_filter == "self_attn"
+    last = [b.self_attn.o_proj if attn else b.mlp.down_proj if family == "llama" else b.fc2 for b in blocks]
+    assert all(m.bias is not None and float(m.bias.detach().abs().max()) > 0 for m in last)
+    if family == "llama":
+        assert (model.config.mlp_bias, model.config.attention_bias) == (not attn, attn)
+        zero = [b.self_attn.q_proj if attn else b.mlp.gate_proj for b in blocks]
+        assert all(float(m.bias.detach().abs().max()) == 0 for m in zero)
+    ids = _calib_ids(model_dir, tiny_text_file)
+    before = _logits(model, ids)
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert "auto_map" not in saved
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    assert type(reloaded) is dense_cls
+    torch.testing.assert_close(_logits(reloaded, ids), before, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_intercept_falls_back_loudly_where_the_config_cannot_carry_it(tiny_qwen2_dir, tiny_text_file, tmp_path, capsys):
+    """Qwen2 builds o_proj and down_proj without bias whatever its config says: no intercept, a WARNING and a
+    fallback in the results per refitted layer; the model still reloads."""
+    from transformers import AutoModelForCausalLM
+    from modules import registry
+    model, _, res = _run(tiny_qwen2_dir, tiny_text_file, tmp_path, "--method", registry.variant("structured", bias=True).name,
+                         "--param_ratio_target", "0.5", "--structured_widths", "uniform")
+    assert res["fallbacks"] and all("no intercept" in v for v in res["fallbacks"].values())
+    assert "WARNING" in capsys.readouterr().out
+    assert all(b.mlp.down_proj.bias is None and b.self_attn.o_proj.bias is None for b in model.model.layers)
+    ids = _calib_ids(tiny_qwen2_dir, tiny_text_file)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_intercept_lowers_the_calibration_output_error(tiny_llama_dir, tiny_text_file):
+    """Block 0's MLP cut to half its neurons on the tiny LLaMA's calibration activations (shifted so they have
+    a mean to lose): the output error of down_proj with the intercept is below the one without."""
+    import copy
+    from transformers import AutoModelForCausalLM
+    from modules import registry
+    from modules.model_utils import find_linears
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    ids = _calib_ids(tiny_llama_dir, tiny_text_file)
+    mlp = model.model.layers[0].mlp
+    got = []
+    handle = mlp.down_proj.register_forward_pre_hook(lambda _m, inp: got.append(inp[0].reshape(-1, inp[0].shape[-1])))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    handle.remove()
+    h = torch.cat(got).double() + 0.05  # SiLU-gated activations of a random model are nearly centred
+    y = h @ mlp.down_proj.weight.double().T
+    errors = {}
+    for bias in (False, True):
+        m = copy.deepcopy(model)
+        unit = structured.find_units(m, find_linears(m), "neurons")[0]
+        structured.fit_unit(unit, unit.n_groups // 2, h.T @ h / len(h), None, len(h), None, registry.get("neurons"),
+                            "greedy", 0.01, h.mean(0) if bias else None)
+        sliced = m.model.layers[0].mlp
+        assert sliced.down_proj.in_features == unit.n_groups // 2 and (sliced.down_proj.bias is not None) == bias
+        cols = [int(torch.nonzero((mlp.gate_proj.weight == row).all(1))[0]) for row in sliced.gate_proj.weight]
+        out = h[:, cols] @ sliced.down_proj.weight.double().T
+        if bias:
+            out = out + sliced.down_proj.bias.detach().double()
+        errors[bias] = float((y - out).pow(2).sum(1).mean())
+    assert errors[True] < 0.98 * errors[False]
