@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -55,6 +56,30 @@ def current_umask() -> int:
 def new_file_mode() -> int:
     """The mode open() gives a new file: 0o666 less the umask (tempfile.mkstemp makes 0o600 files)."""
     return 0o666 & ~current_umask()
+
+
+@contextlib.contextmanager
+def staged_folder(final: str | Path) -> Iterator[Path]:
+    """A fresh sibling folder to fill in place of `final`: on success its files get the mode the umask gives
+    new files (save_pretrained writes 0o600) and it replaces `final`, an older folder removed only once the new
+    one is in place; on any error it is removed and `final` stays as it was. Exports are never half written."""
+    final = Path(final)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, new_file_mode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(final.name + f".old{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -28,7 +28,6 @@ import inspect
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -47,7 +46,7 @@ import acur  # noqa: E402
 import datautils  # noqa: E402
 import quantization  # noqa: E402
 from acur import UsageError  # noqa: E402
-from cache_store import new_file_mode, unwritable  # noqa: E402
+from cache_store import staged_folder, unwritable  # noqa: E402
 from modules import fast_layers, kv_cache, packed_linear  # noqa: E402
 from modules.model_utils import check_architecture, find_linears  # noqa: E402
 from modules import registry  # noqa: E402
@@ -672,10 +671,7 @@ def write_repo(model, tokenizer, results: dict, args, family: str, repo_dir: Pat
     if not specs:
         raise UsageError("no layer was compressed: nothing to export (ratio target 1.0?)")
     packed = None if getattr(args, "save_simulated_quant", False) else quantization.packed_spec(model)
-    tmp = repo_dir.with_name(repo_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(repo_dir) as tmp:
         code_files = write_repo_code(tmp, model, family)
         stem = family_names(family)["acur_base"]  # the export is built from the very files the repo carries
         cfg_cls = getattr(import_repo_code(tmp, f"configuration_{stem}"), family_names(family)["AcurBase"] + "Config")
@@ -684,24 +680,8 @@ def write_repo(model, tokenizer, results: dict, args, family: str, repo_dir: Pat
         export = build_export_model(model, mdl_cls, cfg, save_dtype)
         export.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():  # save_pretrained writes model.safetensors 0o600: give every file the umask's mode
-            if f.is_file():
-                os.chmod(f, new_file_mode())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    swap_in(tmp, repo_dir)
     verify = (lambda: verify_repo(repo_dir, model, tokenizer)) if args.verify else None
     return finish_repo(args, results, family, repo_dir, specs, packed, save_dtype, code_files, verify, hub_id)
-
-
-def swap_in(tmp: Path, repo_dir: Path) -> None:
-    """The finished export replaces the folder (an older export is removed only once the new one is there)."""
-    old = repo_dir.with_name(repo_dir.name + f".old{os.getpid()}")
-    if repo_dir.exists():
-        repo_dir.rename(old)
-    tmp.rename(repo_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def finish_repo(args, results: dict, family: str, repo_dir: Path, specs: dict, packed: dict | None,
@@ -740,10 +720,7 @@ def write_streamed_repo(tokenizer, results: dict, args, family: str, repo_dir: P
         specs = lowrank_layer_specs(model, results["args"].get("method", "acur"))
         if not specs:
             raise UsageError("no layer was compressed: nothing to export (ratio target 1.0?)")
-        tmp = repo_dir.with_name(repo_dir.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with staged_folder(repo_dir) as tmp:
             code_files = write_repo_code(tmp, model, family)
             names = family_names(family)
             cfg_cls = getattr(import_repo_code(tmp, f"configuration_{names['acur_base']}"), names["AcurBase"] + "Config")
@@ -766,13 +743,6 @@ def write_streamed_repo(tokenizer, results: dict, args, family: str, repo_dir: P
             if out.can_generate():
                 source_generation_config(args, model).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            for f in tmp.iterdir():
-                if f.is_file():
-                    os.chmod(f, new_file_mode())
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        swap_in(tmp, repo_dir)
         verify = None
         if args.verify:  # the parameters the reloaded model must have (a tied head counts once)
             params = sum(p.numel() for n, p in out.named_parameters() if n not in tied)

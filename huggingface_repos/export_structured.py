@@ -172,11 +172,8 @@ def write_structured_repo(model: torch.nn.Module, tokenizer, results: dict, repo
                           save_dtype: torch.dtype, source_gguf: str | Path | None = None) -> dict:
     """The whole export into a fresh sibling folder, then swapped in (never mixed with an older export):
     HF repo, GGUF file, model card, acur_results.json; returns the export record kept in the results."""
-    import os
-    from cache_store import new_file_mode
-    tmp = repo_dir.with_name(repo_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    from cache_store import staged_folder
+    with staged_folder(repo_dir) as tmp:
         info = export_structured(model, tokenizer, tmp, width_mode, save_dtype=save_dtype, source_gguf=source_gguf,
                                  name=repo_dir.name)
         cfg_path = tmp / "config.json"
@@ -184,17 +181,6 @@ def write_structured_repo(model: torch.nn.Module, tokenizer, results: dict, repo
         cfg["cur4llm_structured"] = {"base_model": results["args"]["model_id"], "method": results["args"].get("method"),
                                      "width_mode": width_mode, "param_ratio": results.get("param_ratio")}
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.chmod(f, new_file_mode())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = repo_dir.with_name(repo_dir.name + f".old{os.getpid()}")
-    if repo_dir.exists():
-        repo_dir.rename(old)
-    tmp.rename(repo_dir)
-    shutil.rmtree(old, ignore_errors=True)
     export = {"repo_dir": str(repo_dir), "structured": info,
               "files": sorted({p.name for p in repo_dir.iterdir()} | {"README.md", "acur_results.json"})}
     results["export"] = export

@@ -274,6 +274,26 @@ def test_atomic_writes_follow_the_umask(umask, tmp_path):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
+def test_staged_folder_replaces_whole_or_not_at_all(tmp_path):
+    """An export fills a sibling folder: on success it replaces the old one with umask modes; an error midway
+    leaves the old export untouched and no staging folder behind."""
+    final = tmp_path / "repo"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="midway"):
+        with cache_store.staged_folder(final) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("midway")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    assert [p.name for p in final.iterdir()] == ["old.txt"]
+    with cache_store.staged_folder(final) as tmp:
+        (tmp / "new.txt").write_text("new")
+        os.chmod(tmp / "new.txt", 0o600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    assert [p.name for p in final.iterdir()] == ["new.txt"]
+    assert (final / "new.txt").stat().st_mode & 0o777 == cache_store.new_file_mode()
+
+
 def test_results_and_export_files_follow_the_umask(exported, tiny_llama_dir, tiny_text_file, tmp_path):
     mode = 0o666 & ~cache_store.current_umask()
     _, _, res = run(tiny_llama_dir, tiny_text_file, tmp_path, *FAST, "--use_cache", "--eval_ppl", "none")
