@@ -73,6 +73,11 @@ SHAPES: dict[str, tuple[str, dict]] = {
     "small-llama": ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=1024,
                                   max_position_embeddings=2048)),
+    # not a published model: a LLaMA-layout shape small enough to profile the pipeline on a 2-core CPU
+    # (random weights, like every shape here; tools/bench_pipeline.py --stream --profile_stream)
+    "cpu-profile-llama": ("llama", dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                                        num_attention_heads=8, num_key_value_heads=8, vocab_size=8192,
+                                        max_position_embeddings=2048)),
     "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                                  max_position_embeddings=512)),
@@ -329,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="acur.py's flag: host RAM for the stored block inputs (default: half the available RAM)")
     g.add_argument("--stream_micro_batch", type=int, default=0,
                    help="acur.py's flag: calibration samples per reverse-pass / covariance product (0 = automatic)")
+    g.add_argument("--profile_stream", action="store_true",
+                   help="time the streamed passes' parts (block reads, recomputes, covariance products, sensitivity "
+                        "rows, entry writes and loads, checksums) by thread, and count the block passes of both modes")
     g.add_argument("--gpu_memory_cap_gib", type=float, default=0,
                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction); 0 = no cap")
     return p
@@ -421,6 +429,138 @@ def extrapolate(stages: dict, block_seconds: dict, n_blocks: int, full_blocks: i
     return out
 
 
+class StreamProfile:
+    """Where a streamed run (and the in-memory baseline) spends its time, recorded by wrapping the functions the
+    passes call, for one run: seconds per part and per thread (main: the critical path; stream-reader and
+    stream-writer run beside it), bytes written per entry kind, and block passes counted with global module
+    hooks, in samples over (calibration samples x blocks): decoder-layer calls started (the sequential fit's
+    input captures stop inside a block) and completed, attention forwards completed (they also count the
+    in-memory fisher's checkpointed recomputes, which bypass the layer's own hooks) and layer backwards."""
+
+    def __init__(self, n_samples: int, n_blocks: int):
+        self.n_samples, self.n_blocks = n_samples, n_blocks
+        self.parts: dict[str, dict[str, float]] = {}
+        self.bytes: dict[str, int] = {}
+        self.passes: dict[str, dict[str, float]] = {}
+        self.label = "startup"
+
+    def add(self, part: str, seconds: float) -> None:
+        import threading
+        thread = threading.current_thread().name.split("_")[0]
+        row = self.parts.setdefault(f"{part} [{'main' if thread == 'MainThread' else thread}]", {"s": 0.0, "calls": 0})
+        row["s"] += seconds
+        row["calls"] += 1
+
+    def timed(self, part: str, fn):
+        def wrapper(*x, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*x, **kw)
+            finally:
+                self.add(part, time.perf_counter() - t0)
+        return wrapper
+
+    def _count(self, kind: str, samples: int) -> None:
+        row = self.passes.setdefault(self.label, {})
+        row[kind] = row.get(kind, 0) + samples
+
+    @contextmanager
+    def active(self, sm):
+        import acur as acur_mod
+        import model_loading
+        import streamed
+        from torch.nn.modules import module as nn_module
+        prof = self
+        layer_cls = type(sm.layers[0])
+        attn_cls = type(next(m for n, m in sm.layers[0].named_modules() if n.endswith(("self_attn", "attention"))))
+        saved = []
+
+        def patch(obj, name, new):
+            saved.append((obj, name, getattr(obj, name)))
+            setattr(obj, name, new)
+
+        for name, part in (("block_activation_stats", "statistics forward + |x| sums"),
+                           ("block_covariances", "covariance recompute + products"),
+                           ("block_output_fisher", "fisher recompute fwd + bwd"),
+                           ("head_output_grads", "head gradients"), ("run_block", "block forward (eval, regenerate)"),
+                           ("tensors_digest", "sha256 of entries"), ("compressed_block", "compressed block from folder")):
+            if hasattr(streamed, name):
+                patch(streamed, name, self.timed(part, getattr(streamed, name)))
+        patch(acur_mod, "stream_fit_block", self.timed("compress fit (calibrate_block)", acur_mod.stream_fit_block))
+        real_rows = acur_mod.stream_rows
+        patch(acur_mod, "stream_rows", lambda *x, **kw: self.timed("sensitivity rows", real_rows(*x, **kw)))
+        patch(type(sm), "block", self.timed("read block (source)", type(sm).block))
+        patch(type(sm), "capture", self.timed("capture (embeddings)", type(sm).capture))
+        real_write = streamed.RunFolder._write
+
+        def write(folder, kind, b, tensors):
+            prof.bytes[kind] = prof.bytes.get(kind, 0) + sum(t.numel() * t.element_size() for t in tensors.values())
+            return real_write(folder, kind, b, tensors)
+        patch(streamed.RunFolder, "_write", self.timed("entry write to disk", write))
+        patch(streamed.RunFolder, "save", self.timed("entry save call (RAM copy, queue wait)", streamed.RunFolder.save))
+        patch(streamed.RunFolder, "mark", self.timed("marker call (queue wait)", streamed.RunFolder.mark))
+        patch(streamed.RunFolder, "drop", self.timed("drop call (queue wait)", streamed.RunFolder.drop))
+        patch(streamed.RunFolder, "load", self.timed("entry load", streamed.RunFolder.load))
+
+        def real_call(mod) -> bool:  # not the skeleton's pass-through (StreamedModel.capture)
+            return mod.__dict__.get("forward") is not model_loading._identity_forward
+
+        def samples(x) -> int:
+            x = x[0] if isinstance(x, (tuple, list)) and x else x
+            return x.shape[0] if isinstance(x, torch.Tensor) else 0
+
+        def pre(mod, args):
+            if isinstance(mod, layer_cls) and real_call(mod):
+                prof._count("layer calls started", samples(args) if args else 0)
+
+        def post(mod, args, out):
+            if isinstance(mod, layer_cls) and real_call(mod):
+                prof._count("layer forwards completed", samples(out))
+            elif isinstance(mod, attn_cls):
+                prof._count("attention forwards completed", samples(out))
+
+        def bwd(mod, grad_in, grad_out):
+            if isinstance(mod, layer_cls):
+                prof._count("layer backwards", samples(grad_out))
+
+        handles = [nn_module.register_module_forward_pre_hook(pre), nn_module.register_module_forward_hook(post),
+                   nn_module.register_module_full_backward_hook(bwd)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for obj, name, old in reversed(saved):
+                setattr(obj, name, old)
+
+    def labelled(self, stage):
+        """The bench's stage function, recording which stage the counted passes belong to."""
+        def wrapped(name, fn, *x, **kw):
+            self.label = name
+            return stage(name, fn, *x, **kw)
+        return wrapped
+
+    def report(self, eval_samples: int) -> dict:
+        per_block = {}
+        for label, row in self.passes.items():
+            n = eval_samples if "eval" in label else self.n_samples
+            per_block[label] = {k: round(v / (n * self.n_blocks), 2) for k, v in row.items()}
+        return {"parts": {k: {"s": round(v["s"], 3), "calls": v["calls"]} for k, v in
+                          sorted(self.parts.items(), key=lambda kv: -kv[1]["s"])},
+                "bytes_written": self.bytes, "passes_per_block": per_block}
+
+
+def print_stream_profile(prof: dict) -> None:
+    print("streamed parts (seconds summed per thread; [main] is the critical path, the others run beside it):")
+    for name, row in prof["parts"].items():
+        print(f"  {name:62s} {row['s']:8.2f} s  {row['calls']:6d} calls")
+    print("bytes written to the run folder: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in
+                                                        prof["bytes_written"].items()))
+    print("block passes per block (samples through a block / (samples x blocks)):")
+    for label, row in prof["passes_per_block"].items():
+        print(f"  {label:22s} " + ", ".join(f"{k} {v:g}" for k, v in row.items()))
+
+
 def run_stream_bench(a) -> dict:
     """The streamed pipeline on random weights made block by block; see the module docstring."""
     import model_loading
@@ -442,6 +582,20 @@ def run_stream_bench(a) -> dict:
     stage = make_stage(rep["stages"], device)
     source = RandomSource(a.seed, getattr(config, "initializer_range", 0.02))
     sm = stage("build_skeleton", model_loading.StreamedModel, config, source, device, dtype)
+    if a.profile_stream:
+        prof = StreamProfile(a.n_calib_samples, config.num_hidden_layers)
+        with prof.active(sm):
+            rep = stream_bench_run(a, args, rep, prof.labelled(stage), sm, source, config, device, dtype, full_blocks,
+                                   prof)
+        rep["profile"] = prof.report(a.eval_windows)
+        return rep
+    return stream_bench_run(a, args, rep, stage, sm, source, config, device, dtype, full_blocks)
+
+
+def stream_bench_run(a, args, rep: dict, stage, sm, source, config, device, dtype, full_blocks: int,
+                     prof: StreamProfile | None = None) -> dict:
+    """run_stream_bench's runs (the streamed one, then the in-memory one with --in_memory_too), stage by stage."""
+    import streamed
     linears = acur.select_linears(sm.model, args)
     gen = torch.Generator().manual_seed(a.seed)
     calib_ids = torch.randint(0, config.vocab_size, (a.n_calib_samples, a.seqlen), generator=gen)
@@ -490,16 +644,20 @@ def run_stream_bench(a) -> dict:
     rep["peak_gpu_gib"] = max((s["peak_gib"] or 0) for s in rep["stages"].values()) if device.type == "cuda" else None
     rep["peak_host_rss_gib"] = host_rss().get("peak")
     if a.in_memory_too:
-        rep["in_memory"] = in_memory_baseline(a, args, sm, source, config, device, dtype, calib_ids)
+        rep["in_memory"] = in_memory_baseline(a, args, sm, source, config, device, dtype, calib_ids, prof)
         rep["in_memory"]["ranks_equal"] = rep["in_memory"].pop("ranks") == rep["ranks"]
     return rep
 
 
-def in_memory_baseline(a, args, sm, source, config, device, dtype, calib_ids) -> dict:
+def in_memory_baseline(a, args, sm, source, config, device, dtype, calib_ids, prof: StreamProfile | None = None) -> dict:
     """run_closed_form on the same random weights, the whole model in memory (every block made at once)."""
     import model_loading
     mem: dict = {"stages": {}}
     stage = make_stage(mem["stages"], device)
+    if prof is not None:  # its block passes counted under "in-memory STAGE"
+        def stage(name, fn, *x, _inner=stage, **kw):
+            prof.label = f"in-memory {name}"
+            return _inner(name, fn, *x, **kw)
 
     def whole():
         m = model_loading.StreamedModel(config, source, device, dtype)
@@ -696,6 +854,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         (print_stream_report if a.stream else print_report)(rep)
+        if "profile" in rep:
+            print_stream_profile(rep["profile"])
         if a.json_out:
             write_json(a.json_out, rep)
     return 0
