@@ -70,7 +70,10 @@ TEMPORARY = ("inputs", "grads", "carry")  # entries a later block or pass of the
 # reverse pass; a run killed with them in RAM loses them and its resume recomputes them (a forward pass).
 # Gradients and carried streams stay on disk: a resume reads them, and nothing recomputes them cheaply.
 RAM_KINDS = ("inputs",)
-QUEUE = 2  # writes in flight at most: what they hold (a block's inputs or weights) stays bounded
+QUEUE = 2  # writes in flight holding more than SMALL bytes, at most: what they hold (a block's inputs or weights)
+# stays bounded; markers, drops and small entries queue behind them without making the caller wait (waiting on
+# them put a whole gradient or block write on the critical path once per block)
+SMALL = 1 << 20
 
 
 class RunFolder:
@@ -102,7 +105,9 @@ class RunFolder:
             atomic_write_bytes(run, json.dumps({"key": self.key}, indent=1, sort_keys=True).encode())
         self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="stream-writer")
-        self._pending: collections.deque[Future] = collections.deque()
+        self._pending: collections.deque[tuple[Future, bool]] = collections.deque()  # (write, holds > SMALL)
+        self._writing: dict[tuple[str, int], Future] = {}  # the last queued write of each entry
+        self._wrote: dict[tuple[str, int], str] = {}  # entry -> checksum of what this process wrote there
         self._lock = threading.RLock()  # the reader thread (prefetched) may load while the main thread writes
         self.ram_budget = max(0, int(ram_budget))
         self._ram: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
@@ -112,23 +117,39 @@ class RunFolder:
         self.disk_entries = 0
 
     # ---- the writer
-    def _submit(self, fn: Callable, *args) -> None:
+    def _submit(self, fn: Callable, *args, holds: bool = False, entry: tuple[str, int] | None = None) -> None:
+        """Queue a write; wait first only while QUEUE writes holding tensors (`holds`) are in flight. `entry`:
+        the (kind, block) it writes, which a load of that entry waits for (and only for what is queued before)."""
         with self._lock:
-            while len(self._pending) >= QUEUE:
-                self._pending.popleft().result()
-            self._pending.append(self._pool.submit(fn, *args))
+            if holds:
+                while sum(h for _, h in self._pending) >= QUEUE:
+                    self._pending.popleft()[0].result()
+            while self._pending and self._pending[0][0].done():  # finished: raise its error now, forget it
+                self._pending.popleft()[0].result()
+            fut = self._pool.submit(fn, *args)
+            self._pending.append((fut, holds))
+            if entry is not None:
+                self._writing[entry] = fut
+
+    def _wait_for(self, kind: str, b: int) -> None:
+        """Wait for the queued write of one entry (the writer runs in order: everything queued before it too)."""
+        with self._lock:
+            fut = self._writing.pop((kind, b), None)
+        if fut is not None:
+            fut.result()
 
     def flush(self) -> None:
         """Wait for every write asked for so far (its error, if any, is raised here)."""
         with self._lock:
             while self._pending:
-                self._pending.popleft().result()
+                self._pending.popleft()[0].result()
+            self._writing.clear()
 
     def close(self) -> None:
         """Flush, then stop the writer (also after an error: no write is left running behind the caller)."""
         try:
             while self._pending:
-                fut = self._pending.popleft()
+                fut, _ = self._pending.popleft()
                 try:
                     fut.result()
                 except Exception:
@@ -148,8 +169,8 @@ class RunFolder:
         """Write an entry in the background, or hold it in host RAM (RAM_KINDS, within the budget). The tensors
         must not change afterwards (the passes only ever rebind their hidden states and drop their blocks, so
         they do not): on the CPU the RAM entry is the very tensors, with no copy."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
         if kind in RAM_KINDS:
-            size = sum(t.numel() * t.element_size() for t in tensors.values())
             with self._lock:
                 if self.ram_bytes + size <= self.ram_budget:
                     self._pop_ram(kind, b)
@@ -159,7 +180,7 @@ class RunFolder:
                     self.ram_entries += 1
                     return
                 self.disk_entries += 1
-        self._submit(self._write, kind, b, dict(tensors))
+        self._submit(self._write, kind, b, dict(tensors), holds=size > SMALL, entry=(kind, b))
 
     def _pop_ram(self, kind: str, b: int) -> bool:
         with self._lock:
@@ -181,12 +202,15 @@ class RunFolder:
         meta = {"key": self._entry_key(kind, b)}
         if kind not in TEMPORARY:
             meta["sha256"] = tensors_digest(cpu)
+        self._wrote.pop((kind, b), None)
         path = self.file(kind, b)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             save_file(cpu, str(tmp), metadata=meta)
             os.chmod(tmp, new_file_mode())
             os.replace(tmp, path)
+            if "sha256" in meta:
+                self._wrote[(kind, b)] = meta["sha256"]
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -197,7 +221,7 @@ class RunFolder:
         held = self._ram.get((kind, b))
         if held is not None:
             return {k: v.to(device) for k, v in held.items()} if device is not None else dict(held)
-        self.flush()
+        self._wait_for(kind, b)  # (not every write in flight: a block's input must not wait for a gradient's write)
         path = self.file(kind, b)
         why = None
         try:
@@ -206,6 +230,9 @@ class RunFolder:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             if meta.get("key") != self._entry_key(kind, b):
                 why = "it belongs to another run or block"
+            elif meta.get("sha256") == self._wrote.get((kind, b)):
+                pass  # written by this process minutes ago (its checksum taken then): hashing it again on every
+                # read cost the evaluation a second a block at 70B; entries of an earlier process are checked
             elif "sha256" in meta and meta["sha256"] != tensors_digest(tensors):
                 why = "its contents do not match their checksum (the file is damaged)"
         except FileNotFoundError:
@@ -240,6 +267,7 @@ class RunFolder:
         self._submit(self._unlink, kind, b)
 
     def _unlink(self, kind: str, b: int) -> None:
+        self._wrote.pop((kind, b), None)
         for suffix in (".safetensors", ".json"):
             self.file(kind, b, suffix).unlink(missing_ok=True)
 
