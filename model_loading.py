@@ -241,7 +241,9 @@ class SafetensorsCheckpoint:
         if tuple(t.shape) != tuple(shape):
             raise UsageError(f"{self.folder / file}: tensor {name} has shape {tuple(t.shape)}, the config's model "
                              f"expects {tuple(shape)}")
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        # to the device first, then converted there: a checkpoint in another dtype (bf16 read as fp16) is not
+        # converted on the host tensor by tensor; the same values either way (IEEE rounding)
+        return t.to(device=device).to(dtype=dtype if t.is_floating_point() else t.dtype)
 
     def close(self) -> None:
         self._open.clear()
