@@ -490,7 +490,7 @@ def open_stream_folder(sm, args, key: dict, path: Path) -> tuple[streamed.RunFol
     need printed before it starts, refused when the folder's file system has less free."""
     plan = stream_plan(args)
     disk = streamed.disk_needed(sm, args.n_calib_samples, args.calib_seqlen, plan["store_inputs"],
-                                int(plan["compressed_stream"]) + int(plan["dense_stream"]), args.param_ratio_target)
+                                int(plan["dense_stream"]), args.param_ratio_target)  # (only the dense stream is carried)
     budget = stream_ram_budget(args, disk, plan["store_inputs"])
     folder = streamed.RunFolder(path, key, STREAM_KEY_LABELS, ram_budget=budget)
     free = folder.free_bytes()

@@ -68,7 +68,8 @@ def key_difference(stored: dict, key: dict, labels: dict[str, str] | None = None
 TEMPORARY = ("inputs", "grads", "carry")  # entries a later block or pass of the same run reads, then drops
 # entries held in host RAM while the budget allows: the stored block inputs, read back once per block by the
 # reverse pass; a run killed with them in RAM loses them and its resume recomputes them (a forward pass).
-# Gradients and carried streams stay on disk: a resume reads them, and nothing recomputes them cheaply.
+# Gradients and the carried dense stream stay on disk: a resume reads them, and nothing recomputes them cheaply
+# (the compressed stream is not carried: a resume recomputes it through the written compressed blocks).
 RAM_KINDS = ("inputs",)
 QUEUE = 2  # writes in flight holding more than SMALL bytes, at most: what they hold (a block's inputs or weights)
 # stays bounded; markers, drops and small entries queue behind them without making the caller wait (waiting on
@@ -562,9 +563,9 @@ def compress_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, 
                   dense_stream: bool, generator: torch.Generator) -> dict[str, dict]:
     """Per-layer report of the compression, block by block: fit_block(block, infos, h_c, h_d, kwargs, gen)
     replaces the block's linears (advancing the streams it is given: the compressed model's inputs h_c,
-    the dense model's h_d), then the compressed block is written with the streams entering the next block,
-    and its marker with the report and the generator's state. A resumed run goes on from the first block
-    without its marker."""
+    the dense model's h_d), then the compressed block is written with the dense stream entering the next
+    block, and its marker with the report and the generator's state. A resumed run goes on from the first
+    block without its marker, the compressed stream recomputed through the written blocks (compressed_stream_at)."""
     progress.start("compress")
     wanted = set(names)
     n = sm.n_blocks
@@ -577,9 +578,12 @@ def compress_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, 
         if compressed_stream or dense_stream:
             hidden, kwargs = sm.capture(batches_of(calib_ids, batch_size))
             if start > 0:
-                carry = folder.load("carry", start, sm.device)
-                hidden = [carry[f"c{j}"] if compressed_stream else carry[f"d{j}"] for j in range(len(hidden))]
-                h_d = [carry[f"d{j}"] for j in range(len(hidden))] if dense_stream and compressed_stream else None
+                carry = folder.load("carry", start, sm.device) if dense_stream else {}
+                if compressed_stream:
+                    hidden = compressed_stream_at(sm, folder, start, hidden, kwargs, progress)
+                h_d = [carry[f"d{j}"] for j in range(len(hidden))] if dense_stream else None
+                if dense_stream and not compressed_stream:
+                    hidden = h_d
             elif compressed_stream and dense_stream:
                 h_d = [h.clone() for h in hidden]
             h_c = hidden if compressed_stream else None
@@ -590,11 +594,8 @@ def compress_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, 
             infos = sm.block_linears(block, b, wanted)
             report = fit_block(block, infos, h_c, h_d, [kw[b] for kw in kwargs] if kwargs else [], generator)
             folder.save("block", b, dict(block.state_dict()))
-            if h_c is not None or h_d is not None:
-                carry = {}
-                carry.update({f"c{j}": h for j, h in enumerate(h_c or [])})
-                carry.update({f"d{j}": h for j, h in enumerate(h_d or [])})
-                folder.save("carry", b + 1, carry)
+            if h_d is not None:  # (the compressed stream is not carried: compressed_stream_at recomputes it)
+                folder.save("carry", b + 1, {f"d{j}": h for j, h in enumerate(h_d)})
             modules = {i.name: _module_spec(i.module) for i in infos if type(i.module) is not nn.Linear}
             folder.mark("block", b, {"report": report, "modules": modules, "generator": generator.get_state().tolist()})
             folder.drop("carry", b)
@@ -605,6 +606,24 @@ def compress_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, 
     for b in range(n):
         report.update(folder.marker("block", b)["report"])
     return {name: report[name] for name in names if name in report}
+
+
+@torch.no_grad()
+def compressed_stream_at(sm: StreamedModel, folder: RunFolder, start: int, hidden: list[torch.Tensor],
+                         kwargs: list[list[dict]], progress: StreamProgress) -> list[torch.Tensor]:
+    """The compressed model's hidden states entering block `start` of a resumed compression, from block 0's
+    input `hidden` (consumed) through the written compressed blocks: what the killed run carried, recomputed
+    by one forward instead of written to the folder after every block (a boundary per block, on the critical
+    path of the fastest pass)."""
+    stage = progress.stage
+    progress.start(f"{stage}: recompute the compressed stream")
+    hidden = list(hidden)
+    for b, block in prefetched(lambda i: compressed_block(sm, folder, i), range(start)):
+        for j in range(len(hidden)):
+            hidden[j] = run_block(block, hidden[j], kwargs[j][b])
+        del block
+    progress.start(stage)
+    return hidden
 
 
 def _module_spec(module: nn.Module) -> dict:
