@@ -249,23 +249,6 @@ class SafetensorsCheckpoint:
         self._open.clear()
 
 
-def _identity_forward(hidden_states, *args, **kwargs):
-    return hidden_states
-
-
-@contextlib.contextmanager
-def passthrough(layers: nn.ModuleList):
-    """Every block returns its input unchanged (an instance-level forward, removed on exit): a forward of
-    the skeleton then computes what the blocks receive (embeddings, masks, rotary tables) without them."""
-    for layer in layers:
-        layer.forward = _identity_forward
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
 class StreamedModel:
     """A causal LM whose decoder blocks stay in the checkpoint until asked for.
 
@@ -387,8 +370,7 @@ class StreamedModel:
     @torch.no_grad()
     def capture(self, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
         """capture_block_inputs of the skeleton: block 0's input and every block's keyword arguments."""
-        with passthrough(self.layers):
-            return capture_block_inputs(self.model, self.layers, [b.to(self.device) for b in batches])
+        return capture_block_inputs(self.model, self.layers, [b.to(self.device) for b in batches])
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last block's output (final norm, OPT's project_out, lm_head)."""

@@ -187,7 +187,37 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList,
     """(hidden state entering block 0, keyword arguments every block receives) for each batch.
 
     One embedding pass per batch, stopped at the last block: what lets a stage run blocks one at a
-    time from cached inputs (masks and rotary embeddings are whatever the model computed)."""
+    time from cached inputs (masks and rotary embeddings are whatever the model computed). The blocks
+    pass their input through unchanged meanwhile (their kwargs do not depend on it): the pass costs no
+    block compute, where running blocks 0..n-2 cost most of a forward."""
+    with passthrough(layers):
+        return _capture_block_inputs(model, layers, batches)
+
+
+def _identity_forward(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+@contextlib.contextmanager
+def passthrough(layers: nn.ModuleList) -> Iterator[None]:
+    """Every block returns its input unchanged (an instance-level forward; whatever instance forward a
+    block had, e.g. accelerate's offload hook, is put back on exit): a forward of the model then computes
+    what the blocks receive (embeddings, masks, rotary tables) without running them."""
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for layer in layers:
+        layer.forward = _identity_forward
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, saved):
+            if forward is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = forward
+
+
+def _capture_block_inputs(model: nn.Module, layers: nn.ModuleList,
+                          batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
     hidden, kwargs = [], []
     for batch in batches:
         per_block: list[dict] = [None] * len(layers)

@@ -52,6 +52,7 @@ import datautils  # noqa: E402
 import sensitivity as sens  # noqa: E402
 from evaluate_utils import perplexity_of_windows  # noqa: E402
 from modules.cur_linear import CURLinear  # noqa: E402
+from modules import model_utils  # noqa: E402
 from modules.model_utils import LinearInfo, find_linears, replace_module  # noqa: E402
 
 # Published configurations (model cards' config.json); weights are random.
@@ -467,7 +468,6 @@ class StreamProfile:
     @contextmanager
     def active(self, sm):
         import acur as acur_mod
-        import model_loading
         import streamed
         from torch.nn.modules import module as nn_module
         prof = self
@@ -502,8 +502,8 @@ class StreamProfile:
         patch(streamed.RunFolder, "drop", self.timed("drop call (queue wait)", streamed.RunFolder.drop))
         patch(streamed.RunFolder, "load", self.timed("entry load", streamed.RunFolder.load))
 
-        def real_call(mod) -> bool:  # not the skeleton's pass-through (StreamedModel.capture)
-            return mod.__dict__.get("forward") is not model_loading._identity_forward
+        def real_call(mod) -> bool:  # not a pass-through of capture_block_inputs
+            return mod.__dict__.get("forward") is not model_utils._identity_forward
 
         def samples(x) -> int:
             x = x[0] if isinstance(x, (tuple, list)) and x else x
