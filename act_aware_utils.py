@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from modules.model_utils import (LinearInfo, capture_block_inputs, clone_module, decoder_parts, has_offload, input_device,
-                                 run_block)
+                                 replaced_forwards, run_block)
 
 SCALING_METHODS = ("abs_mean", "abs_max", "fisher", "fisher_abs_mean")
 
@@ -245,20 +245,11 @@ def checkpointed_blocks(model: nn.Module):
     unknown layout run unchanged."""
     parts = decoder_parts(model)
     layers = list(parts.layers) if parts is not None else []
-    # an instance-level forward (accelerate's hook wrapper under a device_map) is wrapped, then put back
-    previous = [layer.__dict__.get("forward") for layer in layers]
-    for layer in layers:
-        def forward(*args, _f=layer.forward, **kwargs):
-            return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)
-        layer.forward = forward
-    try:
+
+    def checkpointed(f: Callable) -> Callable:  # f: the layer's forward, accelerate's hook wrapper included
+        return lambda *args, **kwargs: torch.utils.checkpoint.checkpoint(f, *args, use_reentrant=False, **kwargs)
+    with replaced_forwards(layers, checkpointed):
         yield
-    finally:
-        for layer, prev in zip(layers, previous):
-            if prev is None:
-                del layer.forward
-            else:
-                layer.forward = prev
 
 
 def output_fisher(model: nn.Module, linears: list[LinearInfo], calib_ids: torch.Tensor,

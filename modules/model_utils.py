@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -199,13 +199,12 @@ def _identity_forward(hidden_states, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def passthrough(layers: nn.ModuleList) -> Iterator[None]:
-    """Every block returns its input unchanged (an instance-level forward; whatever instance forward a
-    block had, e.g. accelerate's offload hook, is put back on exit): a forward of the model then computes
-    what the blocks receive (embeddings, masks, rotary tables) without running them."""
+def replaced_forwards(layers, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """Each layer's forward set to wrap(its current forward), as an instance attribute; on exit the instance
+    forward a layer had before (accelerate's hook wrapper under a device_map) is put back, or none is left."""
     saved = [layer.__dict__.get("forward") for layer in layers]
     for layer in layers:
-        layer.forward = _identity_forward
+        layer.forward = wrap(layer.forward)
     try:
         yield
     finally:
@@ -214,6 +213,12 @@ def passthrough(layers: nn.ModuleList) -> Iterator[None]:
                 layer.__dict__.pop("forward", None)
             else:
                 layer.forward = forward
+
+
+def passthrough(layers: nn.ModuleList) -> contextlib.AbstractContextManager:
+    """Every block returns its input unchanged: a forward of the model then computes what the blocks
+    receive (embeddings, masks, rotary tables) without running them."""
+    return replaced_forwards(layers, lambda _forward: _identity_forward)
 
 
 def _capture_block_inputs(model: nn.Module, layers: nn.ModuleList,
