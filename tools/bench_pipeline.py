@@ -564,7 +564,6 @@ def print_stream_profile(prof: dict) -> None:
 def run_stream_bench(a) -> dict:
     """The streamed pipeline on random weights made block by block; see the module docstring."""
     import model_loading
-    import streamed
     args = acur_args(a, ["--stream", "on", "--stream_micro_batch", str(a.stream_micro_batch)]
                      + (["--stream_ram_gib", str(a.stream_ram_gib)] if a.stream_ram_gib is not None else []))
     acur.validate_args(args)
@@ -715,20 +714,7 @@ def run_bench(a) -> dict:
                  "world_size": world, "dtype": str(dtype), "torch": torch.__version__,
                  "settings": {k: v for k, v in vars(a).items() if k != "json_out"}, "stages": {}}
     stages = rep["stages"]
-
-    def stage(name, fn, *x, scope="full", **kw):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn(*x, **kw)
-        sync(device)
-        stages[name] = {"seconds": round(time.perf_counter() - t0, 3), "scope": scope,
-                        "peak_gib": peak_gib(device)}
-        if rank == 0:
-            print(f"[bench] {name}: {stages[name]['seconds']:.2f} s ({scope})"
-                  + (f", peak {stages[name]['peak_gib']:.1f} GiB" if device.type == "cuda" else ""), flush=True)
-        return out
+    stage = make_stage(stages, device, verbose=rank == 0)
 
     model = stage("build_model", build_model, a.shape, device, dtype, a.seed, a.blocks)
     vocab = model.config.vocab_size
