@@ -12,14 +12,17 @@
 # same warm machine: CELLS picks the cells of a call, DENSE=1 (the default) adds the dense row to the first cell.
 # The statistics and the dense figures are cached in CACHE (default /root/paper_table_cache, outside OUT, which
 # the device tool empties before each call), so the second call reuses them. A process is cut at LIMIT seconds
-# (default 480) and keeps the seeds it finished. The device tool returns at most 8 files: everything is packed
-# into $OUT/paper_table_gpu.tgz (every 20 s and at the end, so a call cut by its limit still returns what was
-# done). Join the parts of all calls here with
+# (default 480) and keeps the seeds it finished. The device tool returns at most 8 files: the logs, tables and
+# plots are written in WORK (default a new temporary folder) and packed into $OUT/paper_table_gpu.tgz (every 20 s
+# and at the end, so a call cut by its limit still returns what was done); $OUT holds only that and the merged
+# table. Join the parts of all calls here with
 #   python tools/compare.py --merge part1/*.json part2/*.json --name paper_table_gpu --output_dir DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder}
 mkdir -p "$OUT"
+WORK=${WORK:-$(mktemp -d)}
+mkdir -p "$WORK"
 export CUR4LLM_HOME=${CUR4LLM_HOME:-$HOME/.cache/cur4llm} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 PY=${PYTHON:-python3}
 LIMIT=${LIMIT:-480}
@@ -33,14 +36,13 @@ if [ -n "${GGUF_DIR:-}" ] && [ ! -s "$GGUF" ]; then
   cat "$GGUF_DIR"/gguf_part_aa "$GGUF_DIR"/gguf_part_ab > "$GGUF"
 fi
 $PY -c "import offline_resources as o; print('model:', o.offline_model_dir('smollm2-135m'))"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/paper_table_gpu_device.txt" || true
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$WORK/paper_table_gpu_device.txt" || true
 BASE=(--model_id smollm2-135m --dtype bfloat16 --act_aware --alpha 0.5 --scaling_method abs_mean
       --calib_dataset squad_wiki --n_calib_samples 16 --calib_seqlen 2048 --eval_ppl new_wiki --eval_seqlen 2048
-      --sensitivity_metric fisher_error --eval_batch_size 8 --cache_dir "$CACHE" --output_dir "$OUT")
+      --sensitivity_metric fisher_error --eval_batch_size 8 --cache_dir "$CACHE" --output_dir "$WORK")
 EVAL=(--eval_tasks cur4llm_zeroshot --eval_limit 200)
-$PY -c "import lm_eval" 2>/dev/null || { EVAL=(); echo "lm_eval is not installed here: perplexity only" | tee "$OUT/paper_table_gpu_no_lm_eval.txt"; }
-pack() { tar czf "$OUT/.pack.tmp" -C "$OUT" --exclude='*.tgz' --exclude='.pack.tmp' . 2>/dev/null \
-         && mv "$OUT/.pack.tmp" "$OUT/paper_table_gpu.tgz"; }
+$PY -c "import lm_eval" 2>/dev/null || { EVAL=(); echo "lm_eval is not installed here: perplexity only" | tee "$WORK/paper_table_gpu_no_lm_eval.txt"; }
+pack() { tar czf "$OUT/.pack.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/.pack.tmp" "$OUT/paper_table_gpu.tgz"; }
 ( while sleep 20; do pack; done ) & packer=$!
 pids=(); first=1
 for cell in $CELLS; do
@@ -49,13 +51,13 @@ for cell in $CELLS; do
   name="paper_table_gpu.$m.$r"
   dense=(--no_dense); [ "$first$DENSE" = 11 ] && dense=(); first=0
   timeout "$LIMIT" $PY tools/compare.py --name "$name" --methods "$m" --ratios "$r" --calib_seeds 3 \
-    "${EVAL[@]}" "${dense[@]}" -- "${BASE[@]}" > "$OUT/$name.log" 2>&1 &
+    "${EVAL[@]}" "${dense[@]}" -- "${BASE[@]}" > "$WORK/$name.log" 2>&1 &
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p" || echo "a part exited with $?"; done
 kill "$packer" 2>/dev/null || true
-have=(); for f in "$OUT"/paper_table_gpu.*.json; do [ -f "$f" ] && have+=("$f"); done
-[ ${#have[@]} -gt 0 ] && $PY tools/compare.py --merge "${have[@]}" --name paper_table_gpu --output_dir "$OUT" \
-  && cat "$OUT/paper_table_gpu.md"
+have=(); for f in "$WORK"/paper_table_gpu.*.json; do [ -f "$f" ] && have+=("$f"); done
+[ ${#have[@]} -gt 0 ] && $PY tools/compare.py --merge "${have[@]}" --name paper_table_gpu --output_dir "$WORK" \
+  && cp "$WORK/paper_table_gpu.md" "$OUT/" && cat "$OUT/paper_table_gpu.md"
 pack
 ls -la "$OUT/paper_table_gpu.tgz"
