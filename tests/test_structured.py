@@ -430,7 +430,7 @@ def test_intercept_lowers_the_calibration_output_error(tiny_llama_dir, tiny_text
         model(ids, use_cache=False)
     handle.remove()
     h = torch.cat(got).double() + 0.05  # SiLU-gated activations of a random model are nearly centred
-    y = h @ mlp.down_proj.weight.double().T
+    y = h @ mlp.down_proj.weight.detach().double().T
     errors = {}
     for bias in (False, True):
         m = copy.deepcopy(model)
@@ -440,7 +440,7 @@ def test_intercept_lowers_the_calibration_output_error(tiny_llama_dir, tiny_text
         sliced = m.model.layers[0].mlp
         assert sliced.down_proj.in_features == unit.n_groups // 2 and (sliced.down_proj.bias is not None) == bias
         cols = [int(torch.nonzero((mlp.gate_proj.weight == row).all(1))[0]) for row in sliced.gate_proj.weight]
-        out = h[:, cols] @ sliced.down_proj.weight.double().T
+        out = h[:, cols] @ sliced.down_proj.weight.detach().double().T
         if bias:
             out = out + sliced.down_proj.bias.detach().double()
         errors[bias] = float((y - out).pow(2).sum(1).mean())
