@@ -16,6 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
+from modules.decompositions import all_finite
 from modules.model_utils import (LinearInfo, capture_block_inputs, clone_module, decoder_parts, has_offload, input_device,
                                  replaced_forwards, run_block)
 
@@ -183,7 +184,7 @@ def block_covariances(block: nn.Module, linears: list[LinearInfo], hidden: list[
 
 
 def warn_non_finite_covariances(covs: dict[str, torch.Tensor]) -> None:
-    bad = [k for k, v in covs.items() if not torch.isfinite(v).all()]
+    bad = [k for k, v in covs.items() if not all_finite(v)]
     if bad:
         print(f"WARNING: non-finite input covariance in {len(bad)} layers (e.g. {bad[0]}); their "
               "data-aware fits fall back to Frobenius and the results will record it")

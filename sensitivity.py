@@ -416,7 +416,7 @@ def sensitivity_fisher_error(linears: list[LinearInfo], ratios: list[float], sta
     results = dict(done or {})
     for info in tqdm([i for i in linears if i.name not in results], desc="sensitivity (fisher error)", disable=not bar):
         st = stats[info.name]
-        if st.cov is None or not torch.isfinite(st.cov).all():
+        if st.cov is None or not dec.all_finite(st.cov):
             print(f"WARNING: {info.name}: no finite input covariance; scored as maximally sensitive")
             results[info.name] = {ratio_key(r): math.inf for r in ratios}
         else:

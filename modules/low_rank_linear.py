@@ -183,7 +183,7 @@ def prepare_layer(weight: torch.Tensor, method: str = "acur", scale: torch.Tenso
     if spec.needs_covariance(u_mode):
         if cov is None:
             raise ValueError(f"method {method} (u_mode {u_mode}) needs the input covariance")
-        if not torch.isfinite(cov).all():
+        if not dec.all_finite(cov):
             prep.fallback = "non-finite input covariance: fitted without it (Frobenius)"
             cov = None
         elif spec.shrink and stats.n_tokens:

@@ -155,3 +155,37 @@ def test_compute_u_equals_pinv_formula():
     assert torch.allclose(cur_math.compute_u(W, C, R), torch.linalg.pinv(C) @ W @ torch.linalg.pinv(R))
     assert torch.allclose(cur_math.compute_u(W, C, R, "act_weighted", s),
                           torch.linalg.pinv(C) @ (W * s) @ torch.linalg.pinv(R * s))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 2049])
+def test_in_place_covariance_preparation_equals_the_expression_form_bit_for_bit(n, dtype):
+    """Shrinkage, symmetrisation and damping run in place on one fp64 copy (a 70B down_proj's covariance
+    is 6.6 GB: the expression form held five at once); the result is the textbook expression exactly,
+    n = 2049 crosses the symmetrisation's tile edge, and the caller's matrix is left as it was."""
+    from modules import decompositions as dec
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n + 3, generator=g, dtype=dtype)
+    cov = A @ A.T / n + 1e-3 * torch.randn(n, n, generator=g, dtype=dtype)  # not exactly symmetric
+    before = cov.clone()
+    for damp in (0.0, 0.01):
+        c = cov.double()
+        c = (c + c.T) / 2
+        damped = c + damp * float(c.diagonal().mean()) * torch.eye(n, dtype=torch.float64)
+        assert torch.equal(dec.damped_covariance(cov, damp), damped)
+        lam = dec.shrinkage(n, 777)
+        s = (1 - lam) * cov.double() + lam * torch.diag_embed(cov.double().diagonal())
+        s = (s + s.T) / 2
+        shrunk = s + damp * float(s.diagonal().mean()) * torch.eye(n, dtype=torch.float64)
+        assert torch.equal(dec.shrunk_covariance(cov, 777, damp), shrunk)
+    assert torch.equal(cov, before)
+
+
+def test_all_finite_by_slabs_finds_one_bad_entry_anywhere():
+    from modules import decompositions as dec
+    t = torch.zeros(3000, 5, dtype=torch.float64)
+    assert dec.all_finite(t) and dec.all_finite(torch.zeros(3)) and dec.all_finite(torch.zeros(0, 4))
+    for where, bad in (((0, 0), math.nan), ((2999, 4), math.inf), ((1500, 2), -math.inf)):
+        u = t.clone()
+        u[where] = bad
+        assert not dec.all_finite(u) and not dec.all_finite(u.cuda() if torch.cuda.is_available() else u.T)
