@@ -192,6 +192,9 @@ class _PickState:
 
 _PICK_GRAPHS: dict[tuple, _PickState] = {}
 _PICK_GRAPHS_MAX = 4  # a decoder's distinct shapes (q/k/v/o, gate/up, down, lm_head); each holds its Gram
+# the Grams kept between layers: a 7B block's (11008^2 and 4096^2 fp64, 1.1 GiB) stay; a 70B gate_proj's alone
+# is 6.1 GiB, so it is dropped when the next shape (down_proj, whose fit peaks then) asks: one re-capture a block
+_PICK_GRAPHS_MAX_BYTES = 2 << 30
 
 
 def release_pick_graphs() -> None:
@@ -205,10 +208,19 @@ def _pick_state(m: int, b: int, device: torch.device, cuda_graph: bool) -> _Pick
         return _PickState(m, b, device, graph=False)
     key = (m, b, str(device))
     if key not in _PICK_GRAPHS:
-        while len(_PICK_GRAPHS) >= _PICK_GRAPHS_MAX:
-            _PICK_GRAPHS.pop(next(iter(_PICK_GRAPHS)))
+        make_room(_PICK_GRAPHS, m * m * 8)
         _PICK_GRAPHS[key] = _PickState(m, b, device, graph=True)
     return _PICK_GRAPHS[key]
+
+
+def make_room(cache: dict, new_bytes: int, max_states: int | None = None, max_bytes: int | None = None) -> None:
+    """Drop the oldest cached pick states until one of new_bytes fits under both caps. One larger than the
+    byte cap is still cached (alone): gate_proj and up_proj share it, the next other shape drops it."""
+    max_states = _PICK_GRAPHS_MAX if max_states is None else max_states
+    max_bytes = _PICK_GRAPHS_MAX_BYTES if max_bytes is None else max_bytes
+    while cache and (len(cache) >= max_states
+                     or sum(s.G.numel() * s.G.element_size() for s in cache.values()) + new_bytes > max_bytes):
+        cache.pop(next(iter(cache)))
 
 
 def pivoted_cholesky(gram: torch.Tensor, k: int, block: int = 64,

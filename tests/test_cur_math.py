@@ -189,3 +189,32 @@ def test_all_finite_by_slabs_finds_one_bad_entry_anywhere():
         u = t.clone()
         u[where] = bad
         assert not dec.all_finite(u) and not dec.all_finite(u.cuda() if torch.cuda.is_available() else u.T)
+
+
+def test_pick_state_cache_keeps_a_7b_blocks_grams_and_drops_a_70b_gate_gram_for_the_next_shape():
+    """The cached pivoted-Cholesky states (CUDA graphs with their fp64 Grams) are reused across layers; a
+    70B gate_proj's Gram (6.1 GiB) must not stay resident while down_proj's fit reaches the stage's peak."""
+    from types import SimpleNamespace
+    from modules import decompositions as dec
+
+    def state(m):  # the cache reads only the Gram's size
+        return SimpleNamespace(G=torch.zeros(1, dtype=torch.float64).expand(m, m))  # m x m, no memory
+
+    def use(cache, m):
+        if m not in cache:
+            dec.make_room(cache, m * m * 8)
+            cache[m] = state(m)
+
+    cache = {}
+    for m in (4096, 4096, 11008, 11008, 4096) * 3:  # a 7B block's row-pick shapes, three blocks
+        use(cache, m)
+    assert list(cache) == [4096, 11008]  # nothing dropped: no re-capture at 7B
+    cache = {}
+    for m in (8192, 1024, 8192, 28672, 28672):  # 70B: q, k, o, gate, up
+        use(cache, m)
+    assert list(cache) == [28672]  # the small states made room; gate and up share one
+    use(cache, 8192)  # down_proj
+    assert list(cache) == [8192]  # the 6.1 GiB Gram is gone before down_proj's fit
+    cache = {m: state(m) for m in (1, 2, 3, 4)}
+    use(cache, 5)
+    assert list(cache) == [2, 3, 4, 5]  # the count cap as before
