@@ -79,6 +79,11 @@ SHAPES: dict[str, tuple[str, dict]] = {
     "cpu-profile-llama": ("llama", dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                                         num_attention_heads=8, num_key_value_heads=8, vocab_size=8192,
                                         max_position_embeddings=2048)),
+    # not a published model either: LLaMA-2-70B's proportions with every width / 8 (GQA 8:1, intermediate 3.5 x
+    # hidden), for the memory of its streamed stages on a CPU (fp64 covariances scale as width^2: x 64 for 70B)
+    "cpu-profile-70b": ("llama", dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=80,
+                                      num_attention_heads=8, num_key_value_heads=1, vocab_size=4000,
+                                      max_position_embeddings=4096, rms_norm_eps=1e-5)),
     "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                                  max_position_embeddings=512)),
