@@ -213,13 +213,12 @@ def _pick_state(m: int, b: int, device: torch.device, cuda_graph: bool) -> _Pick
     return _PICK_GRAPHS[key]
 
 
-def make_room(cache: dict, new_bytes: int, max_states: int | None = None, max_bytes: int | None = None) -> None:
+def make_room(cache: dict, new_bytes: int) -> None:
     """Drop the oldest cached pick states until one of new_bytes fits under both caps. One larger than the
     byte cap is still cached (alone): gate_proj and up_proj share it, the next other shape drops it."""
-    max_states = _PICK_GRAPHS_MAX if max_states is None else max_states
-    max_bytes = _PICK_GRAPHS_MAX_BYTES if max_bytes is None else max_bytes
-    while cache and (len(cache) >= max_states
-                     or sum(s.G.numel() * s.G.element_size() for s in cache.values()) + new_bytes > max_bytes):
+    while cache and (len(cache) >= _PICK_GRAPHS_MAX
+                     or sum(s.G.numel() * s.G.element_size() for s in cache.values()) + new_bytes
+                     > _PICK_GRAPHS_MAX_BYTES):
         cache.pop(next(iter(cache)))
 
 
@@ -392,8 +391,6 @@ def shrunk_covariance(cov: torch.Tensor, n_tokens: int, damp: float = DEFAULT_CO
     is keeps them sane and costs little when tokens are plentiful (lam ~ 0.02 at 32k tokens, d 576)."""
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
-    if damp < 0:
-        raise ValueError(f"covariance damping must be >= 0, got {damp}")
     c = _fp64_copy(cov)
     lam = shrinkage(c.shape[0], n_tokens)
     diag = c.diagonal().clone()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from modules.low_rank_linear import LayerStats, compress_linear  # noqa: E402
-from tools.bench_pipeline import shape_config  # noqa: E402
+from tools.bench_pipeline import host_rss, shape_config  # noqa: E402
 
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
@@ -36,10 +35,6 @@ def block_shapes(cfg) -> dict[str, tuple[int, int]]:
     h, i = cfg.hidden_size, cfg.intermediate_size
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     return {"q_proj/o_proj": (h, h), "k_proj/v_proj": (kv, h), "gate_proj/up_proj": (i, h), "down_proj": (h, i)}
-
-
-def _cpu_resident(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def peak_above(fn, device: torch.device) -> int:
@@ -54,9 +49,9 @@ def peak_above(fn, device: torch.device) -> int:
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         Path("/proc/self/clear_refs").write_text("5")  # resets the resident high-water mark
-        base = _cpu_resident("VmRSS")
+        base = host_rss()["now"]
         out = fn()
-        peak = _cpu_resident("VmHWM") - base
+        peak = round((host_rss()["peak"] - base) * 2**30)
     del out
     return peak
 
