@@ -7,10 +7,11 @@
 #   OUT=/some/dir GGUF_DIR=/dir/with/gguf_part_aa+ab CELLS="srid:0.9 srid:0.8 ..." bash experiments/paper_table_gpu.sh
 #
 # Each (method, ratio) cell is one compare.py process with all three seeds; JOBS of them share the GPU at once
-# (default one per 13 GiB of GPU memory: on one H100, 12 at once ran out of memory, up to 14 GiB a process; 6 at
-# once took 354 s for six cells, acur's the longest). A 10-minute call on an H100 holds about six cells, so the
-# 12-cell grid takes two calls on the same warm machine (an H200 runs 10 at once): CELLS picks the cells of a
-# call, DENSE=1 (the default) adds the dense row to the first cell.
+# (default one per 15 GiB of GPU memory, 5 on an H100, 9 on an H200: on one H100, 12 at once ran out of memory,
+# up to 14 GiB a process; 6 at once took 354 s for six cells, acur's the longest, but on 2026-12-08 6 at once lost
+# the cell that also ran the dense lm-eval to an out-of-memory error, 4 at once did not). A 10-minute call on an
+# H100 holds five or six cells, so the 12-cell grid takes two or three calls on the same warm machine: CELLS picks
+# the cells of a call, DENSE=1 (the default) adds the dense row to the first cell.
 # The statistics and the dense figures are cached in CACHE (default /root/paper_table_cache, outside OUT, which
 # the device tool empties before each call), so the second call reuses them. A process is cut at LIMIT seconds
 # (default 480) and keeps the seeds it finished. The device tool returns at most 8 files: the logs, tables and
@@ -27,9 +28,9 @@ mkdir -p "$WORK"
 export CUR4LLM_HOME=${CUR4LLM_HOME:-$HOME/.cache/cur4llm} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 PY=${PYTHON:-python3}
 LIMIT=${LIMIT:-480}
-# processes at once: one per 13 GiB of GPU memory (6 on an 80 GB H100, 10 on a 141 GB H200), unless JOBS is given
+# processes at once: one per 15 GiB of GPU memory (5 on an 80 GB H100, 9 on a 141 GB H200), unless JOBS is given
 gpu_gib=$( (nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null || true) | head -1 | awk '{print int($1/1024)}')
-JOBS=${JOBS:-$(( ${gpu_gib:-80} / 13 ))}
+JOBS=${JOBS:-$(( ${gpu_gib:-80} / 15 ))}
 CACHE=${CACHE:-/root/paper_table_cache}
 CELLS=${CELLS:-"srid:0.9 srid:0.8 srid:0.7 wsvd:0.9 wsvd:0.8 wsvd:0.7 asvd:0.9 asvd:0.8 asvd:0.7 acur:0.9 acur:0.8 acur:0.7"}
 DENSE=${DENSE:-1}

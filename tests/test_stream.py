@@ -276,6 +276,28 @@ def test_stream_bench_smoke_on_cpu_matches_the_in_memory_run(tmp_path, capsys):
     assert "EXTRAPOLATED" in capsys.readouterr().out
 
 
+def test_stream_bench_profile_splits_the_passes_into_parts_and_restores_what_it_wraps(tmp_path):
+    """--profile_stream: each pass's parts (the decompositions labelled by the stage that runs them), one
+    pivoted Cholesky per linear in the reverse pass, and the wrapped functions put back afterwards."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_pipeline
+    import act_aware_utils
+    from modules import decompositions as dec
+    originals = (dec.pivoted_cholesky, dec.row_gram, act_aware_utils._add_product, acur.stream_fit_block)
+    out = tmp_path / "bench.json"
+    assert bench_pipeline.main(["--stream", "--shape", "tiny-llama", "--device", "cpu", "--blocks", "2", "--method",
+                                "srid", "--sensitivity_metric", "fisher_error", "--n_calib_samples", "4", "--seqlen",
+                                "32", "--eval_windows", "2", "--profile_stream", "--stream_dir", str(tmp_path / "runs"),
+                                "--json_out", str(out)]) == 0
+    parts = json.loads(out.read_text())["profile"]["parts"]
+    assert parts["sensitivity rows [main]"]["calls"] == 2                      # one table per block
+    assert parts["pivoted Cholesky picks (reverse) [main]"]["calls"] == 2 * 7  # a curve per linear
+    assert parts["row Gram D W Sigma W^T D, fp64 (reverse) [main]"]["calls"] == 2 * 7
+    assert parts["covariance product into the fp64 sum (compress) [main]"]["calls"] > 0
+    assert all(row["s"] >= 0 for row in parts.values())
+    assert (dec.pivoted_cholesky, dec.row_gram, act_aware_utils._add_product, acur.stream_fit_block) == originals
+
+
 def test_bench_70b_shapes_are_the_published_ones():
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_pipeline

@@ -458,12 +458,29 @@ class StreamProfile:
         row["calls"] += 1
 
     def timed(self, part: str, fn):
+        """fn, its seconds added to `part`. On the main thread the device is synchronised before and after,
+        so a part is charged for its own kernels, not for those queued before it (a reader or writer thread
+        does not synchronise: it would wait for the main thread's kernels)."""
+        import threading
+
+        def sync() -> None:
+            if torch.cuda.is_available() and threading.current_thread() is threading.main_thread():
+                torch.cuda.synchronize()
+
         def wrapper(*x, **kw):
+            sync()
             t0 = time.perf_counter()
             try:
                 return fn(*x, **kw)
             finally:
+                sync()
                 self.add(part, time.perf_counter() - t0)
+        return wrapper
+
+    def staged(self, part: str, fn):
+        """timed, with the stage it runs in (the decompositions run in the sensitivity and the compression)."""
+        def wrapper(*x, **kw):
+            return self.timed(f"{part} ({self.label})", fn)(*x, **kw)
         return wrapper
 
     def _count(self, kind: str, samples: int) -> None:
@@ -492,6 +509,13 @@ class StreamProfile:
             if hasattr(streamed, name):
                 patch(streamed, name, self.timed(part, getattr(streamed, name)))
         patch(acur_mod, "stream_fit_block", self.timed("compress fit (calibrate_block)", acur_mod.stream_fit_block))
+        from modules import decompositions as dec
+        for name, part in (("row_gram", "row Gram D W Sigma W^T D, fp64"), ("pivoted_cholesky", "pivoted Cholesky picks"),
+                           ("shrunk_covariance", "covariance shrinkage + damping"), ("all_finite", "finiteness checks")):
+            patch(dec, name, self.staged(part, getattr(dec, name)))
+        import act_aware_utils
+        patch(act_aware_utils, "_add_product", self.staged("covariance product into the fp64 sum",
+                                                           act_aware_utils._add_product))
         real_rows = acur_mod.stream_rows
         patch(acur_mod, "stream_rows", lambda *x, **kw: self.timed("sensitivity rows", real_rows(*x, **kw)))
         patch(type(sm), "block", self.timed("read block (source)", type(sm).block))
