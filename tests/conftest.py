@@ -19,6 +19,14 @@ _cores = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
 torch.set_num_threads(max(1, min(2, _cores // _workers)))
 
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `longest` run first. pytest-xdist hands tests out in collection order, so the suite check
+    (~340 s, collected last: test_zeroshot_suite.py) used to start near the end of `make test` and run alone
+    while the other worker sat idle; started first, the other worker takes the rest beside it."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # stable: the rest keep their order
+
+
 WORDS = ("the model compresses every layer with actual columns and rows of its weight while the "
          "calibration text decides which input channels matter most for perplexity and accuracy in "
          "a small test of research code that must run quickly on two cores").split()

@@ -228,6 +228,7 @@ def _above_chance(model, tok, limits: dict[str, int]) -> list[tuple]:
 
 
 @pytest.mark.integration
+@pytest.mark.longest
 def test_suite_dense_smollm2_is_above_chance_at_ci_limits(smollm2):
     """Every task of the suite is at least 3 stderr above chance on dense SmolLM2-135M at CI_LIMITS: the
     suite's task definitions, prompts and carried data still measure something (the full claim at the
