@@ -298,6 +298,26 @@ def test_stream_bench_profile_splits_the_passes_into_parts_and_restores_what_it_
     assert (dec.pivoted_cholesky, dec.row_gram, act_aware_utils._add_product, acur.stream_fit_block) == originals
 
 
+def test_stream_bench_deterministic_flag_is_on_for_the_run_and_off_after(tmp_path, monkeypatch):
+    """--deterministic: deterministic algorithms during the run (recorded in the report's settings), the
+    previous setting back afterwards (the tests share the process)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_pipeline
+    seen = []
+    real = bench_pipeline.run_stream_bench
+    monkeypatch.setattr(bench_pipeline, "run_stream_bench",
+                        lambda a: seen.append(torch.are_deterministic_algorithms_enabled()) or real(a))
+    out = tmp_path / "bench.json"
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert bench_pipeline.main(["--stream", "--shape", "tiny-llama", "--device", "cpu", "--blocks", "1", "--method",
+                                "srid", "--sensitivity_metric", "fisher_error", "--n_calib_samples", "2", "--seqlen",
+                                "16", "--eval_windows", "1", "--deterministic", "--in_memory_too",
+                                "--stream_dir", str(tmp_path / "runs"), "--json_out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert seen == [True] and rep["settings"]["deterministic"] and rep["in_memory"]["ranks_equal"]
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_bench_70b_shapes_are_the_published_ones():
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_pipeline

@@ -336,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep_stream_dir", action="store_true", help="keep the run folder (compressed blocks)")
     g.add_argument("--in_memory_too", action="store_true",
                    help="also run the in-memory pipeline on the same weights in the same call (the baseline)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms (warn only: the warnings name the non-deterministic "
+                        "kernels) with a deterministic cuBLAS workspace, for the run: do streamed and in-memory "
+                        "ranks agree on a GPU then? (they do on the CPU; on an H100 they differed)")
     g.add_argument("--stream_ram_gib", type=float, default=None,
                    help="acur.py's flag: host RAM for the stored block inputs (default: half the available RAM)")
     g.add_argument("--stream_micro_batch", type=int, default=0,
@@ -859,12 +863,17 @@ def print_report(rep: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if a.deterministic:  # cuBLAS reads its workspace setting when its first handle is made: before any GPU work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         rep = run_stream_bench(a) if a.stream else run_bench(a)
     except acur.UsageError as exc:
         print(f"bench_pipeline.py: error: {exc}", file=sys.stderr)
         return 2
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
