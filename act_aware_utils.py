@@ -171,13 +171,16 @@ def input_covariances(model: nn.Module, linears: list[LinearInfo], calib_ids: to
 
 
 def block_covariances(block: nn.Module, linears: list[LinearInfo], hidden: list[torch.Tensor],
-                      block_kwargs: list[dict], warn: bool = True) -> dict[str, torch.Tensor]:
+                      block_kwargs: list[dict], warn: bool = True, on_device: bool = False) -> dict[str, torch.Tensor]:
     """input_covariances of one block's linears, running the block on every batch's hidden state
-    (advanced in place to the block's output): the in-memory pass's step, and the streamed one's."""
+    (advanced in place to the block's output): the in-memory pass's step, and the streamed one's.
+    on_device: the fp32 results stay where they were summed (the streamed passes use one block's
+    covariances at once and then drop them: a trip to the host and back is 8 GB of copies a 70B block);
+    the same values as on the host."""
     def run():
         for j in range(len(hidden)):
             hidden[j] = run_block(block, hidden[j], block_kwargs[j])
-    out = _covariances_of(run, linears)
+    out = _covariances_of(run, linears, on_device)
     if warn:
         warn_non_finite_covariances(out)
     return out
@@ -190,8 +193,10 @@ def warn_non_finite_covariances(covs: dict[str, torch.Tensor]) -> None:
               "data-aware fits fall back to Frobenius and the results will record it")
 
 
-def _covariances_of(run: Callable[[], object], linears: list[LinearInfo]) -> dict[str, torch.Tensor]:
-    """E[x x^T] of the given linears' inputs over whatever `run()` feeds them (shared inputs once)."""
+def _covariances_of(run: Callable[[], object], linears: list[LinearInfo],
+                    on_device: bool = False) -> dict[str, torch.Tensor]:
+    """E[x x^T] (fp32; on the host unless on_device) of the given linears' inputs over whatever `run()` feeds
+    them (shared inputs once)."""
     acc: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     owner: dict[str, str] = {}        # linear -> linear whose accumulator it shares
@@ -233,7 +238,9 @@ def _covariances_of(run: Callable[[], object], linears: list[LinearInfo]) -> dic
         clear.remove()
         for h in hooks:
             h.remove()
-    result = {name: (acc[name] / counts[name]).float().cpu() for name in acc}
+    result = {name: (acc[name] / counts[name]).float() for name in acc}
+    if not on_device:
+        result = {name: c.cpu() for name, c in result.items()}
     return {info.name: result[owner[info.name]] for info in linears if info.name in owner}
 
 

@@ -9,6 +9,7 @@ under output/ (schema in README_CUR4LLM.md).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime as dt
@@ -458,7 +459,7 @@ def stream_fit_block(block, infos: list[LinearInfo], h_c, h_d, block_kwargs: lis
                               block_stream=(block, h_c, h_d, block_kwargs))
     covs = None
     if h_d is not None:  # as input_covariances measures them, the dense stream advanced through the dense block
-        covs = block_covariances(block, infos, h_d, block_kwargs)
+        covs = block_covariances(block, infos, h_d, block_kwargs, on_device=True)
         sub = {name: dataclasses.replace(st, cov=covs[name]) for name, st in sub.items()}
     return compress_model(infos, ratios, scales, args, desc=None, covs=covs, stats=sub, generator=gen)
 

@@ -484,7 +484,7 @@ def reverse_pass(sm: StreamedModel, names: list[str], calib_ids: torch.Tensor, b
             covs = None
             if covariances:
                 covs = block_covariances(block, infos, [_rows(hidden, s, e, batch_size, sm.device) for s, e in cov_spans],
-                                         [kw[b] for kw in kw_cov])
+                                         [kw[b] for kw in kw_cov], on_device=True)
             acc = {i.name: torch.zeros(i.module.out_features, device=sm.device) for i in infos}
             new_grads = []
             for i, ids in enumerate(fisher_ids):

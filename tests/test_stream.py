@@ -318,6 +318,34 @@ def test_stream_bench_deterministic_flag_is_on_for_the_run_and_off_after(tmp_pat
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_streamed_covariances_stay_where_they_were_summed():
+    """block_covariances(on_device=True), as the streamed passes call it: no trip to the host (on the meta
+    device a copy to the host raises) and, on the CPU, the very values of the host path; q/k-style linears fed
+    the same input share one result."""
+    from torch import nn
+    from act_aware_utils import block_covariances
+    from modules.model_utils import LinearInfo
+
+    def setup(device):
+        torch.manual_seed(0)
+        block = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).to(device)
+        infos = [LinearInfo(f"b.{i}", block, str(i), block[i], 0) for i in (0, 2)]
+        return block, infos, [torch.randn(2, 7, 6, device=device) for _ in range(3)]
+
+    block, infos, hidden = setup("meta")
+    covs = block_covariances(block, infos, hidden, [{}] * 3, warn=False, on_device=True)
+    assert {k: (v.device.type, tuple(v.shape), v.dtype) for k, v in covs.items()} == \
+        {"b.0": ("meta", (6, 6), torch.float32), "b.2": ("meta", (5, 5), torch.float32)}
+    with pytest.raises(NotImplementedError):  # the host path copies out: what on_device avoids
+        block_covariances(*setup("meta")[:2], setup("meta")[2], [{}] * 3, warn=False)
+    block, infos, hidden = setup("cpu")
+    kept = block_covariances(block, infos, [h.clone() for h in hidden], [{}] * 3, on_device=True)
+    host = block_covariances(block, infos, hidden, [{}] * 3)
+    x = torch.cat([h.reshape(-1, 6) for h in setup("cpu")[2]]).double()
+    assert all(torch.equal(kept[k], host[k]) for k in host)
+    assert torch.allclose(host["b.0"].double(), x.T @ x / x.shape[0], rtol=1e-6, atol=1e-7)
+
+
 def test_bench_70b_shapes_are_the_published_ones():
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_pipeline
@@ -447,8 +475,8 @@ def test_reverse_micro_batches_give_the_same_result_with_smaller_recomputes(meth
         seen = []
         real_cov, real_fisher = streamed.block_covariances, streamed.block_output_fisher
         with monkeypatch.context() as mp:
-            mp.setattr(streamed, "block_covariances", lambda blk, infos, hidden, kw: seen.extend(
-                h.shape[0] for h in hidden) or real_cov(blk, infos, hidden, kw))
+            mp.setattr(streamed, "block_covariances", lambda blk, infos, hidden, kw, **opts: seen.extend(
+                h.shape[0] for h in hidden) or real_cov(blk, infos, hidden, kw, **opts))
             mp.setattr(streamed, "block_output_fisher", lambda blk, infos, acc, h, g, kw: seen.append(h.shape[0]) or
                        real_fisher(blk, infos, acc, h, g, kw))
             args = parse(sharded["qwen2"], tiny_text_file, tmp_path / f"m{m}", *extra, "--stream",
