@@ -219,13 +219,8 @@ def _covariances_of(run: Callable[[], object], linears: list[LinearInfo],
             seen.append((x, name))
             del seen[:-4]  # sharing happens between consecutive calls; keep memory small
             flat = x.detach().reshape(-1, x.shape[-1]).float()
-            if name not in acc:
-                acc[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
-                counts[name] = 0
-            # the fp32 product added into the fp64 sum in place: no fp64 copy of it (at a 28,672-wide input
-            # that copy is 6.6 GB); the same sum as adding .double() of it
-            acc[name].add_(flat.T @ flat)
-            counts[name] += flat.shape[0]
+            acc[name] = _add_product(acc.get(name), flat, flat)
+            counts[name] = counts.get(name, 0) + flat.shape[0]
         return hook
 
     first = linears[0].module
